@@ -1,0 +1,126 @@
+"""Engine arguments as users pass them (vLLM's names), validated once into frozen configs."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import PretrainedConfig
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp16": torch.float16,
+    "float32": torch.float32,
+    "float": torch.float32,
+    "fp32": torch.float32,
+}
+
+
+@dataclass
+class EngineArgs:
+    """The arguments of `vlmx.LLM`, named and defaulted as vLLM names them.
+
+    A field vlmx does not support yet raises a `ValueError` when the engine is built, never
+    silently ignored.
+    """
+
+    model: str = "demo"
+    tokenizer: str | None = None
+    tokenizer_mode: str = "auto"
+    trust_remote_code: bool = False
+    revision: str | None = None
+    tokenizer_revision: str | None = None
+    dtype: str = "auto"
+    seed: int | None = 0
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks_override: int | None = None
+    enable_prefix_caching: bool = True
+    limit_mm_per_prompt: dict[str, int] | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None
+    hf_overrides: dict[str, Any] | None = None
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    enforce_eager: bool = False
+    enable_lora: bool = False
+    max_lora_rank: int = 16
+    max_loras: int = 1
+    max_logprobs: int = 20
+    device: str = "auto"
+    disable_log_stats: bool = True
+
+    def create_engine_config(self) -> EngineConfig:
+        from vlmx.engine.config_builder import build_engine_config
+
+        return build_engine_config(self)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str  # as the user gave it (folder or hub id)
+    model_path: str  # local folder holding config.json and the weights
+    tokenizer_path: str
+    tokenizer_mode: str
+    trust_remote_code: bool
+    hf_config: PretrainedConfig
+    architecture: str
+    dtype: torch.dtype
+    max_model_len: int
+    mm_processor_kwargs: dict[str, Any] = field(default_factory=dict)
+    max_images_per_prompt: int | None = None  # limit_mm_per_prompt["image"]
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int
+    gpu_memory_utilization: float
+    num_gpu_blocks_override: int | None
+    enable_prefix_caching: bool
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int  # token budget of one step
+    max_model_len: int
+    encoder_cache_size: int  # embeddings the encoder cache holds
+    encoder_budget: int  # embeddings the encoder may compute in one step
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_config: ModelConfig
+    cache_config: CacheConfig
+    scheduler_config: SchedulerConfig
+    device: torch.device
+    seed: int | None
+    max_logprobs: int
+
+
+def parse_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not one of 'auto', {', '.join(map(repr, _DTYPES))}")
+    return _DTYPES[dtype]
+
+
+def parse_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"device={device!r} is not a torch device ('cpu', 'cuda', 'cuda:1')") from e

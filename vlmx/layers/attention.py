@@ -1,0 +1,146 @@
+"""Attention over a flat varlen batch with a paged KV cache, and varlen attention for vision.
+
+Backends share one interface. `torch` (SDPA, any device) is the reference and the CPU path;
+the CUDA fast path (varlen FlashAttention, Triton paged decode) plugs in behind the same calls.
+
+KV cache layout, one tensor per layer:
+
+```
+kv_cache: [2, num_blocks, block_size, num_kv_heads, head_dim]   (0 = keys, 1 = values)
+slot = block_id * block_size + offset_in_block
+```
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """One step's flat batch.
+
+    Sequence i owns query rows `query_start_loc[i]:query_start_loc[i+1]`; its keys are the first
+    `seq_lens[i]` slots of `block_tables[i]` (the cached context followed by this step's tokens).
+    The query rows of a sequence are its last tokens, so query j of a sequence with n queries
+    sits at position `seq_lens[i] - n + j` and attends to keys `0 .. seq_lens[i] - n + j`.
+    """
+
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32, cumulative query lengths
+    seq_lens: torch.Tensor  # [num_seqs] int32, keys per sequence after this step
+    block_tables: torch.Tensor  # [num_seqs, max_num_blocks] int32, -1 = unused
+    slot_mapping: torch.Tensor  # [num_tokens] int64, cache slot of each new token
+    query_start_loc_cpu: list[int]  # host copy of query_start_loc
+    seq_lens_cpu: list[int]  # host copy of seq_lens
+    block_size: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+
+def store_kv(
+    key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Write this step's keys/values ([num_tokens, num_kv_heads, head_dim]) into their slots."""
+    num_kv_heads, head_dim = kv_cache.shape[-2:]
+    kv_cache[0].view(-1, num_kv_heads, head_dim)[slot_mapping] = key
+    kv_cache[1].view(-1, num_kv_heads, head_dim)[slot_mapping] = value
+
+
+def _gather_kv(
+    kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    block_size, num_kv_heads, head_dim = kv_cache.shape[2:]
+    num_blocks = -(-seq_len // block_size)
+    blocks = block_table[:num_blocks].long()
+    key = kv_cache[0, blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]
+    value = kv_cache[1, blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]
+    return key, value
+
+
+def paged_attention_torch(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of each sequence's queries over its cached keys (reference backend).
+
+    query: [num_tokens, num_heads, head_dim]; returns the same shape.
+    """
+    out = torch.empty_like(query)
+    starts = metadata.query_start_loc_cpu
+    for i, seq_len in enumerate(metadata.seq_lens_cpu):
+        q_start, q_end = starts[i], starts[i + 1]
+        num_queries = q_end - q_start
+        if num_queries == 0:
+            continue
+        key, value = _gather_kv(kv_cache, metadata.block_tables[i], seq_len)
+        mask = None
+        if num_queries > 1:
+            q_pos = torch.arange(seq_len - num_queries, seq_len, device=query.device)
+            k_pos = torch.arange(seq_len, device=query.device)
+            mask = k_pos[None, :] <= q_pos[:, None]  # [num_queries, seq_len]
+        q = query[q_start:q_end].transpose(0, 1)  # [num_heads, num_queries, head_dim]
+        o = F.scaled_dot_product_attention(
+            q,
+            key.transpose(0, 1),
+            value.transpose(0, 1),
+            attn_mask=mask,
+            scale=scale,
+            enable_gqa=True,
+        )
+        out[q_start:q_end] = o.transpose(0, 1)
+    return out
+
+
+class PagedAttention(nn.Module):
+    """Decoder self-attention: stores this step's K/V in the paged cache, then attends."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+
+    def forward(
+        self,
+        query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        store_kv(key, value, kv_cache, metadata.slot_mapping)
+        return paged_attention_torch(query, kv_cache, metadata, self.scale)
+
+
+def varlen_attention(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    key: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    value: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    cu_seqlens: list[int],  # segment boundaries, [0, ..., num_tokens]
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Full (non-causal) attention inside each segment; segments never see each other.
+
+    Used by vision towers: one segment per image or per attention window.
+    """
+    out = torch.empty_like(query)
+    for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
+        if end == start:
+            continue
+        o = F.scaled_dot_product_attention(
+            query[start:end].transpose(0, 1),
+            key[start:end].transpose(0, 1),
+            value[start:end].transpose(0, 1),
+            scale=scale,
+        )
+        out[start:end] = o.transpose(0, 1)
+    return out

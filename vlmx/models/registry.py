@@ -1,0 +1,52 @@
+"""Architecture name (as in a checkpoint's config.json) -> (module in vlmx.models, class).
+
+Modules are imported only when their architecture is asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+# architecture -> (module, model class, processor class)
+_MODELS: dict[str, tuple[str, str, str]] = {
+    "Qwen2VLForConditionalGeneration": ("qwen2_vl", "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor"),
+    "Qwen2_5_VLForConditionalGeneration": (
+        "qwen2_5_vl",
+        "Qwen2_5_VLForConditionalGeneration",
+        "Qwen2VLProcessor",
+    ),
+}
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_MODELS)
+
+
+def _check(architecture: str) -> tuple[str, str, str]:
+    if architecture not in _MODELS:
+        raise ValueError(
+            f"architecture {architecture!r} is not supported by vlmx; supported architectures: "
+            f"{', '.join(supported_architectures())}"
+        )
+    return _MODELS[architecture]
+
+
+def resolve_architecture(architectures: list[str] | None) -> str:
+    """Pick the first supported architecture of a config's `architectures` list."""
+    for name in architectures or []:
+        if name in _MODELS:
+            return name
+    raise ValueError(
+        f"checkpoint architectures {architectures} are not supported by vlmx; supported "
+        f"architectures: {', '.join(supported_architectures())}"
+    )
+
+
+def get_model_class(architecture: str) -> type:
+    module, model_cls, _ = _check(architecture)
+    return getattr(importlib.import_module(f"vlmx.models.{module}"), model_cls)
+
+
+def get_processor_class(architecture: str) -> type:
+    module, _, processor_cls = _check(architecture)
+    return getattr(importlib.import_module(f"vlmx.models.{module}"), processor_cls)

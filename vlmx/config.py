@@ -123,4 +123,6 @@ def parse_device(device: str) -> torch.device:
     try:
         return torch.device(device)
     except RuntimeError as e:
-        raise ValueError(f"device={device!r} is not a torch device ('cpu', 'cuda', 'cuda:1')") from e
+        raise ValueError(
+            f"device={device!r} is not a torch device ('cpu', 'cuda', 'cuda:1')"
+        ) from e

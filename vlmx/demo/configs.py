@@ -21,7 +21,11 @@ def tiny_qwen_vl_config(family: str, vocab_size: int = QWEN2_VOCAB_SIZE) -> Pret
         num_key_value_heads=2,
         max_position_embeddings=4096,
         rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 1000000.0,
+            "mrope_section": [2, 3, 3],
+        },
         tie_word_embeddings=True,
     )
     if family == "qwen2_vl":

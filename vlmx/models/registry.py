@@ -9,7 +9,11 @@ import importlib
 
 # architecture -> (module, model class, processor class)
 _MODELS: dict[str, tuple[str, str, str]] = {
-    "Qwen2VLForConditionalGeneration": ("qwen2_vl", "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor"),
+    "Qwen2VLForConditionalGeneration": (
+        "qwen2_vl",
+        "Qwen2VLForConditionalGeneration",
+        "Qwen2VLProcessor",
+    ),
     "Qwen2_5_VLForConditionalGeneration": (
         "qwen2_5_vl",
         "Qwen2_5_VLForConditionalGeneration",

@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny Qwen-VL checkpoints in both layouts, the Qwen2 tokenizer, test images.
+
+Checkpoints are built once per test session into pytest's temp folder; nothing touches the network
+or the user's vlmx cache (`VLMX_CACHE_DIR` points at a session temp folder).
+"""
+
+from __future__ import annotations
+
+import os
+
+# NOTE: set before transformers / huggingface_hub are imported: they read these at import time.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+# (width, height, variant): square, wide 2:1, tall, 4:3 and a small one.
+TEST_IMAGE_SPECS = ((224, 224, 0), (320, 160, 1), (150, 330, 2), (400, 300, 3), (64, 96, 4))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _offline_session_cache(tmp_path_factory):
+    """Point the vlmx cache (tokenizer folder, demo model) at a fresh session folder."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLMX_CACHE_DIR", str(tmp_path_factory.mktemp("vlmx-cache")))
+        yield
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer():
+    """The real Qwen2 tokenizer (151665 tokens, eos <|im_end|>), with the Qwen-VL chat template."""
+    from vlmx.demo.tokenizer import build_qwen2_tokenizer
+
+    return build_qwen2_tokenizer()
+
+
+def _build(tmp_path_factory, family: str, layout: str, tokenizer) -> str:
+    from vlmx.demo.checkpoint import build_tiny_checkpoint
+
+    folder = tmp_path_factory.mktemp(f"{family}-{layout}")
+    # The hub layout copies the published-style tokenizer files instead of saving the object.
+    tokenizer = tokenizer if layout == "transformers" else None
+    return build_tiny_checkpoint(folder, family, layout, seed=0, tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="session")
+def qwen2_vl_ckpt(tmp_path_factory, qwen_tokenizer) -> str:
+    """Tiny Qwen2-VL, as transformers 5 `save_pretrained` writes it (nested config)."""
+    return _build(tmp_path_factory, "qwen2_vl", "transformers", qwen_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def qwen2_5_vl_ckpt(tmp_path_factory, qwen_tokenizer) -> str:
+    """Tiny Qwen2.5-VL, as transformers 5 `save_pretrained` writes it (nested config)."""
+    return _build(tmp_path_factory, "qwen2_5_vl", "transformers", qwen_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def qwen2_vl_hub_ckpt(tmp_path_factory, qwen_tokenizer) -> str:
+    """The same tiny Qwen2-VL as `qwen2_vl_ckpt`, in the published hub layout (flat config)."""
+    return _build(tmp_path_factory, "qwen2_vl", "hub", qwen_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def qwen2_5_vl_hub_ckpt(tmp_path_factory, qwen_tokenizer) -> str:
+    """The same tiny Qwen2.5-VL as `qwen2_5_vl_ckpt`, in the published hub layout."""
+    return _build(tmp_path_factory, "qwen2_5_vl", "hub", qwen_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def test_images() -> list[Image.Image]:
+    """Five distinct structured RGB images: 224x224, 320x160, 150x330, 400x300, 64x96."""
+    from vlmx.demo.images import structured_image
+
+    return [structured_image(w, h, variant) for w, h, variant in TEST_IMAGE_SPECS]

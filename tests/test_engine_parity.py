@@ -1,0 +1,158 @@
+"""vlmx against the Hugging Face reference, end to end, on tiny random checkpoints."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import pytest
+
+from tests.hf_reference import HFReference, compare_with_reference
+from vlmx import LLM, SamplingParams
+
+QUESTION = "What is the content of each image?"
+GREEDY = SamplingParams(temperature=0.0, max_tokens=6, logprobs=3)
+
+
+def _llm(path: str, **kwargs) -> LLM:
+    kwargs.setdefault("max_model_len", 2048)
+    return LLM(model=path, dtype="float32", device="cpu", **kwargs)
+
+
+def _batch(ref: HFReference, images: list) -> list[tuple[str, list]]:
+    """Three prompts with 1, 2 and 3 images of different sizes and aspect ratios."""
+    groups = [images[:1], images[1:3], images[2:5]]
+    return [(ref.chat_prompt(len(g), QUESTION), g) for g in groups]
+
+
+def _generate(llm: LLM, batch, params=GREEDY):
+    prompts = [{"prompt": p, "multi_modal_data": {"image": imgs}} for p, imgs in batch]
+    return llm.generate(prompts, params, use_tqdm=False)
+
+
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+def family_setup(request, test_images):
+    family = request.param
+    path = request.getfixturevalue(f"{family}_ckpt")
+    ref = HFReference(path, family)
+    return family, path, ref, _batch(ref, test_images)
+
+
+def test_generate_matches_reference(family_setup):
+    _, path, ref, batch = family_setup
+    outputs = _generate(_llm(path), batch)
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [6, 6, 6]
+    for (prompt, images), output in zip(batch, outputs):
+        compare_with_reference(ref, prompt, images, output)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_hub_layout_matches_reference(family, request, test_images):
+    """Checkpoints as published on the hub (flat config, `model.layers.*` / `visual.*` names,
+    sharded safetensors, preprocessor_config.json, chat_template.json) load and match."""
+    path = request.getfixturevalue(f"{family}_hub_ckpt")
+    ref = HFReference(path, family)
+    batch = _batch(ref, test_images)[1:]
+    for (prompt, images), output in zip(batch, _generate(_llm(path), batch)):
+        compare_with_reference(ref, prompt, images, output)
+
+
+def _data_url(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_chat_matches_generate_and_reference(family_setup):
+    _, path, ref, batch = family_setup
+    llm = _llm(path)
+    conversations = []
+    for _, images in batch:
+        content = [{"type": "image_url", "image_url": {"url": _data_url(im)}} for im in images]
+        content.append({"type": "text", "text": QUESTION})
+        conversations.append([{"role": "user", "content": content}])
+    chat_outputs = llm.chat(conversations, GREEDY, use_tqdm=False)
+    gen_outputs = _generate(llm, batch)
+    for (prompt, images), chat, gen in zip(batch, chat_outputs, gen_outputs):
+        assert chat.prompt_token_ids == gen.prompt_token_ids
+        assert chat.outputs[0].token_ids == gen.outputs[0].token_ids
+        compare_with_reference(ref, prompt, images, chat)
+
+
+def _shared_prefix_batch(ref: HFReference, images: list) -> list[tuple[str, list]]:
+    """Prompts that share a system prompt and a first image, and one that differs only in it."""
+    system = "You are a careful assistant. " * 6
+
+    def prompt(n):
+        content = [{"type": "image"} for _ in range(n)] + [{"type": "text", "text": QUESTION}]
+        return ref.processor.apply_chat_template(
+            [{"role": "system", "content": system}, {"role": "user", "content": content}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+
+    return [
+        (prompt(2), [images[0], images[1]]),
+        (prompt(2), [images[0], images[3]]),
+        (prompt(2), [images[4], images[1]]),  # same tokens as the first, other first image
+        (prompt(1), [images[2]]),
+    ]
+
+
+def test_same_outputs_under_caching_chunking_and_preemption(family_setup, test_images):
+    family, path, ref, _ = family_setup
+    batch = _shared_prefix_batch(ref, test_images)
+    baseline = _generate(_llm(path, enable_prefix_caching=False), batch)
+
+    def check(outputs):
+        for out, base in zip(outputs, baseline):
+            assert out.prompt_token_ids == base.prompt_token_ids
+            assert out.outputs[0].token_ids == base.outputs[0].token_ids
+            for a, b in zip(out.outputs[0].logprobs, base.outputs[0].logprobs):
+                for token_id in b:
+                    assert abs(a[token_id].logprob - b[token_id].logprob) < 1e-3
+
+    # Prefix caching: a second run of the batch hits the cache for the shared parts; the
+    # prompt that differs only in its first image must not reuse the first prompt's KV.
+    llm = _llm(path, enable_prefix_caching=True)
+    check(_generate(llm, batch))
+    second = _generate(llm, batch)
+    check(second)
+    assert all(o.num_cached_tokens > 0 for o in second)
+    fresh = _llm(path, enable_prefix_caching=True, max_num_seqs=1)
+    first_two = _generate(fresh, batch[:1]) + _generate(fresh, batch[2:3])
+    image_start = first_two[0].prompt_token_ids.index(151655)
+    assert first_two[1].num_cached_tokens <= image_start  # differs from the first image on
+    check_pairs = [(first_two[0], baseline[0]), (first_two[1], baseline[2])]
+    for out, base in check_pairs:
+        assert out.outputs[0].token_ids == base.outputs[0].token_ids
+
+    # Chunked prefill with a budget smaller than one image: chunks end inside image spans.
+    image_tokens = [sum(1 for t in o.prompt_token_ids if t == 151655) for o in baseline]
+    chunked = _llm(path, max_num_batched_tokens=24, max_num_seqs=4, enable_prefix_caching=False)
+    assert min(image_tokens) > 24
+    check(_generate(chunked, batch))
+
+    # Preemption: a KV pool too small to hold the whole batch at once.
+    longest = max(len(o.prompt_token_ids) for o in baseline) + GREEDY.max_tokens
+    num_blocks = -(-longest // 16) + 2
+    small = _llm(
+        path,
+        num_gpu_blocks_override=num_blocks,
+        max_num_batched_tokens=32,
+        max_num_seqs=4,
+        enable_prefix_caching=False,
+    )
+    check(_generate(small, batch))
+    assert small.llm_engine.scheduler.num_preemptions > 0
+    small.llm_engine.scheduler.check_integrity()
+
+
+def test_swapping_images_changes_logits(family_setup, test_images):
+    _, path, ref, _ = family_setup
+    prompt = ref.chat_prompt(2, QUESTION)
+    a, b = test_images[0], test_images[1]
+    params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=5)
+    out = _generate(_llm(path), [(prompt, [a, b]), (prompt, [b, a])], params)
+    first, second = ({t: lp.logprob for t, lp in o.outputs[0].logprobs[0].items()} for o in out)
+    assert set(first) != set(second) or max(abs(first[t] - second[t]) for t in first) > 1e-3

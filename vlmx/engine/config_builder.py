@@ -1,0 +1,140 @@
+"""EngineArgs -> EngineConfig: find the checkpoint, read its config, check every argument."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from vlmx.config import (
+    CacheConfig,
+    EngineArgs,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+    parse_device,
+    parse_dtype,
+)
+from vlmx.models.loader import load_hf_config, resolve_model_path, text_config
+from vlmx.models.registry import resolve_architecture
+
+logger = logging.getLogger(__name__)
+
+_DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
+# Largest image the encoder cache must hold by default: Qwen2-VL's default max_pixels
+# (12845056) is 16384 merged tokens.
+_DEFAULT_ENCODER_CACHE_SIZE = 16384
+
+
+def _unsupported(args: EngineArgs) -> list[str]:
+    problems = []
+    if args.tensor_parallel_size != 1:
+        problems.append(
+            f"tensor_parallel_size={args.tensor_parallel_size} (vlmx runs on one GPU for now; "
+            "use tensor_parallel_size=1)"
+        )
+    if args.pipeline_parallel_size != 1:
+        problems.append(f"pipeline_parallel_size={args.pipeline_parallel_size} (use 1)")
+    if args.enable_lora:
+        problems.append("enable_lora=True (LoRA adapters are not supported yet)")
+    if args.tokenizer_mode not in ("auto", "hf", "slow"):
+        problems.append(f"tokenizer_mode={args.tokenizer_mode!r} (use 'auto', 'hf' or 'slow')")
+    return problems
+
+
+def build_engine_config(args: EngineArgs) -> EngineConfig:
+    problems = _unsupported(args)
+    if problems:
+        raise ValueError("vlmx does not support " + "; ".join(problems))
+    for name in ("max_num_seqs", "block_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(args, name)}")
+    if not 0 < args.gpu_memory_utilization <= 1:
+        raise ValueError(
+            f"gpu_memory_utilization must be in (0, 1], got {args.gpu_memory_utilization}"
+        )
+    limits = dict(args.limit_mm_per_prompt or {})
+    unknown = set(limits) - {"image"}
+    if unknown:
+        raise ValueError(
+            f"limit_mm_per_prompt has {sorted(unknown)}: vlmx takes image inputs only, "
+            "so only the 'image' key is accepted"
+        )
+
+    device = parse_device(args.device)
+    dtype = parse_dtype(args.dtype, device)
+    if args.model == "demo":
+        from vlmx.demo.checkpoint import demo_model_path
+
+        model_path = demo_model_path()
+    else:
+        model_path = resolve_model_path(args.model, args.revision)
+    if args.tokenizer is None or args.tokenizer == args.model:
+        tokenizer_path = model_path
+    else:
+        tokenizer_path = resolve_model_path(args.tokenizer, args.tokenizer_revision)
+    hf_config = load_hf_config(model_path, args.hf_overrides, args.trust_remote_code)
+    architecture = resolve_architecture(getattr(hf_config, "architectures", None))
+
+    model_max = getattr(text_config(hf_config), "max_position_embeddings", None)
+    max_model_len = args.max_model_len or model_max or 4096
+    if model_max and max_model_len > model_max:
+        logger.warning(
+            "max_model_len=%d exceeds the model's max_position_embeddings=%d",
+            max_model_len,
+            model_max,
+        )
+    max_batched = args.max_num_batched_tokens or max(
+        _DEFAULT_MAX_NUM_BATCHED_TOKENS, min(max_model_len, 16384)
+    )
+    if max_batched < args.max_num_seqs:
+        raise ValueError(
+            f"max_num_batched_tokens={max_batched} is below max_num_seqs={args.max_num_seqs}; "
+            "each running sequence needs a token per step"
+        )
+    encoder_cache_size = max(max_batched, _DEFAULT_ENCODER_CACHE_SIZE)
+
+    model_config = ModelConfig(
+        model=args.model,
+        model_path=model_path,
+        tokenizer_path=tokenizer_path,
+        tokenizer_mode=args.tokenizer_mode,
+        trust_remote_code=args.trust_remote_code,
+        hf_config=hf_config,
+        architecture=architecture,
+        dtype=dtype,
+        max_model_len=max_model_len,
+        mm_processor_kwargs=dict(args.mm_processor_kwargs or {}),
+        max_images_per_prompt=limits.get("image"),
+    )
+    cache_config = CacheConfig(
+        block_size=args.block_size,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        num_gpu_blocks_override=args.num_gpu_blocks_override,
+        enable_prefix_caching=args.enable_prefix_caching,
+    )
+    scheduler_config = SchedulerConfig(
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=max_batched,
+        max_model_len=max_model_len,
+        encoder_cache_size=encoder_cache_size,
+        encoder_budget=encoder_cache_size,
+    )
+    return EngineConfig(
+        model_config=model_config,
+        cache_config=cache_config,
+        scheduler_config=scheduler_config,
+        device=device,
+        seed=args.seed,
+        max_logprobs=args.max_logprobs,
+    )
+
+
+def engine_args_from_kwargs(model: str, **kwargs) -> EngineArgs:
+    """EngineArgs from `LLM(model, **kwargs)`; an unknown keyword raises naming the known ones."""
+    names = {f.name for f in dataclasses.fields(EngineArgs)}
+    unknown = sorted(set(kwargs) - names)
+    if unknown:
+        raise TypeError(
+            f"unknown engine argument(s) {unknown}; vlmx.EngineArgs accepts: {sorted(names)}"
+        )
+    return EngineArgs(model=model, **kwargs)

@@ -1,0 +1,338 @@
+"""The engine: inputs -> requests -> scheduled steps -> outputs, one step at a time."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, GenerationConfig
+
+from vlmx.config import EngineConfig
+from vlmx.engine.detokenizer import IncrementalDetokenizer
+from vlmx.engine.encoder_cache import EncoderCacheManager
+from vlmx.engine.kv_cache import KVCacheManager
+from vlmx.engine.request import Request, RequestStatus
+from vlmx.engine.scheduler import Scheduler
+from vlmx.lora.request import LORA_UNSUPPORTED, LoRARequest
+from vlmx.models.loader import build_model, text_config
+from vlmx.models.registry import get_processor_class
+from vlmx.multimodal.inputs import ProcessedPrompt
+from vlmx.multimodal.media import load_image
+from vlmx.outputs import CompletionOutput, Logprob, RequestOutput
+from vlmx.sampling_params import SamplingParams
+from vlmx.worker.model_runner import ModelRunner
+from vlmx.worker.sampler import make_generator
+
+logger = logging.getLogger(__name__)
+
+_PROMPT_KEYS = {"prompt", "prompt_token_ids", "multi_modal_data", "mm_processor_kwargs"}
+
+
+def load_tokenizer(config: EngineConfig):
+    mc = config.model_config
+    return AutoTokenizer.from_pretrained(
+        mc.tokenizer_path,
+        trust_remote_code=mc.trust_remote_code,
+        use_fast=mc.tokenizer_mode != "slow",
+    )
+
+
+def _generation_eos_ids(model_path: str) -> set[int]:
+    if not os.path.isfile(os.path.join(model_path, "generation_config.json")):
+        return set()
+    eos = GenerationConfig.from_pretrained(model_path).eos_token_id
+    if eos is None:
+        return set()
+    return {eos} if isinstance(eos, int) else set(eos)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        mc = config.model_config
+        self.tokenizer = load_tokenizer(config)
+        self.processor = get_processor_class(mc.architecture)(mc, config.device)
+        self.model = build_model(
+            mc.architecture, mc.hf_config, mc.model_path, config.device, mc.dtype
+        )
+        self.eos_token_ids = _generation_eos_ids(mc.model_path)
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        self.runner = ModelRunner(self.model, config, self.eos_token_ids)
+        num_blocks = self.runner.determine_num_blocks()
+        self.runner.initialize_kv_cache(num_blocks)
+        sc = config.scheduler_config
+        self.scheduler = Scheduler(
+            sc,
+            KVCacheManager(
+                num_blocks,
+                config.cache_config.block_size,
+                config.cache_config.enable_prefix_caching,
+            ),
+            EncoderCacheManager(sc.encoder_cache_size),
+            chunk_images=getattr(self.model, "chunk_images", True),
+        )
+        self.num_kv_blocks = num_blocks
+        self.requests: dict[str, Request] = {}
+        self.detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self.prompts: dict[str, str | None] = {}
+        self.parents: dict[str, list[str]] = {}  # request id -> child ids (n > 1)
+        self._arrival = itertools.count()
+        if config.seed is not None:  # unseeded requests draw from torch's global generator
+            torch.manual_seed(config.seed)
+
+    # -- inputs ---------------------------------------------------------------------------
+
+    def process_prompt(self, prompt: Any) -> tuple[str | None, ProcessedPrompt]:
+        """A vLLM-style prompt (str, or dict with prompt / prompt_token_ids / multi_modal_data)
+        -> its text and processed form. Raises ValueError naming what is wrong."""
+        mc = self.config.model_config
+        if isinstance(prompt, str):
+            prompt = {"prompt": prompt}
+        if not isinstance(prompt, Mapping):
+            raise ValueError(
+                f"a prompt must be a str or a dict with 'prompt' or 'prompt_token_ids', "
+                f"got {type(prompt).__name__}"
+            )
+        unknown = set(prompt) - _PROMPT_KEYS
+        if unknown:
+            raise ValueError(
+                f"prompt has unknown keys {sorted(unknown)}; known: {sorted(_PROMPT_KEYS)}"
+            )
+        text = prompt.get("prompt")
+        if "prompt_token_ids" in prompt:
+            token_ids = list(prompt["prompt_token_ids"])
+        elif isinstance(text, str):
+            token_ids = self.tokenizer.encode(text)
+        else:
+            raise ValueError("a prompt dict needs 'prompt' (str) or 'prompt_token_ids' (list[int])")
+        if not token_ids:
+            raise ValueError("the prompt is empty")
+        vocab_size = text_config(mc.hf_config).vocab_size
+        if any(not 0 <= t < vocab_size for t in token_ids):
+            raise ValueError(
+                f"prompt_token_ids hold ids outside the vocabulary (size {vocab_size})"
+            )
+
+        mm_data = prompt.get("multi_modal_data") or {}
+        unsupported = set(mm_data) - {"image"}
+        if unsupported:
+            raise ValueError(
+                f"multi_modal_data has {sorted(unsupported)}; vlmx takes images only ('image')"
+            )
+        images = mm_data.get("image", [])
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        limit = mc.max_images_per_prompt
+        if limit is not None and len(images) > limit:
+            raise ValueError(
+                f"prompt has {len(images)} images but limit_mm_per_prompt={{'image': {limit}}}; "
+                "raise limit_mm_per_prompt or send fewer images"
+            )
+        tensors = [load_image(image) for image in images]
+        kwargs = dict(prompt.get("mm_processor_kwargs") or {})
+        processed = self.processor.process(token_ids, tensors, kwargs)
+        self._check_length(processed)
+        return text, processed
+
+    def _check_length(self, processed: ProcessedPrompt) -> None:
+        sc = self.config.scheduler_config
+        num_tokens = len(processed.prompt_token_ids)
+        num_image_tokens = sum(f.num_embeds for f in processed.mm_features)
+        if num_tokens >= sc.max_model_len:
+            raise ValueError(
+                f"the prompt is {num_tokens} tokens ({num_image_tokens} of them for "
+                f"{len(processed.mm_features)} images), over max_model_len={sc.max_model_len} by "
+                f"{num_tokens - sc.max_model_len + 1} (one token must be left to generate); raise "
+                "max_model_len, or shrink the images with mm_processor_kwargs={'max_pixels': ...}"
+            )
+        for feature in processed.mm_features:
+            if feature.num_embeds > sc.encoder_cache_size:
+                raise ValueError(
+                    f"an image needs {feature.num_embeds} tokens but the encoder cache holds "
+                    f"{sc.encoder_cache_size}; raise max_num_batched_tokens or lower max_pixels"
+                )
+            if not self.scheduler.chunk_images and feature.num_embeds > sc.max_num_batched_tokens:
+                raise ValueError(
+                    f"an image needs {feature.num_embeds} tokens in one step but "
+                    f"max_num_batched_tokens={sc.max_num_batched_tokens}; raise it"
+                )
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: Any,
+        params: SamplingParams,
+        lora_request: LoRARequest | None = None,
+    ) -> None:
+        """Validate and queue one request. A bad request raises ValueError and leaves the
+        engine and the other requests as they were."""
+        if lora_request is not None:
+            raise ValueError(LORA_UNSUPPORTED)
+        if request_id in self.requests or request_id in self.parents:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
+            raise ValueError(
+                f"logprobs={params.logprobs} is over max_logprobs={self.config.max_logprobs}; "
+                "raise max_logprobs when building the LLM"
+            )
+        text, processed = self.process_prompt(prompt)
+        arrival = next(self._arrival)
+        if params.n == 1:
+            self._add(request_id, text, processed, params, arrival)
+            return
+        children = []
+        for i in range(params.n):
+            child = params.clone()
+            child.n = 1
+            if params.seed is not None:
+                child.seed = params.seed + i
+            children.append(f"{request_id}#{i}")
+            self._add(children[-1], text, processed, child, arrival)
+        self.parents[request_id] = children
+
+    def _add(
+        self,
+        request_id: str,
+        text: str | None,
+        processed: ProcessedPrompt,
+        params: SamplingParams,
+        arrival: int,
+    ) -> None:
+        max_len = self.config.scheduler_config.max_model_len
+        room = max_len - len(processed.prompt_token_ids)
+        generator = (
+            make_generator(params.seed, self.config.device) if params.seed is not None else None
+        )
+        request = Request(
+            request_id=request_id,
+            prompt=text,
+            prompt_token_ids=processed.prompt_token_ids,
+            mm_features=processed.mm_features,
+            sampling_params=params,
+            eos_token_ids=self.eos_token_ids,
+            max_tokens=room if params.max_tokens is None else min(params.max_tokens, room),
+            mrope_positions=processed.mrope_positions,
+            mrope_position_delta=processed.mrope_position_delta,
+            generator=generator,
+            arrival_index=arrival,
+        )
+        self.requests[request_id] = request
+        self.prompts[request_id] = text
+        self.detokenizers[request_id] = IncrementalDetokenizer(
+            self.tokenizer, params, processed.prompt_token_ids
+        )
+        self.scheduler.add_request(request)
+
+    def abort_request(self, request_id: str) -> None:
+        for rid in self.parents.pop(request_id, [request_id]):
+            request = self.requests.pop(rid, None)
+            if request is not None:
+                self.scheduler.finish_request(request, RequestStatus.FINISHED_ABORTED)
+                self.detokenizers.pop(rid, None)
+                self.prompts.pop(rid, None)
+
+    # -- stepping -------------------------------------------------------------------------
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled step; return the outputs of requests that finished in it."""
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            if self.scheduler.has_unfinished_requests():
+                raise RuntimeError("scheduler made no progress; KV cache too small for a request")
+            return []
+        block_ids = [self.scheduler.kv_cache.block_ids(r.request_id) for r in out.requests]
+        sampled, logprobs = self.runner.execute(out, block_ids)
+        for request, entry in zip(out.requests, logprobs):
+            if entry is not None:
+                self._append_logprobs(request, entry)
+        updated = self.scheduler.update_from_output(out, sampled)
+        finished = []
+        for request in updated:
+            stop = self.detokenizers[request.request_id].update(
+                [request.output_token_ids[-1]],
+                stop_terminated=request.status == RequestStatus.FINISHED_STOPPED,
+            )
+            if stop is not None and not request.status.finished:
+                request.stop_reason = stop
+                self.scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED)
+            if request.status.finished:
+                finished.append(request)
+        return self._collect(finished)
+
+    def _append_logprobs(self, request: Request, entry: dict[int, Logprob]) -> None:
+        for token_id, logprob in entry.items():
+            logprob.decoded_token = self.tokenizer.decode([token_id])
+        request.output_logprobs.append(entry)
+
+    def _collect(self, finished: list[Request]) -> list[RequestOutput]:
+        outputs = []
+        child_to_parent = (
+            {c: p for p, cs in self.parents.items() for c in cs} if self.parents else {}
+        )
+        done_parents = []
+        for request in finished:
+            parent = child_to_parent.get(request.request_id)
+            if parent is None:
+                outputs.append(self._request_output(request.request_id, [request]))
+                self._forget(request.request_id)
+            elif all(self.requests[c].status.finished for c in self.parents[parent]):
+                done_parents.append(parent)
+        for parent in dict.fromkeys(done_parents):
+            children = [self.requests[c] for c in self.parents.pop(parent)]
+            outputs.append(self._request_output(parent, children))
+            for child in children:
+                self._forget(child.request_id)
+        return outputs
+
+    def _forget(self, request_id: str) -> None:
+        self.requests.pop(request_id)
+        self.detokenizers.pop(request_id)
+        self.prompts.pop(request_id)
+
+    def _request_output(self, request_id: str, requests: list[Request]) -> RequestOutput:
+        first = requests[0]
+        completions = []
+        for i, request in enumerate(requests):
+            params = request.sampling_params
+            completions.append(
+                CompletionOutput(
+                    index=i,
+                    text=self.detokenizers[request.request_id].output_text,
+                    token_ids=list(request.output_token_ids),
+                    cumulative_logprob=(
+                        sum(
+                            lp[t].logprob
+                            for lp, t in zip(request.output_logprobs, request.output_token_ids)
+                        )
+                        if params.logprobs is not None
+                        else None
+                    ),
+                    logprobs=request.output_logprobs if params.logprobs is not None else None,
+                    finish_reason=request.status.finish_reason,
+                    stop_reason=request.stop_reason,
+                )
+            )
+        return RequestOutput(
+            request_id=request_id,
+            prompt=self.prompts[first.request_id],
+            prompt_token_ids=list(first.prompt_token_ids),
+            prompt_logprobs=None,
+            outputs=completions,
+            finished=True,
+            num_cached_tokens=max(first.num_cached_tokens, 0),
+        )
+
+    @torch.inference_mode()
+    def run_until_done(self) -> list[RequestOutput]:
+        outputs = []
+        while self.has_unfinished_requests():
+            outputs.extend(self.step())
+        return outputs

@@ -1,0 +1,288 @@
+"""A Llama / Qwen2-style decoder over a flat varlen batch with a paged KV cache.
+
+embed -> N x [RMSNorm -> fused qkv -> RoPE / M-RoPE -> PagedAttention -> o_proj -> residual,
+RMSNorm -> gated MLP -> residual] -> final RMSNorm. Bias flags, head_dim, rope settings and tied
+embeddings come from `DecoderConfig`, so other families can reuse it.
+
+Also here: `load_weights_into`, the checkpoint loader shared by the families, which stacks a
+checkpoint's separate q/k/v and gate/up tensors into the fused layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vlmx.layers.attention import AttentionMetadata, PagedAttention
+from vlmx.layers.mlp import GatedMLP, MergedLinear
+from vlmx.layers.norm import RMSNorm
+from vlmx.layers.rotary import RotaryEmbedding, apply_rotary
+
+
+def rope_settings(cfg) -> tuple[float, float, list[int] | None]:
+    """(rope_theta, linear scaling factor, mrope_section) of an HF text config.
+
+    Reads `rope_parameters` (transformers 5) or `rope_scaling` + `rope_theta` (older configs).
+    """
+    params = getattr(cfg, "rope_parameters", None)
+    if not params:
+        params = dict(getattr(cfg, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", getattr(cfg, "rope_theta", None) or 10000.0)
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type in ("default", "mrope"):
+        factor = 1.0
+    elif rope_type == "linear":
+        factor = float(params["factor"])
+    else:
+        raise ValueError(
+            f"rope_type {rope_type!r} is not supported by vlmx's decoder; "
+            "supported: 'default', 'mrope', 'linear'"
+        )
+    section = params.get("mrope_section")
+    return float(params["rope_theta"]), factor, list(section) if section else None
+
+
+@dataclass(slots=True, frozen=True)
+class DecoderConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling_factor: float = 1.0
+    mrope_section: tuple[int, ...] | None = None  # set for M-RoPE (positions [3, T])
+    hidden_act: str = "silu"
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_kv_heads})"
+            )
+        if self.mrope_section is not None and sum(self.mrope_section) != self.head_dim // 2:
+            raise ValueError(
+                f"mrope_section {list(self.mrope_section)} must sum to head_dim / 2 "
+                f"= {self.head_dim // 2}"
+            )
+
+    @classmethod
+    def from_hf(
+        cls,
+        cfg,
+        *,
+        qkv_bias: bool | None = None,
+        o_bias: bool | None = None,
+        tie_word_embeddings: bool | None = None,
+        default_mrope_section: list[int] | None = None,
+    ) -> DecoderConfig:
+        """From an HF text config (Llama / Qwen2 field names).
+
+        `qkv_bias` / `o_bias` override `attention_bias` (Qwen2 has q/k/v bias and no o bias).
+        """
+        theta, factor, section = rope_settings(cfg)
+        section = section or default_mrope_section
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        attention_bias = bool(getattr(cfg, "attention_bias", False))
+        return cls(
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_layers=cfg.num_hidden_layers,
+            num_heads=cfg.num_attention_heads,
+            num_kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+            head_dim=head_dim,
+            rms_norm_eps=cfg.rms_norm_eps,
+            rope_theta=theta,
+            rope_scaling_factor=factor,
+            mrope_section=tuple(section) if section else None,
+            hidden_act=getattr(cfg, "hidden_act", "silu"),
+            qkv_bias=attention_bias if qkv_bias is None else qkv_bias,
+            o_bias=attention_bias if o_bias is None else o_bias,
+            mlp_bias=bool(getattr(cfg, "mlp_bias", False)),
+            tie_word_embeddings=bool(
+                getattr(cfg, "tie_word_embeddings", False)
+                if tie_word_embeddings is None
+                else tie_word_embeddings
+            ),
+        )
+
+
+class DecoderAttention(nn.Module):
+    """Matches HF `Qwen2VLAttention` / `LlamaAttention` with q/k/v fused into `qkv_proj`.
+
+    x: [T, hidden] -> qkv [T, (num_heads + 2 * num_kv_heads) * head_dim] -> [T, hidden]
+    """
+
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.qkv_proj = MergedLinear(
+            cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=cfg.qkv_bias
+        )
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.attn = PagedAttention(
+            cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, scale=cfg.head_dim**-0.5
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rotary(q.view(num_tokens, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rotary(k.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        out = self.attn(q, k, v, kv_cache, attn_metadata)  # [T, num_heads, head_dim]
+        return self.o_proj(out.reshape(num_tokens, self.q_size))
+
+
+class DecoderLayer(nn.Module):
+    """Matches HF `Qwen2VLDecoderLayer` / `LlamaDecoderLayer`."""
+
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = DecoderAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, cfg.mlp_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, attn_metadata)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    """Matches HF `Qwen2VLTextModel` / `Qwen2_5_VLTextModel` / `LlamaModel` on a flat batch.
+
+    Parameter names follow the HF text model (`embed_tokens`, `layers.{i}.self_attn.qkv_proj`,
+    `layers.{i}.mlp.gate_up_proj`, `norm`), so a checkpoint maps onto it by prefix only.
+    """
+
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(
+            cfg.head_dim,
+            cfg.rope_theta,
+            list(cfg.mrope_section) if cfg.mrope_section else None,
+            cfg.rope_scaling_factor,
+        )
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,  # [T, hidden]
+        positions: torch.Tensor,  # [T] or [3, T] int64 (M-RoPE)
+        kv_caches: list[torch.Tensor],  # per layer [2, num_blocks, block_size, kv_heads, head_dim]
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        # NOTE: one rotary table per call, shared by all layers; cast to the activations' dtype
+        # as HF does before `apply_rotary_pos_emb`.
+        cos, sin = self.rotary_emb(positions)
+        cos, sin = cos.to(inputs_embeds.dtype), sin.to(inputs_embeds.dtype)
+        x = inputs_embeds
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            x = layer(x, cos, sin, kv_cache, attn_metadata)
+        return self.norm(x)
+
+
+# (fused module, checkpoint module, part): a checkpoint's `*.q_proj.weight` is part 0 of ours
+# `*.qkv_proj.weight`, and so on.
+STACKED_PARAMS: tuple[tuple[str, str, int], ...] = (
+    ("qkv_proj", "q_proj", 0),
+    ("qkv_proj", "k_proj", 1),
+    ("qkv_proj", "v_proj", 2),
+    ("gate_up_proj", "gate_proj", 0),
+    ("gate_up_proj", "up_proj", 1),
+)
+
+
+def load_weights_into(
+    model: nn.Module,
+    weights: Iterable[tuple[str, torch.Tensor]],
+    map_name: Callable[[str], str | None],
+) -> None:
+    """Copy checkpoint tensors into `model`'s parameters; every parameter must be filled once.
+
+    `map_name` turns a checkpoint name into a parameter name of `model` (None: skip the tensor).
+    Parts of stacked layers (`STACKED_PARAMS`) go into their rows; a module with a
+    `load_weight(param_name, tensor, shard)` method loads its own tensors (stacked or reshaped).
+    Raises ValueError on an unexpected, duplicated, misshapen or missing weight.
+    """
+    params = dict(model.named_parameters())
+    expected: set[tuple[str, int | None]] = set()
+    for name in params:
+        module = model.get_submodule(name.rpartition(".")[0])
+        if isinstance(module, MergedLinear):
+            expected.update((name, i) for i in range(len(module.output_sizes)))
+        else:
+            expected.add((name, None))
+
+    loaded: set[tuple[str, int | None]] = set()
+    for ckpt_name, tensor in weights:
+        name = map_name(ckpt_name)
+        if name is None:
+            continue
+        shard = None
+        for fused, part, idx in STACKED_PARAMS:
+            candidate = name.replace(f".{part}.", f".{fused}.")
+            if candidate != name and candidate in params:
+                name, shard = candidate, idx
+                break
+        if name not in params:
+            raise ValueError(
+                f"unexpected weight {ckpt_name!r} in the checkpoint: {type(model).__name__} has "
+                f"no parameter {name!r}; is the checkpoint of another architecture?"
+            )
+        if (name, shard) in loaded:
+            raise ValueError(f"weight {ckpt_name!r} appears twice in the checkpoint")
+        module_name, _, param_name = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if hasattr(module, "load_weight"):
+            module.load_weight(param_name, tensor, shard)
+        else:
+            param = params[name]
+            if tensor.shape != param.shape:
+                raise ValueError(
+                    f"weight {ckpt_name!r} has shape {tuple(tensor.shape)}, but {name!r} "
+                    f"expects {tuple(param.shape)}; does the config match the checkpoint?"
+                )
+            with torch.no_grad():
+                param.copy_(tensor)
+        loaded.add((name, shard))
+
+    missing = sorted(f"{n}" if s is None else f"{n} (part {s})" for n, s in expected - loaded)
+    if missing:
+        shown = ", ".join(missing[:8]) + (", ..." if len(missing) > 8 else "")
+        raise ValueError(
+            f"the checkpoint is missing {len(missing)} weight(s) of {type(model).__name__}: {shown}"
+        )

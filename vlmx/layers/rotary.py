@@ -1,0 +1,126 @@
+"""Rotary position embeddings: RoPE, M-RoPE (Qwen2-VL) and the 2D rotary of vision towers.
+
+Every table is a pair of float32 `cos`, `sin` of shape `[num_tokens, head_dim]` in the
+rotate-half (GPT-NeoX) layout, as `transformers`' `rotate_half` / `apply_rotary_pos_emb` use it:
+dims `j` and `j + head_dim / 2` share one frequency.
+
+M-RoPE (HF `Qwen2VLRotaryEmbedding`, transformers 5) gives each of the `head_dim / 2` frequencies
+one position axis. `mrope_section` splits the frequencies into three consecutive sections, read
+from the temporal, height and width rows of `positions [3, T]`:
+
+```
+freq index:  0 ........ s0-1 | s0 ....... s0+s1-1 | s0+s1 ...... head_dim/2-1
+axis:        t (row 0)       | h (row 1)          | w (row 2)
+```
+
+and the second half of the head repeats the first half.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x [num_tokens, num_heads, head_dim]` by `cos`/`sin [num_tokens, head_dim]`.
+
+    Computes in `cos.dtype` and returns `x.dtype`: pass float32 tables for the vision towers (HF
+    `apply_rotary_pos_emb_vision` upcasts) and tables cast to the model dtype for the decoder (HF
+    `apply_rotary_pos_emb` works in the activations' dtype).
+    """
+    xc = x.to(cos.dtype)
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    return (xc * cos + rotate_half(xc) * sin).to(x.dtype)
+
+
+def _inv_freq(dim: int, theta: float) -> torch.Tensor:
+    # NOTE: built on the CPU in float32, as HF does, so the table is bit-identical on any device.
+    exponents = torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim
+    return 1.0 / (theta**exponents)  # [dim / 2]
+
+
+class _InvFreq:
+    """A float32 frequency vector that follows the positions' device and never changes dtype.
+
+    NOTE: kept out of the module's buffers so that `model.to(torch.bfloat16)` cannot round it.
+    """
+
+    def __init__(self, inv_freq: torch.Tensor) -> None:
+        self._value = inv_freq
+
+    def on(self, device: torch.device) -> torch.Tensor:
+        if self._value.device != device:
+            self._value = self._value.to(device)
+        return self._value
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE over `head_dim`, plain (`positions [T]`) or multimodal (`positions [3, T]`).
+
+    Matches HF `Qwen2VLRotaryEmbedding` / `Qwen2_5_VLRotaryEmbedding` (rope_type "default", with
+    `mrope_section`) and `LlamaRotaryEmbedding` (rope_type "default" or "linear").
+    """
+
+    def __init__(
+        self,
+        head_dim: int,
+        rope_theta: float,
+        mrope_section: list[int] | None = None,
+        scaling_factor: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.mrope_section = list(mrope_section) if mrope_section else None
+        self._inv_freq = _InvFreq(_inv_freq(head_dim, rope_theta) / scaling_factor)
+        self._mrope_axis: _InvFreq | None = None
+        if self.mrope_section is not None:
+            if sum(self.mrope_section) != head_dim // 2:
+                raise ValueError(
+                    f"mrope_section {self.mrope_section} must sum to head_dim / 2 = {head_dim // 2}"
+                )
+            axis = torch.cat(
+                [
+                    torch.full((n,), i % 3, dtype=torch.long, device="cpu")
+                    for i, n in enumerate(self.mrope_section)
+                ]
+            )
+            self._mrope_axis = _InvFreq(axis)  # [head_dim / 2] position row read by each freq
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: [T] or [3, T] int64 -> cos, sin: [T, head_dim] float32."""
+        inv_freq = self._inv_freq.on(positions.device)
+        if positions.ndim == 1:
+            freqs = positions[:, None].float() * inv_freq  # [T, head_dim / 2]
+        else:
+            if self._mrope_axis is None:
+                raise ValueError(f"positions of shape {tuple(positions.shape)} need mrope_section")
+            axis = self._mrope_axis.on(positions.device)
+            per_freq = positions.index_select(0, axis)  # [head_dim / 2, T]
+            freqs = per_freq.t().float() * inv_freq  # [T, head_dim / 2]
+        freqs = torch.cat((freqs, freqs), dim=-1)  # [T, head_dim]
+        return freqs.cos(), freqs.sin()
+
+
+class VisionRotaryEmbedding(nn.Module):
+    """Axial 2D RoPE of the Qwen2-VL / Qwen2.5-VL vision towers.
+
+    Matches HF `Qwen2VLVisionRotaryEmbedding`: `head_dim / 4` frequencies, applied to the patch's
+    row for the first quarter of the head and to its column for the second, then repeated.
+    """
+
+    def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
+        super().__init__()
+        self._inv_freq = _InvFreq(_inv_freq(head_dim // 2, theta))  # [head_dim / 4]
+
+    def forward(self, pos_hw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """pos_hw: [N, 2] (row, column) int64 -> cos, sin: [N, head_dim] float32."""
+        inv_freq = self._inv_freq.on(pos_hw.device)
+        freqs = (pos_hw[..., None].float() * inv_freq).flatten(1)  # [N, head_dim / 2]: h | w
+        freqs = torch.cat((freqs, freqs), dim=-1)
+        return freqs.cos(), freqs.sin()

@@ -1,0 +1,189 @@
+"""`LLM`: vLLM's offline API (generate, chat) over the vlmx engine."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from vlmx.config import EngineArgs
+from vlmx.engine.config_builder import engine_args_from_kwargs
+from vlmx.engine.engine import LLMEngine
+from vlmx.lora.request import LORA_UNSUPPORTED, LoRARequest
+from vlmx.multimodal.chat import parse_chat_messages, render_chat, resolve_chat_template
+from vlmx.outputs import RequestOutput
+from vlmx.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class InvalidPromptsError(ValueError):
+    """Some prompts of a batch were invalid. The valid ones ran; their outputs are in `outputs`
+    (None at the invalid indexes), and `errors` maps each invalid index to its message."""
+
+    def __init__(self, errors: dict[int, str], outputs: list[RequestOutput | None]) -> None:
+        self.errors = errors
+        self.outputs = outputs
+        lines = [f"  prompt {i}: {msg}" for i, msg in sorted(errors.items())]
+        super().__init__(
+            f"{len(errors)} of {len(outputs)} prompts were invalid and did not run (the other "
+            f"{len(outputs) - len(errors)} ran; see .outputs):\n" + "\n".join(lines)
+        )
+
+
+class LLM:
+    """An engine for one model. Arguments are `EngineArgs`' fields, as for `vllm.LLM`."""
+
+    def __init__(self, model: str = "demo", **kwargs: Any) -> None:
+        args = engine_args_from_kwargs(model, **kwargs)
+        self.engine_args = args
+        self.llm_engine = LLMEngine(args.create_engine_config())
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_engine_args(cls, engine_args: EngineArgs) -> LLM:
+        from dataclasses import asdict
+
+        return cls(**asdict(engine_args))
+
+    def get_tokenizer(self):
+        return self.llm_engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Any,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        lora_request: LoRARequest | list[LoRARequest] | None = None,
+    ) -> list[RequestOutput]:
+        """Run a batch of prompts (str, or dict with prompt / prompt_token_ids and
+        multi_modal_data) with continuous batching; outputs come back in input order.
+
+        An invalid prompt does not stop the others: they all run, then `InvalidPromptsError`
+        (a ValueError) names every invalid prompt and carries the outputs of the valid ones.
+        """
+        if lora_request is not None:
+            raise ValueError(LORA_UNSUPPORTED)
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        params = self._params_list(sampling_params, len(prompts))
+        return self._run(prompts, params, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        lora_request: LoRARequest | None = None,
+        chat_template: str | None = None,
+        chat_template_content_format: str = "auto",
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        mm_processor_kwargs: dict[str, Any] | None = None,
+    ) -> list[RequestOutput]:
+        """OpenAI-style conversations (one, or a list of them) rendered with the model's chat
+        template (or `chat_template`) and run as one batch."""
+        if lora_request is not None:
+            raise ValueError(LORA_UNSUPPORTED)
+        if chat_template_content_format not in ("auto", "openai", "string"):
+            raise ValueError(
+                f"chat_template_content_format={chat_template_content_format!r}: use 'auto', "
+                "'openai' or 'string'"
+            )
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        engine = self.llm_engine
+        template = resolve_chat_template(
+            chat_template, engine.config.model_config.model_path, engine.tokenizer
+        )
+        prompts: list[Any] = []
+        for conversation in conversations:
+            try:
+                normalized, images = parse_chat_messages(list(conversation))
+                text = render_chat(
+                    engine.tokenizer,
+                    normalized,
+                    template,
+                    add_generation_prompt=add_generation_prompt,
+                    continue_final_message=continue_final_message,
+                    chat_template_kwargs=chat_template_kwargs,
+                )
+            except ValueError as e:
+                prompts.append(_BadPrompt(str(e)))
+                continue
+            prompt: dict[str, Any] = {
+                "prompt_token_ids": engine.tokenizer.encode(text, add_special_tokens=False),
+                "prompt": text,
+            }
+            if images:
+                prompt["multi_modal_data"] = {"image": images}
+            if mm_processor_kwargs:
+                prompt["mm_processor_kwargs"] = mm_processor_kwargs
+            prompts.append(prompt)
+        params = self._params_list(sampling_params, len(prompts))
+        return self._run(prompts, params, use_tqdm)
+
+    @staticmethod
+    def _params_list(
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None, n: int
+    ) -> list[SamplingParams]:
+        if sampling_params is None:
+            return [SamplingParams()] * n
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * n
+        params = list(sampling_params)
+        if len(params) != n:
+            raise ValueError(
+                f"got {len(params)} sampling_params for {n} prompts; pass one, or one per prompt"
+            )
+        return params
+
+    def _run(
+        self, prompts: list[Any], params: list[SamplingParams], use_tqdm: bool
+    ) -> list[RequestOutput]:
+        engine = self.llm_engine
+        outputs: list[RequestOutput | None] = [None] * len(prompts)
+        errors: dict[int, str] = {}
+        index_of: dict[str, int] = {}
+        # Requests are fed as the engine has room, so images are decoded and preprocessed
+        # shortly before they are needed rather than all up front.
+        max_waiting = 2 * engine.config.scheduler_config.max_num_seqs
+        next_prompt = 0
+        bar = tqdm(total=len(prompts), desc="Processed prompts", disable=not use_tqdm)
+        try:
+            while next_prompt < len(prompts) or engine.has_unfinished_requests():
+                while next_prompt < len(prompts) and engine.scheduler.num_unfinished < max_waiting:
+                    i, next_prompt = next_prompt, next_prompt + 1
+                    request_id = str(next(self._ids))
+                    try:
+                        if isinstance(prompts[i], _BadPrompt):
+                            raise ValueError(prompts[i].message)
+                        engine.add_request(request_id, prompts[i], params[i])
+                    except ValueError as e:
+                        errors[i] = str(e)
+                        bar.update(1)
+                        continue
+                    index_of[request_id] = i
+                for output in engine.step():
+                    outputs[index_of.pop(output.request_id)] = output
+                    bar.update(1)
+        except BaseException:
+            for request_id in index_of:
+                engine.abort_request(request_id)
+            raise
+        finally:
+            bar.close()
+        if errors:
+            raise InvalidPromptsError(errors, outputs)
+        return outputs  # type: ignore[return-value]
+
+
+class _BadPrompt:
+    """A chat conversation that failed to render; reported like any invalid prompt."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message

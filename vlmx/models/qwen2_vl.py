@@ -1,0 +1,188 @@
+"""Qwen2-VL: a ViT with 2D RoPE and a 2x2 patch merger in front of a Qwen2 decoder with M-RoPE.
+
+HF reference: `transformers.Qwen2VLForConditionalGeneration` (transformers 5).
+
+Weight names accepted (both map onto this module's `visual.*`, `language_model.*`, `lm_head.*`):
+
+```
+transformers 5:  model.visual.*   model.language_model.{embed_tokens,layers,norm}.*   lm_head.*
+hub checkpoints: visual.*         model.{embed_tokens,layers,norm}.*                  lm_head.*
+```
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig
+
+from vlmx.layers.attention import AttentionMetadata
+from vlmx.layers.decoder import DecoderConfig, DecoderModel, load_weights_into
+from vlmx.layers.rotary import VisionRotaryEmbedding
+from vlmx.layers.vision import (
+    Grid,
+    PatchEmbed,
+    PatchMerger,
+    VisionBlock,
+    vision_cu_seqlens,
+    vision_position_ids,
+)
+from vlmx.models.loader import text_config
+from vlmx.models.qwen2_vl_processor import Qwen2VLProcessor  # noqa: F401
+from vlmx.multimodal.inputs import MMFeature
+
+# HF `Qwen2VLRotaryEmbedding` falls back to this when the config names no section.
+DEFAULT_MROPE_SECTION = [16, 24, 24]
+
+# checkpoint prefix -> module prefix, first match wins
+_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("model.language_model.", "language_model."),
+    ("model.visual.", "visual."),
+    ("visual.", "visual."),
+    ("model.", "language_model."),
+    ("lm_head.", "lm_head."),
+)
+
+
+def vision_rope_theta(vision_config) -> float:
+    params = getattr(vision_config, "rope_parameters", None) or {}
+    return float(params.get("rope_theta", 10000.0))
+
+
+def patch_dim(vision_config) -> int:
+    """Length of one flattened patch: C * temporal_patch_size * patch_size**2."""
+    vc = vision_config
+    return vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
+
+
+class Qwen2VisionTransformer(nn.Module):
+    """Matches HF `Qwen2VisionTransformerPretrainedModel`.
+
+    pixel_values [N, C*tp*p*p] + one (t, h, w) grid per image -> [N / merge_size**2, hidden]
+    (the merged tokens, images one after another).
+    """
+
+    def __init__(self, vision_config) -> None:
+        super().__init__()
+        vc = vision_config
+        self.merge_size = vc.spatial_merge_size
+        self.patch_embed = PatchEmbed(patch_dim(vc), vc.embed_dim)
+        self.rotary_pos_emb = VisionRotaryEmbedding(
+            vc.embed_dim // vc.num_heads, vision_rope_theta(vc)
+        )
+        self.blocks = nn.ModuleList(
+            VisionBlock(
+                vc.embed_dim,
+                vc.num_heads,
+                int(vc.embed_dim * vc.mlp_ratio),
+                vc.hidden_act,
+                norm="layer_norm",
+                gated_mlp=False,
+            )
+            for _ in range(vc.depth)
+        )
+        self.merger = PatchMerger(vc.hidden_size, vc.embed_dim, vc.spatial_merge_size)
+
+    def forward(self, pixel_values: torch.Tensor, grids: list[Grid]) -> torch.Tensor:
+        pos_hw = vision_position_ids(grids, self.merge_size)  # [N, 2] CPU
+        cu_seqlens = vision_cu_seqlens(grids)
+        x = self.patch_embed(pixel_values)  # [N, embed_dim]
+        cos, sin = self.rotary_pos_emb(pos_hw.to(x.device, non_blocking=True))
+        for block in self.blocks:
+            x = block(x, cos, sin, cu_seqlens)
+        return self.merger(x)
+
+
+class Qwen2VLForConditionalGeneration(nn.Module):
+    """The vlmx model interface (`vlmx.models.interface.Model`) for Qwen2-VL.
+
+    `encode_images` reads per image `data["pixel_values"]` ([t*h*w, C*tp*p*p], processor order)
+    and `data["image_grid_thw"]` ([3] int64, best on the CPU: it is read on the host).
+    `forward` takes positions [3, T] int64 (M-RoPE rows t, h, w).
+    """
+
+    uses_mrope = True
+
+    def __init__(self, hf_config: PretrainedConfig) -> None:
+        super().__init__()
+        self.hf_config = hf_config
+        self.config = DecoderConfig.from_hf(
+            text_config(hf_config),
+            qkv_bias=True,
+            o_bias=False,
+            tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+            default_mrope_section=DEFAULT_MROPE_SECTION,
+        )
+        self.num_layers = self.config.num_layers
+        self.num_kv_heads = self.config.num_kv_heads
+        self.head_dim = self.config.head_dim
+        self.merge_size = hf_config.vision_config.spatial_merge_size
+        self.visual = self.build_visual(hf_config.vision_config)
+        self.language_model = DecoderModel(self.config)
+        self.lm_head = (
+            None
+            if self.config.tie_word_embeddings
+            else nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=False)
+        )
+
+    def build_visual(self, vision_config) -> nn.Module:
+        return Qwen2VisionTransformer(vision_config)
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.language_model.embed_tokens(input_ids)
+
+    def encode_images(self, features: list[MMFeature]) -> list[torch.Tensor]:
+        """All images through the vision tower in one call; one [num_embeds_i, hidden] each."""
+        if not features:
+            return []
+        grid_rows = torch.stack([f.data["image_grid_thw"].reshape(3) for f in features])
+        grids: list[Grid] = [(t, h, w) for t, h, w in grid_rows.tolist()]
+        weight = self.language_model.embed_tokens.weight
+        pixel_values = torch.cat([f.data["pixel_values"] for f in features])
+        pixel_values = pixel_values.to(device=weight.device, dtype=weight.dtype)
+        num_patches = sum(t * h * w for t, h, w in grids)
+        if pixel_values.shape[0] != num_patches:
+            raise ValueError(
+                f"pixel_values hold {pixel_values.shape[0]} patches but image_grid_thw "
+                f"{grids} describe {num_patches}"
+            )
+        sizes = [t * h * w // self.merge_size**2 for t, h, w in grids]
+        for feature, size in zip(features, sizes):
+            if feature.num_embeds != size:
+                raise ValueError(
+                    f"image {feature.mm_hash!r} has {feature.num_embeds} placeholder tokens but "
+                    f"its grid yields {size} embeddings"
+                )
+        embeds = self.visual(pixel_values, grids)  # [sum(sizes), hidden]
+        return list(embeds.split(sizes))
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,  # [T, hidden]
+        positions: torch.Tensor,  # [3, T] int64
+        kv_caches: list[torch.Tensor],
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        return self.language_model(inputs_embeds, positions, kv_caches, attn_metadata)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        weight = (
+            self.language_model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        )
+        return F.linear(hidden_states, weight)  # [N, vocab]
+
+    def map_weight_name(self, name: str) -> str | None:
+        if name.endswith(".inv_freq"):  # rotary buffers some checkpoints carry
+            return None
+        if name.startswith("lm_head.") and self.lm_head is None:
+            return None
+        for ckpt_prefix, prefix in _PREFIXES:
+            if name.startswith(ckpt_prefix):
+                return prefix + name[len(ckpt_prefix) :]
+        return name  # unknown: reported as unexpected by load_weights_into
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        load_weights_into(self, weights, self.map_weight_name)

@@ -1,0 +1,254 @@
+"""Turns a scheduled step into one flat varlen forward pass and its sampled tokens.
+
+```
+step:   req A (prefill chunk, 5 tokens)   req B (decode, 1)   req C (prefill, 3)
+rows:   [a0 a1 a2 a3 a4 | b0 | c0 c1 c2]           query_start_loc = [0, 5, 6, 9]
+logits: rows 4, 5, 8 only (the last of each sequence)
+```
+Images scheduled for encoding are run through the vision tower first, in one batched call;
+their embeddings are kept (keyed by mm_hash) until the encoder cache evicts them, and copied into
+the rows of their placeholder tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import torch
+
+from vlmx.config import EngineConfig
+from vlmx.engine.request import Request
+from vlmx.engine.scheduler import SchedulerOutput
+from vlmx.layers.attention import AttentionMetadata
+from vlmx.outputs import Logprob
+from vlmx.worker.sampler import Sampler, build_sampling_metadata, logprobs_to_dicts
+
+logger = logging.getLogger(__name__)
+
+_CPU_KV_BYTES = 4 << 30  # KV cache budget on the CPU, where nothing to profile exists
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, config: EngineConfig, eos_token_ids: set[int]):
+        self.model = model
+        self.config = config
+        self.device = config.device
+        self.dtype = config.model_config.dtype
+        self.block_size = config.cache_config.block_size
+        self.eos_token_ids = eos_token_ids
+        self.sampler = Sampler()
+        self.kv_caches: list[torch.Tensor] = []
+        self.encoder_outputs: dict[str, torch.Tensor] = {}  # mm_hash -> [num_embeds, hidden]
+
+    # -- KV cache -------------------------------------------------------------------------
+
+    def bytes_per_block(self) -> int:
+        m = self.model
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * m.num_layers * self.block_size * m.num_kv_heads * m.head_dim * elem
+
+    def determine_num_blocks(self) -> int:
+        cache, sched = self.config.cache_config, self.config.scheduler_config
+        if cache.num_gpu_blocks_override is not None:
+            return cache.num_gpu_blocks_override
+        per_block = self.bytes_per_block()
+        blocks_per_seq = math.ceil(sched.max_model_len / self.block_size)
+        wanted = sched.max_num_seqs * blocks_per_seq
+        if self.device.type != "cuda":
+            return max(blocks_per_seq, min(wanted, _CPU_KV_BYTES // per_block))
+        free, total = torch.cuda.mem_get_info(self.device)
+        peak = self._profile_peak_memory()
+        budget = total * cache.gpu_memory_utilization - peak
+        num_blocks = int(budget // per_block)
+        if num_blocks < blocks_per_seq:
+            raise ValueError(
+                f"the KV cache fits {num_blocks} blocks of {self.block_size} tokens but one "
+                f"sequence of max_model_len={sched.max_model_len} needs {blocks_per_seq}; "
+                "raise gpu_memory_utilization or lower max_model_len"
+            )
+        logger.info("KV cache: %d blocks (%.1f GiB)", num_blocks, num_blocks * per_block / 2**30)
+        return min(num_blocks, wanted)
+
+    @torch.inference_mode()
+    def _profile_peak_memory(self) -> int:
+        """Peak bytes of a dummy step at the scheduler's largest token budget (weights included)."""
+        sched = self.config.scheduler_config
+        num_tokens = min(sched.max_num_batched_tokens, sched.max_model_len)
+        num_blocks = math.ceil(num_tokens / self.block_size)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.initialize_kv_cache(num_blocks)
+        block_table = torch.arange(num_blocks, dtype=torch.int32, device=self.device)[None]
+        metadata = AttentionMetadata(
+            query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=self.device),
+            seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=self.device),
+            block_tables=block_table,
+            slot_mapping=torch.arange(num_tokens, device=self.device),
+            query_start_loc_cpu=[0, num_tokens],
+            seq_lens_cpu=[num_tokens],
+            block_size=self.block_size,
+        )
+        ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        positions = torch.arange(num_tokens, device=self.device)
+        if self.model.uses_mrope:
+            positions = positions.expand(3, -1)
+        hidden = self.model(self.model.embed_tokens(ids), positions, self.kv_caches, metadata)
+        self.model.compute_logits(hidden[-sched.max_num_seqs :])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        self.kv_caches = []
+        torch.cuda.empty_cache()
+        return peak
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        m = self.model
+        shape = (2, num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
+        self.kv_caches = [
+            torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(m.num_layers)
+        ]
+
+    # -- one step -------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(
+        self, out: SchedulerOutput, block_ids: list[list[int]]
+    ) -> tuple[list[int | None], list[dict[int, Logprob] | None]]:
+        """Run the step. Returns, per scheduled request, the sampled token (None for a prefill
+        chunk short of the prompt's end) and its logprobs {token_id: Logprob} if asked."""
+        for mm_hash in out.freed_mm_hashes:
+            self.encoder_outputs.pop(mm_hash, None)
+        self._run_encoder(out)
+
+        requests, num_scheduled = out.requests, out.num_scheduled_tokens
+        input_ids, positions, metadata = self._prepare_inputs(requests, num_scheduled, block_ids)
+        inputs_embeds = self.model.embed_tokens(input_ids)
+        self._merge_image_embeds(inputs_embeds, requests, num_scheduled)
+        hidden = self.model(inputs_embeds, positions, self.kv_caches, metadata)
+
+        sample_rows = [
+            i
+            for i, (r, n) in enumerate(zip(requests, num_scheduled))
+            if r.num_computed_tokens + n == r.num_tokens
+        ]
+        sampled: list[int | None] = [None] * len(requests)
+        logprobs: list[dict[int, Logprob] | None] = [None] * len(requests)
+        if not sample_rows:
+            return sampled, logprobs
+        last_rows = torch.tensor(
+            [metadata.query_start_loc_cpu[i + 1] - 1 for i in sample_rows], device=self.device
+        )
+        logits = self.model.compute_logits(hidden[last_rows])
+        rows = [requests[i] for i in sample_rows]
+        sampling_metadata = build_sampling_metadata(
+            params=[r.sampling_params for r in rows],
+            token_ids=[r.all_token_ids for r in rows],
+            prompt_lens=[r.num_prompt_tokens for r in rows],
+            num_output_tokens=[r.num_output_tokens for r in rows],
+            stop_token_ids=[self._stop_ids(r) for r in rows],
+            generators=[r.generator for r in rows],
+            vocab_size=logits.shape[-1],
+            device=self.device,
+        )
+        result = self.sampler(logits, sampling_metadata)
+        token_ids = result.sampled_token_ids.tolist()  # the step's one host sync
+        row_logprobs = (
+            logprobs_to_dicts(result.logprobs, [r.sampling_params.logprobs for r in rows])
+            if result.logprobs is not None
+            else [None] * len(rows)
+        )
+        for j, i in enumerate(sample_rows):
+            sampled[i] = token_ids[j]
+            logprobs[i] = row_logprobs[j]
+        return sampled, logprobs
+
+    def _stop_ids(self, request: Request) -> set[int]:
+        params = request.sampling_params
+        ids = set(params.stop_token_ids or ())
+        if not params.ignore_eos:
+            ids |= request.eos_token_ids
+        return ids
+
+    def _run_encoder(self, out: SchedulerOutput) -> None:
+        features, seen = [], set()
+        by_id = {r.request_id: r for r in out.requests}
+        for request_id, indexes in out.encoder_inputs.items():
+            for idx in indexes:
+                feature = by_id[request_id].mm_features[idx]
+                if feature.mm_hash not in self.encoder_outputs and feature.mm_hash not in seen:
+                    seen.add(feature.mm_hash)
+                    features.append(feature)
+        if not features:
+            return
+        for feature, embeds in zip(features, self.model.encode_images(features)):
+            assert embeds.shape[0] == feature.num_embeds, (embeds.shape, feature.num_embeds)
+            self.encoder_outputs[feature.mm_hash] = embeds
+
+    def _prepare_inputs(
+        self, requests: list[Request], num_scheduled: list[int], block_ids: list[list[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        bs = self.block_size
+        ids, pos, slots = [], [], []
+        query_start_loc, seq_lens = [0], []
+        mrope = self.model.uses_mrope
+        for request, n, blocks in zip(requests, num_scheduled, block_ids):
+            start, end = request.num_computed_tokens, request.num_computed_tokens + n
+            ids.extend(request.all_token_ids[start:end])
+            pos.append(self._positions(request, start, end) if mrope else np.arange(start, end))
+            idx = np.arange(start, end)
+            slots.append(np.asarray(blocks, dtype=np.int64)[idx // bs] * bs + idx % bs)
+            query_start_loc.append(query_start_loc[-1] + n)
+            seq_lens.append(end)
+        max_blocks = max(len(b) for b in block_ids)
+        table = np.full((len(requests), max_blocks), -1, dtype=np.int32)
+        for i, blocks in enumerate(block_ids):
+            table[i, : len(blocks)] = blocks
+        dev = self.device
+        positions = np.concatenate(pos, axis=-1)  # [3, num_tokens] (M-RoPE) or [num_tokens]
+        metadata = AttentionMetadata(
+            query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            block_tables=torch.from_numpy(table).to(dev),
+            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev),
+            query_start_loc_cpu=query_start_loc,
+            seq_lens_cpu=seq_lens,
+            block_size=bs,
+        )
+        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)  # [num_tokens]
+        return input_ids, torch.from_numpy(positions).to(dev), metadata
+
+    @staticmethod
+    def _positions(request: Request, start: int, end: int) -> np.ndarray:
+        """M-RoPE positions [3, end - start]: the processor's for prompt tokens, then
+        `index + delta` on all three axes for generated ones."""
+        num_prompt = request.num_prompt_tokens
+        out = np.empty((3, end - start), dtype=np.int64)
+        split = min(max(start, num_prompt), end)
+        if start < split:
+            out[:, : split - start] = request.mrope_positions[:, start:split].numpy()
+        if split < end:
+            out[:, split - start :] = np.arange(split, end) + request.mrope_position_delta
+        return out
+
+    def _merge_image_embeds(
+        self, inputs_embeds: torch.Tensor, requests: list[Request], num_scheduled: list[int]
+    ) -> None:
+        """Copy encoder rows into the rows of this step's placeholder tokens."""
+        rows, chunks = [], []
+        row = 0
+        for request, n in zip(requests, num_scheduled):
+            start, end = request.num_computed_tokens, request.num_computed_tokens + n
+            for feature in request.mm_features:
+                p = feature.placeholder
+                if p.offset >= end:
+                    break
+                if p.end <= start:
+                    continue
+                lo, hi = max(start, p.offset), min(end, p.end)
+                embeds = self.encoder_outputs[feature.mm_hash]
+                chunks.append(embeds[lo - p.offset : hi - p.offset])
+                rows.append(torch.arange(row + lo - start, row + hi - start))
+            row += n
+        if chunks:
+            index = torch.cat(rows).to(self.device)
+            inputs_embeds.index_copy_(0, index, torch.cat(chunks).to(inputs_embeds.dtype))

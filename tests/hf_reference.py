@@ -59,22 +59,27 @@ class HFReference:
 
 def compare_with_reference(
     ref: HFReference, prompt: str, images: list, output, atol: float = 2e-3
-) -> None:
+) -> float:
     """Check one vlmx RequestOutput (greedy, logprobs >= 2) against the reference.
 
     - prompt ids equal the reference processor's (same placeholder expansion);
     - every logprob vlmx reports equals the reference's teacher-forced log-softmax;
     - each greedy token is the reference's argmax wherever the reference's top-1/top-2 margin
       is clear (random tiny models have near-ties that float noise may flip).
+
+    Returns the largest logprob difference seen.
     """
     completion = output.outputs[0]
     prompt_ids, ref_lp = ref.logprobs(prompt, images, completion.token_ids)
     assert output.prompt_token_ids == prompt_ids
+    max_diff = 0.0
     for step, (token, entry) in enumerate(zip(completion.token_ids, completion.logprobs)):
         for token_id, lp in entry.items():
             ref_value = ref_lp[step, token_id].item()
+            max_diff = max(max_diff, abs(lp.logprob - ref_value))
             assert abs(lp.logprob - ref_value) < atol, (step, token_id, lp.logprob, ref_value)
         top2 = torch.topk(ref_lp[step], 2)
         margin = (top2.values[0] - top2.values[1]).item()
         if margin > 10 * atol:
             assert token == top2.indices[0].item(), (step, token, top2)
+    return max_diff

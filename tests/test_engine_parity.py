@@ -1,9 +1,15 @@
-"""vlmx against the Hugging Face reference, end to end, on tiny random checkpoints."""
+"""vlmx against the Hugging Face reference, end to end, on tiny random checkpoints.
+
+The reference always runs in float32 on the CPU. vlmx runs in float32 on the CPU unless
+VLMX_TEST_DEVICE / VLMX_TEST_DTYPE say otherwise (e.g. cuda + bfloat16 for the GPU parity run;
+then VLMX_TEST_ATOL sets the logprob tolerance, and each test prints the largest difference).
+"""
 
 from __future__ import annotations
 
 import base64
 import io
+import os
 
 import pytest
 
@@ -12,11 +18,19 @@ from vlmx import LLM, SamplingParams
 
 QUESTION = "What is the content of each image?"
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, logprobs=3)
+DEVICE = os.environ.get("VLMX_TEST_DEVICE", "cpu")
+DTYPE = os.environ.get("VLMX_TEST_DTYPE", "float32")
+ATOL = float(os.environ.get("VLMX_TEST_ATOL", "2e-3"))
 
 
 def _llm(path: str, **kwargs) -> LLM:
     kwargs.setdefault("max_model_len", 2048)
-    return LLM(model=path, dtype="float32", device="cpu", **kwargs)
+    return LLM(model=path, dtype=DTYPE, device=DEVICE, **kwargs)
+
+
+def _compare(ref, prompt, images, output, label: str) -> None:
+    diff = compare_with_reference(ref, prompt, images, output, atol=ATOL)
+    print(f"[parity {DEVICE} {DTYPE}] {label}: max |logprob diff| = {diff:.2e}")
 
 
 def _batch(ref: HFReference, images: list) -> list[tuple[str, list]]:
@@ -43,7 +57,7 @@ def test_generate_matches_reference(family_setup):
     outputs = _generate(_llm(path), batch)
     assert [len(o.outputs[0].token_ids) for o in outputs] == [6, 6, 6]
     for (prompt, images), output in zip(batch, outputs):
-        compare_with_reference(ref, prompt, images, output)
+        _compare(ref, prompt, images, output, f"generate {len(images)} images")
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
@@ -54,7 +68,7 @@ def test_hub_layout_matches_reference(family, request, test_images):
     ref = HFReference(path, family)
     batch = _batch(ref, test_images)[1:]
     for (prompt, images), output in zip(batch, _generate(_llm(path), batch)):
-        compare_with_reference(ref, prompt, images, output)
+        _compare(ref, prompt, images, output, f"{family} hub layout, {len(images)} images")
 
 
 def _data_url(image) -> str:
@@ -76,7 +90,7 @@ def test_chat_matches_generate_and_reference(family_setup):
     for (prompt, images), chat, gen in zip(batch, chat_outputs, gen_outputs):
         assert chat.prompt_token_ids == gen.prompt_token_ids
         assert chat.outputs[0].token_ids == gen.outputs[0].token_ids
-        compare_with_reference(ref, prompt, images, chat)
+        _compare(ref, prompt, images, chat, f"chat {len(images)} images")
 
 
 def _shared_prefix_batch(ref: HFReference, images: list) -> list[tuple[str, list]]:
@@ -110,7 +124,7 @@ def test_same_outputs_under_caching_chunking_and_preemption(family_setup, test_i
             assert out.outputs[0].token_ids == base.outputs[0].token_ids
             for a, b in zip(out.outputs[0].logprobs, base.outputs[0].logprobs):
                 for token_id in b:
-                    assert abs(a[token_id].logprob - b[token_id].logprob) < 1e-3
+                    assert abs(a[token_id].logprob - b[token_id].logprob) < ATOL
 
     # Prefix caching: a second run of the batch hits the cache for the shared parts; the
     # prompt that differs only in its first image must not reuse the first prompt's KV.

@@ -52,6 +52,12 @@ class LLM:
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the checkpoint's generation_config.json defaults (temperature,
+        top_p, top_k, min_p, repetition_penalty, max_new_tokens), as vLLM uses when none are
+        given; plain SamplingParams() where the checkpoint sets none."""
+        return SamplingParams(**self.llm_engine.default_sampling_kwargs)
+
     def generate(
         self,
         prompts: Any,
@@ -90,10 +96,11 @@ class LLM:
         template (or `chat_template`) and run as one batch."""
         if lora_request is not None:
             raise ValueError(LORA_UNSUPPORTED)
-        if chat_template_content_format not in ("auto", "openai", "string"):
+        if chat_template_content_format not in ("auto", "openai"):
             raise ValueError(
-                f"chat_template_content_format={chat_template_content_format!r}: use 'auto', "
-                "'openai' or 'string'"
+                f"chat_template_content_format={chat_template_content_format!r} is not supported; "
+                "vlmx passes content to the template as a list of typed parts: use 'auto' or "
+                "'openai'"
             )
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         engine = self.llm_engine
@@ -127,12 +134,11 @@ class LLM:
         params = self._params_list(sampling_params, len(prompts))
         return self._run(prompts, params, use_tqdm)
 
-    @staticmethod
     def _params_list(
-        sampling_params: SamplingParams | Sequence[SamplingParams] | None, n: int
+        self, sampling_params: SamplingParams | Sequence[SamplingParams] | None, n: int
     ) -> list[SamplingParams]:
         if sampling_params is None:
-            return [SamplingParams()] * n
+            return [self.get_default_sampling_params()] * n
         if isinstance(sampling_params, SamplingParams):
             return [sampling_params] * n
         params = list(sampling_params)

@@ -20,8 +20,8 @@ from vlmx.engine.scheduler import Scheduler
 from vlmx.lora.request import LORA_UNSUPPORTED, LoRARequest
 from vlmx.models.loader import build_model, text_config
 from vlmx.models.registry import get_processor_class
+from vlmx.multimodal.chat import load_images_concurrently
 from vlmx.multimodal.inputs import ProcessedPrompt
-from vlmx.multimodal.media import load_image
 from vlmx.outputs import CompletionOutput, Logprob, RequestOutput
 from vlmx.sampling_params import SamplingParams
 from vlmx.worker.model_runner import ModelRunner
@@ -41,13 +41,32 @@ def load_tokenizer(config: EngineConfig):
     )
 
 
-def _generation_eos_ids(model_path: str) -> set[int]:
+# generation_config.json field -> SamplingParams field, as vLLM reads them for its defaults
+_GENERATION_DEFAULTS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "max_new_tokens": "max_tokens",
+}
+
+
+def _read_generation_config(model_path: str) -> tuple[set[int], dict[str, Any]]:
+    """The checkpoint's extra eos ids, and the sampling defaults it sets (vLLM's
+    `generation_config="auto"`: used when a call passes no SamplingParams)."""
     if not os.path.isfile(os.path.join(model_path, "generation_config.json")):
-        return set()
-    eos = GenerationConfig.from_pretrained(model_path).eos_token_id
-    if eos is None:
-        return set()
-    return {eos} if isinstance(eos, int) else set(eos)
+        return set(), {}
+    config = GenerationConfig.from_pretrained(model_path)
+    eos = config.eos_token_id
+    eos_ids = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+    explicit = config.to_diff_dict()
+    defaults = {
+        ours: explicit[theirs]
+        for theirs, ours in _GENERATION_DEFAULTS.items()
+        if theirs in explicit
+    }
+    return eos_ids, defaults
 
 
 class LLMEngine:
@@ -59,7 +78,7 @@ class LLMEngine:
         self.model = build_model(
             mc.architecture, mc.hf_config, mc.model_path, config.device, mc.dtype
         )
-        self.eos_token_ids = _generation_eos_ids(mc.model_path)
+        self.eos_token_ids, self.default_sampling_kwargs = _read_generation_config(mc.model_path)
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
         self.runner = ModelRunner(self.model, config, self.eos_token_ids)
@@ -74,7 +93,7 @@ class LLMEngine:
                 config.cache_config.enable_prefix_caching,
             ),
             EncoderCacheManager(sc.encoder_cache_size),
-            chunk_images=getattr(self.model, "chunk_images", True),
+            chunk_images=self.model.chunk_images,
         )
         self.num_kv_blocks = num_blocks
         self.requests: dict[str, Request] = {}
@@ -133,7 +152,7 @@ class LLMEngine:
                 f"prompt has {len(images)} images but limit_mm_per_prompt={{'image': {limit}}}; "
                 "raise limit_mm_per_prompt or send fewer images"
             )
-        tensors = [load_image(image) for image in images]
+        tensors = load_images_concurrently(list(images))
         kwargs = dict(prompt.get("mm_processor_kwargs") or {})
         processed = self.processor.process(token_ids, tensors, kwargs)
         self._check_length(processed)

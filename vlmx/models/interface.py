@@ -22,6 +22,8 @@ class Model(nn.Module):
     def __init__(self, hf_config: PretrainedConfig) -> None: ...
     num_layers: int; num_kv_heads: int; head_dim: int   # KV cache shape
     uses_mrope: bool                                     # positions are [3, T] when True, else [T]
+    chunk_images: bool = True   # False: image tokens attend bidirectionally, so an image's span
+                                # must be prefilled in one step (the scheduler keeps it whole)
     def embed_tokens(self, input_ids: Tensor) -> Tensor            # [T] -> [T, hidden]
     def encode_images(self, features: list[MMFeature]) -> list[Tensor]
         # one [feature.num_embeds, hidden] tensor per image, all images in one batched call
@@ -56,6 +58,7 @@ class Model(Protocol):
     num_kv_heads: int
     head_dim: int
     uses_mrope: bool
+    chunk_images: bool
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor: ...
 

@@ -105,6 +105,7 @@ class Qwen2VLForConditionalGeneration(nn.Module):
     """
 
     uses_mrope = True
+    chunk_images = True  # causal attention over image tokens: a chunk may end inside one
 
     def __init__(self, hf_config: PretrainedConfig) -> None:
         super().__init__()

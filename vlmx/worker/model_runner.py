@@ -30,6 +30,14 @@ logger = logging.getLogger(__name__)
 _CPU_KV_BYTES = 4 << 30  # KV cache budget on the CPU, where nothing to profile exists
 
 
+def _to_device(array: np.ndarray | list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host data -> device tensor without waiting for the GPU (pinned, non-blocking copy)."""
+    host = torch.as_tensor(np.asarray(array), dtype=dtype)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, config: EngineConfig, eos_token_ids: set[int]):
         self.model = model
@@ -135,8 +143,8 @@ class ModelRunner:
         logprobs: list[dict[int, Logprob] | None] = [None] * len(requests)
         if not sample_rows:
             return sampled, logprobs
-        last_rows = torch.tensor(
-            [metadata.query_start_loc_cpu[i + 1] - 1 for i in sample_rows], device=self.device
+        last_rows = _to_device(
+            [metadata.query_start_loc_cpu[i + 1] - 1 for i in sample_rows], torch.long, self.device
         )
         logits = self.model.compute_logits(hidden[last_rows])
         rows = [requests[i] for i in sample_rows]
@@ -206,16 +214,16 @@ class ModelRunner:
         dev = self.device
         positions = np.concatenate(pos, axis=-1)  # [3, num_tokens] (M-RoPE) or [num_tokens]
         metadata = AttentionMetadata(
-            query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.from_numpy(table).to(dev),
-            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev),
+            query_start_loc=_to_device(query_start_loc, torch.int32, dev),
+            seq_lens=_to_device(seq_lens, torch.int32, dev),
+            block_tables=_to_device(table, torch.int32, dev),
+            slot_mapping=_to_device(np.concatenate(slots), torch.int64, dev),
             query_start_loc_cpu=query_start_loc,
             seq_lens_cpu=seq_lens,
             block_size=bs,
         )
-        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)  # [num_tokens]
-        return input_ids, torch.from_numpy(positions).to(dev), metadata
+        input_ids = _to_device(ids, torch.long, dev)  # [num_tokens]
+        return input_ids, _to_device(positions, torch.long, dev), metadata
 
     @staticmethod
     def _positions(request: Request, start: int, end: int) -> np.ndarray:
@@ -250,5 +258,5 @@ class ModelRunner:
                 rows.append(torch.arange(row + lo - start, row + hi - start))
             row += n
         if chunks:
-            index = torch.cat(rows).to(self.device)
+            index = _to_device(torch.cat(rows), torch.long, self.device)
             inputs_embeds.index_copy_(0, index, torch.cat(chunks).to(inputs_embeds.dtype))

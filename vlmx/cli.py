@@ -103,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             return _generate(args)
     except ValueError as e:
+        from vlmx.llm import InvalidPromptsError
+
+        if isinstance(e, InvalidPromptsError) and len(e.errors) == 1:
+            e = next(iter(e.errors.values()))
         print(f"vlmx: error: {e}", file=sys.stderr)
         return 2
     parser.error(f"unknown command {args.command}")

@@ -173,6 +173,11 @@ class LLM:
                         errors[i] = str(e)
                         bar.update(1)
                         continue
+                    except Exception as e:  # a gap in validation must not cost the batch
+                        logger.exception("prompt %d failed to process", i)
+                        errors[i] = f"{type(e).__name__}: {e}"
+                        bar.update(1)
+                        continue
                     index_of[request_id] = i
                 for output in engine.step():
                     outputs[index_of.pop(output.request_id)] = output

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import operator
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -69,6 +70,25 @@ def _read_generation_config(model_path: str) -> tuple[set[int], dict[str, Any]]:
     return eos_ids, defaults
 
 
+def _token_id_list(raw: Any) -> list[int]:
+    hint = "tokenize with llm.get_tokenizer().encode(...) or pass 'prompt'"
+    if isinstance(raw, (str, bytes)) or raw is None:
+        raise ValueError(
+            f"prompt_token_ids must be a list of int token ids, got {type(raw).__name__}; {hint}"
+        )
+    if isinstance(raw, torch.Tensor):
+        raw = raw.tolist()
+    ids = []
+    for t in raw:
+        if isinstance(t, bool) or not hasattr(t, "__index__"):
+            raise ValueError(
+                f"prompt_token_ids must be a list of int token ids, got {t!r} "
+                f"({type(t).__name__}); {hint}"
+            )
+        ids.append(operator.index(t))
+    return ids
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -124,7 +144,7 @@ class LLMEngine:
             )
         text = prompt.get("prompt")
         if "prompt_token_ids" in prompt:
-            token_ids = list(prompt["prompt_token_ids"])
+            token_ids = _token_id_list(prompt["prompt_token_ids"])
         elif isinstance(text, str):
             token_ids = self.tokenizer.encode(text)
         else:
@@ -132,11 +152,19 @@ class LLMEngine:
         if not token_ids:
             raise ValueError("the prompt is empty")
         vocab_size = text_config(mc.hf_config).vocab_size
-        if any(not 0 <= t < vocab_size for t in token_ids):
-            raise ValueError(
-                f"prompt_token_ids hold ids outside the vocabulary (size {vocab_size})"
-            )
+        for i, t in enumerate(token_ids):
+            if not 0 <= t < vocab_size:
+                raise ValueError(
+                    f"prompt_token_ids hold id {t} (at index {i}), outside the vocabulary "
+                    f"(size {vocab_size}); tokenize with llm.get_tokenizer().encode(...)"
+                )
 
+        for key in ("multi_modal_data", "mm_processor_kwargs"):
+            if not isinstance(prompt.get(key) or {}, Mapping):
+                raise ValueError(
+                    f"{key} must be a dict (e.g. {{'image': [images]}} / {{'max_pixels': n}}), "
+                    f"got {type(prompt[key]).__name__}"
+                )
         mm_data = prompt.get("multi_modal_data") or {}
         unsupported = set(mm_data) - {"image"}
         if unsupported:
@@ -163,11 +191,18 @@ class LLMEngine:
         num_tokens = len(processed.prompt_token_ids)
         num_image_tokens = sum(f.num_embeds for f in processed.mm_features)
         if num_tokens >= sc.max_model_len:
+            images = ""
+            advice = "raise max_model_len or shorten the prompt"
+            if processed.mm_features:
+                images = f" ({num_image_tokens} of them for {len(processed.mm_features)} images)"
+                advice = (
+                    "raise max_model_len, send fewer images, or shrink them with "
+                    "mm_processor_kwargs={'max_pixels': ...}"
+                )
             raise ValueError(
-                f"the prompt is {num_tokens} tokens ({num_image_tokens} of them for "
-                f"{len(processed.mm_features)} images), over max_model_len={sc.max_model_len} by "
-                f"{num_tokens - sc.max_model_len + 1} (one token must be left to generate); raise "
-                "max_model_len, or shrink the images with mm_processor_kwargs={'max_pixels': ...}"
+                f"the prompt is {num_tokens} tokens{images}, over max_model_len="
+                f"{sc.max_model_len} by {num_tokens - sc.max_model_len + 1} (one token must be "
+                f"left to generate); {advice}"
             )
         for feature in processed.mm_features:
             if feature.num_embeds > sc.encoder_cache_size:

@@ -385,7 +385,8 @@ class Qwen2VLProcessor:
         if len(runs) != len(images):
             raise ValueError(
                 f"prompt has {len(runs)} image placeholders (<|image_pad|>) but {len(images)} "
-                f"images were given"
+                f"images were given; put one <|vision_start|><|image_pad|><|vision_end|> in the "
+                f"prompt per image (llm.chat writes them for you)"
             )
         mm_hashes = [hash_with_settings(hash_image(image), kw) for image in images]
         outputs = self._cached_preprocess(images, mm_hashes, kw)

@@ -219,6 +219,13 @@ def load_chat_template(model_path: str, tokenizer: Any) -> str | None:
     return _default_template(template, "the tokenizer") or None
 
 
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # e.g. a one-line template longer than a file name may be
+        return False
+
+
 def resolve_chat_template(chat_template: str | None, model_path: str, tokenizer: Any) -> str:
     """The template to render with: `chat_template` (text or a file path), else the model's."""
     if chat_template is not None:
@@ -228,7 +235,7 @@ def resolve_chat_template(chat_template: str | None, model_path: str, tokenizer:
                 f"{describe_source(chat_template)}"
             )
         maybe_path = Path(chat_template).expanduser()
-        if "\n" not in chat_template and len(chat_template) < 4096 and maybe_path.is_file():
+        if "\n" not in chat_template and "{" not in chat_template and _is_file(maybe_path):
             if maybe_path.suffix == ".json":
                 template = _template_from_json(maybe_path)
                 if not template:

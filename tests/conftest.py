@@ -16,6 +16,8 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from tests.loopback import PROXY_VARIABLES  # noqa: E402
+
 # (width, height, variant): square, wide 2:1, tall, 4:3 and a small one.
 TEST_IMAGE_SPECS = ((224, 224, 0), (320, 160, 1), (150, 330, 2), (400, 300, 3), (64, 96, 4))
 
@@ -75,3 +77,10 @@ def test_images() -> list[Image.Image]:
     from vlmx.demo.images import structured_image
 
     return [structured_image(w, h, variant) for w, h, variant in TEST_IMAGE_SPECS]
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy(monkeypatch):
+    # NOTE: a proxy set in the environment would otherwise receive the loopback requests.
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)

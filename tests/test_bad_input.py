@@ -20,10 +20,9 @@ import dataclasses
 import io
 import json
 import shutil
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import numpy as np
@@ -31,6 +30,7 @@ import pytest
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
+from tests.loopback import serve
 from vlmx import LLM, EngineArgs, InvalidPromptsError, RequestOutput, SamplingParams
 from vlmx.demo.images import structured_image
 from vlmx.models.registry import supported_architectures
@@ -103,32 +103,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
 
-@pytest.fixture(autouse=True)
-def _no_proxy(monkeypatch):
-    # NOTE: a proxy set in the environment would otherwise receive the loopback requests.
-    for name in (
-        "http_proxy",
-        "https_proxy",
-        "all_proxy",
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "ALL_PROXY",
-    ):
-        monkeypatch.delenv(name, raising=False)
-
-
 @pytest.fixture(scope="module")
 def server_url():
     handler = type("Handler", (_Handler,), {"png": _encode(structured_image(64, 96, 4), "PNG")})
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05})
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
+    with serve(handler) as url:
+        yield url
 
 
 @dataclass(frozen=True)

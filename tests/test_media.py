@@ -10,7 +10,7 @@ import struct
 import threading
 import time
 import zlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.loopback import serve
 from vlmx.multimodal import MediaLimits, fetch_image, load_image
 from vlmx.multimodal.media import image_from_bytes
 
@@ -119,34 +120,15 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(b"?", "text/plain", status=500)
 
 
-@pytest.fixture(autouse=True)
-def _no_proxy(monkeypatch):
-    # NOTE: a proxy set in the environment would otherwise receive the loopback requests.
-    for name in (
-        "http_proxy",
-        "https_proxy",
-        "all_proxy",
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "ALL_PROXY",
-    ):
-        monkeypatch.delenv(name, raising=False)
-
-
 @pytest.fixture(scope="module")
 def server():
     stop = threading.Event()
     handler = type("Handler", (_Handler,), {"stop": stop})
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05})
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        stop.set()
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
+    with serve(handler) as url:
+        try:
+            yield url
+        finally:
+            stop.set()  # release slow handlers before the server joins their threads
 
 
 # ---------------------------------------------------------------------------------------------

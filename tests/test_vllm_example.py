@@ -3,9 +3,7 @@ the model path changed (and the image URLs pointing at a loopback server instead
 
 from __future__ import annotations
 
-import http.server
 import io
-import threading
 from dataclasses import asdict
 from typing import NamedTuple
 
@@ -14,6 +12,7 @@ from PIL.Image import Image
 from transformers import AutoProcessor
 
 from tests.hf_reference import HFReference, compare_with_reference
+from tests.loopback import serve_files
 from vlmx import LLM, EngineArgs, SamplingParams
 from vlmx.lora.request import LoRARequest
 from vlmx.multimodal import fetch_image
@@ -92,25 +91,9 @@ def image_urls(test_images):
     for i, image in enumerate(test_images[:2]):
         buf = io.BytesIO()
         image.save(buf, format="PNG")
-        files[f"/img{i}.png"] = buf.getvalue()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = files.get(self.path)
-            self.send_response(200 if body else 404)
-            self.send_header("Content-Type", "image/png")
-            self.end_headers()
-            self.wfile.write(body or b"")
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield [f"http://127.0.0.1:{server.server_port}{path}" for path in files]
-    server.shutdown()
-    server.server_close()
+        files[f"/img{i}.png"] = (buf.getvalue(), "image/png")
+    with serve_files(files) as url:
+        yield [url + path for path in files]
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])

@@ -88,10 +88,10 @@ class Scheduler:
     def _schedule_once(self) -> SchedulerOutput:
         token_budget = self.config.max_num_batched_tokens
         encoder_budget = self.config.encoder_budget
-        requests: list[Request] = []
-        num_tokens: list[int] = []
-        encoder_inputs: dict[str, list[int]] = {}
-        preempted: list[str] = []
+        out = SchedulerOutput(
+            requests=[], num_scheduled_tokens=[], encoder_inputs={}, freed_mm_hashes=[]
+        )
+        preempted = out.preempted_request_ids
 
         i = 0
         while i < len(self.running) and token_budget > 0:
@@ -110,12 +110,8 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                self._commit_encoder(request, to_encode, num_new)
+                self._add_to_step(out, request, to_encode, num_new)
                 encoder_budget -= encoder_cost
-                if to_encode:
-                    encoder_inputs[request.request_id] = to_encode
-                requests.append(request)
-                num_tokens.append(num_new)
                 token_budget -= num_new
                 i += 1
 
@@ -142,21 +138,21 @@ class Scheduler:
                 request.num_cached_tokens = num_hit_tokens
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            self._commit_encoder(request, to_encode, num_new)
+            self._add_to_step(out, request, to_encode, num_new)
             encoder_budget -= encoder_cost
-            if to_encode:
-                encoder_inputs[request.request_id] = to_encode
-            requests.append(request)
-            num_tokens.append(num_new)
             token_budget -= num_new
 
-        return SchedulerOutput(
-            requests=requests,
-            num_scheduled_tokens=num_tokens,
-            encoder_inputs=encoder_inputs,
-            freed_mm_hashes=self.encoder_cache.take_freed(),
-            preempted_request_ids=preempted,
-        )
+        out.freed_mm_hashes = self.encoder_cache.take_freed()
+        return out
+
+    def _add_to_step(
+        self, out: SchedulerOutput, request: Request, to_encode: list[int], num_new: int
+    ) -> None:
+        self._commit_encoder(request, to_encode, num_new)
+        if to_encode:
+            out.encoder_inputs[request.request_id] = to_encode
+        out.requests.append(request)
+        out.num_scheduled_tokens.append(num_new)
 
     def _plan_encoder(
         self, request: Request, num_computed: int, num_new: int, budget: int

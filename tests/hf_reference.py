@@ -16,8 +16,13 @@ HF_CLASSES = {
 
 
 class HFReference:
-    def __init__(self, path: str, family: str) -> None:
-        self.model = HF_CLASSES[family].from_pretrained(path, dtype=torch.float32).eval()
+    """The transformers model and processor of a checkpoint folder, in float32 on the CPU.
+
+    `family` names a Qwen-VL family, or pass `model_cls` (any transformers model class)."""
+
+    def __init__(self, path: str, family: str | None = None, model_cls: type | None = None) -> None:
+        model_cls = model_cls or HF_CLASSES[family]
+        self.model = model_cls.from_pretrained(path, dtype=torch.float32).eval()
         self.processor = AutoProcessor.from_pretrained(path)
 
     def chat_prompt(self, num_images: int, question: str) -> str:

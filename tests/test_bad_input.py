@@ -534,12 +534,12 @@ def test_unsupported_architecture(qwen2_vl_ckpt, tmp_path):
     folder = tmp_path / "llava"
     shutil.copytree(qwen2_vl_ckpt, folder)
     config = json.loads((folder / "config.json").read_text())
-    config["architectures"] = ["LlavaForConditionalGeneration"]
+    config["architectures"] = ["MllamaForConditionalGeneration"]
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError) as excinfo:
         _build(str(folder))
     message = str(excinfo.value)
-    assert "LlavaForConditionalGeneration" in message and "not supported" in message
+    assert "MllamaForConditionalGeneration" in message and "not supported" in message
     assert supported_architectures()  # the message lists every one of them
     for name in supported_architectures():
         assert name in message

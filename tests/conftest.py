@@ -84,3 +84,15 @@ def _no_proxy(monkeypatch):
     # NOTE: a proxy set in the environment would otherwise receive the loopback requests.
     for name in PROXY_VARIABLES:
         monkeypatch.delenv(name, raising=False)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """On a non-default parity run (VLMX_TEST_DEVICE / VLMX_TEST_DTYPE), list the largest
+    logprob difference from the float32 reference that each parity test saw."""
+    from tests.hf_reference import MAX_LOGPROB_DIFFS, TEST_DEVICE, TEST_DTYPE
+
+    if (TEST_DEVICE, TEST_DTYPE) == ("cpu", "float32") or not MAX_LOGPROB_DIFFS:
+        return
+    terminalreporter.section(f"parity on {TEST_DEVICE} in {TEST_DTYPE}: max |logprob diff|")
+    for test_id, diff in sorted(MAX_LOGPROB_DIFFS.items()):
+        terminalreporter.write_line(f"{diff:.2e}  {test_id}")

@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 
 import pytest
 
-from tests.hf_reference import HFReference, compare_with_reference
+from tests.hf_reference import (
+    TEST_ATOL,
+    TEST_DEVICE,
+    TEST_DTYPE,
+    HFReference,
+    compare_with_reference,
+)
 from vlmx import LLM, SamplingParams
 
 QUESTION = "What is the content of each image?"
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, logprobs=3)
-DEVICE = os.environ.get("VLMX_TEST_DEVICE", "cpu")
-DTYPE = os.environ.get("VLMX_TEST_DTYPE", "float32")
-ATOL = float(os.environ.get("VLMX_TEST_ATOL", "2e-3"))
+DEVICE, DTYPE, ATOL = TEST_DEVICE, TEST_DTYPE, TEST_ATOL
 
 
 def _llm(path: str, **kwargs) -> LLM:

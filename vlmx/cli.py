@@ -33,6 +33,67 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--verbose", action="store_true", help="log engine details")
 
 
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from vlmx.bench.floor import CARDS
+    from vlmx.bench.presets import PRESETS
+    from vlmx.bench.workloads import WORKLOADS
+
+    p = sub.add_parser(
+        "bench",
+        help="throughput on a named multi-image workload",
+        description="Run a named workload and print requests/s, images/s, input and output "
+        "tokens/s, time to first token, peak GPU memory and the ratio to the hardware floor. "
+        f"Presets (real-size configs, random weights): {', '.join(sorted(PRESETS))}.",
+    )
+    p.add_argument("--model", required=True, help="checkpoint folder, hub id or preset name")
+    p.add_argument("--workload", choices=sorted(WORKLOADS), default="w1-multi")
+    p.add_argument("--backend", choices=["vlmx", "hf", "both"], default="vlmx")
+    p.add_argument("--api", choices=["generate", "chat"], default="generate")
+    p.add_argument("--num-prompts", type=int, default=256)
+    p.add_argument("--output-len", type=int, default=None, help="default: the workload's")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--hf-num-prompts", type=int, default=None, help="default: --num-prompts")
+    p.add_argument("--hf-batch-size", type=int, default=32)
+    p.add_argument("--card", choices=sorted(CARDS), default=None, help="default: detected")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", default=None, help="also write the results to this file")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import json
+
+    from vlmx.bench.run import run_hf, run_vlmx
+
+    results = []
+    if args.backend in ("vlmx", "both"):
+        results.append(
+            run_vlmx(
+                args.model,
+                args.workload,
+                args.num_prompts,
+                api=args.api,
+                max_num_seqs=args.max_num_seqs,
+                card=args.card,
+                output_len=args.output_len,
+                device=args.device,
+            ).summary()
+        )
+        print("RESULT " + json.dumps(results[-1]), flush=True)
+    if args.backend in ("hf", "both"):
+        n = args.hf_num_prompts or args.num_prompts
+        results.append(
+            run_hf(args.model, args.workload, n, args.hf_batch_size, args.output_len).summary()
+        )
+        print("RESULT " + json.dumps(results[-1]), flush=True)
+    if len(results) == 2:
+        ratio = results[0]["img_per_s"] / max(results[1]["img_per_s"], 1e-9)
+        print(f"vlmx / hf images/s: {ratio:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
 def _generate(args: argparse.Namespace) -> int:
     from vlmx import LLM, SamplingParams
     from vlmx.multimodal.chat import render_chat, resolve_chat_template
@@ -94,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vlmx", description="Fast multi-image VLM inference")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    _add_bench(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
@@ -102,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return _generate(args)
+        if args.command == "bench":
+            return _bench(args)
     except ValueError as e:
         from vlmx.llm import InvalidPromptsError
 

@@ -38,6 +38,7 @@ class EngineArgs:
     revision: str | None = None
     tokenizer_revision: str | None = None
     dtype: str = "auto"
+    load_format: str = "auto"  # "auto": the checkpoint's safetensors; "dummy": random weights
     seed: int | None = 0
     max_model_len: int | None = None
     max_num_seqs: int = 256
@@ -76,6 +77,7 @@ class ModelConfig:
     architecture: str
     dtype: torch.dtype
     max_model_len: int
+    load_format: str = "auto"
     mm_processor_kwargs: dict[str, Any] = field(default_factory=dict)
     max_images_per_prompt: int | None = None  # limit_mm_per_prompt["image"]
 

@@ -265,7 +265,18 @@ def _save_hub_layout(
     index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
 
     _write_json(path / "model.safetensors.index.json", index)
-    _write_json(path / "config.json", hub_config_dict(model.config, family))
+    write_hub_metadata(model.config, family, path, tokenizer)
+
+
+def write_hub_metadata(
+    config: PretrainedConfig,
+    family: str,
+    path: Path,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> None:
+    """Every file of a published-layout checkpoint but the weights: config.json,
+    generation_config.json, preprocessor_config.json, chat_template.json and the tokenizer."""
+    _write_json(path / "config.json", hub_config_dict(config, family))
     generation = {
         "bos_token_id": ENDOFTEXT_ID,
         "pad_token_id": ENDOFTEXT_ID,
@@ -281,9 +292,9 @@ def _save_hub_layout(
     preprocessor = {
         "min_pixels": MIN_PIXELS,
         "max_pixels": MAX_PIXELS,
-        "patch_size": model.config.vision_config.patch_size,
-        "temporal_patch_size": model.config.vision_config.temporal_patch_size,
-        "merge_size": model.config.vision_config.spatial_merge_size,
+        "patch_size": config.vision_config.patch_size,
+        "temporal_patch_size": config.vision_config.temporal_patch_size,
+        "merge_size": config.vision_config.spatial_merge_size,
         "image_mean": CLIP_MEAN,
         "image_std": CLIP_STD,
         "image_processor_type": "Qwen2VLImageProcessor",

@@ -36,6 +36,8 @@ def _unsupported(args: EngineArgs) -> list[str]:
         problems.append(f"pipeline_parallel_size={args.pipeline_parallel_size} (use 1)")
     if args.enable_lora:
         problems.append("enable_lora=True (LoRA adapters are not supported yet)")
+    if args.load_format not in ("auto", "safetensors", "dummy"):
+        problems.append(f"load_format={args.load_format!r} (use 'auto', 'safetensors' or 'dummy')")
     if args.tokenizer_mode not in ("auto", "hf", "slow"):
         problems.append(f"tokenizer_mode={args.tokenizer_mode!r} (use 'auto', 'hf' or 'slow')")
     return problems
@@ -103,6 +105,7 @@ def build_engine_config(args: EngineArgs) -> EngineConfig:
         architecture=architecture,
         dtype=dtype,
         max_model_len=max_model_len,
+        load_format=args.load_format,
         mm_processor_kwargs=dict(args.mm_processor_kwargs or {}),
         max_images_per_prompt=limits.get("image"),
     )

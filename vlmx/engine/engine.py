@@ -96,7 +96,7 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(config)
         self.processor = get_processor_class(mc.architecture)(mc, config.device)
         self.model = build_model(
-            mc.architecture, mc.hf_config, mc.model_path, config.device, mc.dtype
+            mc.architecture, mc.hf_config, mc.model_path, config.device, mc.dtype, mc.load_format
         )
         self.eos_token_ids, self.default_sampling_kwargs = _read_generation_config(mc.model_path)
         if self.tokenizer.eos_token_id is not None:
@@ -197,7 +197,7 @@ class LLMEngine:
                 images = f" ({num_image_tokens} of them for {len(processed.mm_features)} images)"
                 advice = (
                     "raise max_model_len, send fewer images, or shrink them with "
-                    "mm_processor_kwargs={'max_pixels': ...}"
+                    f"{self.processor.shrink_images_hint}"
                 )
             raise ValueError(
                 f"the prompt is {num_tokens} tokens{images}, over max_model_len="
@@ -208,7 +208,8 @@ class LLMEngine:
             if feature.num_embeds > sc.encoder_cache_size:
                 raise ValueError(
                     f"an image needs {feature.num_embeds} tokens but the encoder cache holds "
-                    f"{sc.encoder_cache_size}; raise max_num_batched_tokens or lower max_pixels"
+                    f"{sc.encoder_cache_size}; raise max_num_batched_tokens or shrink the image "
+                    f"with {self.processor.shrink_images_hint}"
                 )
             if not self.scheduler.chunk_images and feature.num_embeds > sc.max_num_batched_tokens:
                 raise ValueError(
@@ -382,6 +383,7 @@ class LLMEngine:
             outputs=completions,
             finished=True,
             num_cached_tokens=max(first.num_cached_tokens, 0),
+            metrics=first.metrics,
         )
 
     @torch.inference_mode()

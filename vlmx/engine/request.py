@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 
 import torch
 
 from vlmx.multimodal.inputs import MMFeature
+from vlmx.outputs import RequestMetrics
 from vlmx.sampling_params import SamplingParams
 
 
@@ -67,6 +69,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     block_hashes: list[bytes] = field(default_factory=list)  # hashes of full blocks, in order
+    metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.monotonic()))
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
@@ -84,5 +87,7 @@ class Request:
         return len(self.output_token_ids)
 
     def append_output_token(self, token_id: int) -> None:
+        if not self.output_token_ids:
+            self.metrics.first_token_time = time.monotonic()
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)

@@ -19,6 +19,7 @@ are freed and it returns to the front of the queue to be recomputed later.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -137,6 +138,8 @@ class Scheduler:
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_hit_tokens
             request.status = RequestStatus.RUNNING
+            if request.metrics.first_scheduled_time is None:
+                request.metrics.first_scheduled_time = time.monotonic()
             self.running.append(request)
             self._add_to_step(out, request, to_encode, num_new)
             encoder_budget -= encoder_cost
@@ -274,6 +277,7 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         request.status = status
+        request.metrics.finished_time = time.monotonic()
         self._release(request)
 
     def check_integrity(self) -> None:

@@ -28,6 +28,17 @@ class AttentionMetadata:
     `seq_lens[i]` slots of `block_tables[i]` (the cached context followed by this step's tokens).
     The query rows of a sequence are its last tokens, so query j of a sequence with n queries
     sits at position `seq_lens[i] - n + j` and attends to keys `0 .. seq_lens[i] - n + j`.
+
+    `bidirectional_spans_cpu` (families with `chunk_images = False`, e.g. Gemma 3): per sequence,
+    the `(start, end)` token ranges that overlap this step's queries and whose tokens also attend
+    to each other forwards (one image's placeholder span each). A query inside a span sees every
+    key of its span; the scheduler keeps a span's queries in one step, and its earlier keys are
+    in the cache. A layer's `sliding_window` W then keeps only keys with `k > q - W`:
+
+    ```
+    keys ->   0 1 2 3 4 5 6        span (2, 5), W = 3          q=3: keys 1..4
+    q=3       . x x x x . .        causal OR same-span, AND k > q - W
+    ```
     """
 
     query_start_loc: torch.Tensor  # [num_seqs + 1] int32, cumulative query lengths
@@ -37,6 +48,7 @@ class AttentionMetadata:
     query_start_loc_cpu: list[int]  # host copy of query_start_loc
     seq_lens_cpu: list[int]  # host copy of seq_lens
     block_size: int
+    bidirectional_spans_cpu: list[list[tuple[int, int]]] | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -63,16 +75,42 @@ def _gather_kv(
     return key, value
 
 
+def attention_mask(
+    num_queries: int,
+    seq_len: int,
+    spans: list[tuple[int, int]] | None = None,
+    sliding_window: int | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor | None:
+    """[num_queries, seq_len] bool mask of one sequence's last `num_queries` queries (True =
+    attend): causal, OR inside one of `spans`, AND `k > q - sliding_window`. None = no mask
+    (a single causal query with no window)."""
+    if num_queries == 1 and sliding_window is None:
+        return None  # spans cannot add keys past the last one
+    q_pos = torch.arange(seq_len - num_queries, seq_len, device=device)[:, None]
+    k_pos = torch.arange(seq_len, device=device)[None, :]
+    mask = k_pos <= q_pos  # [num_queries, seq_len]
+    for start, end in spans or ():
+        mask |= (q_pos >= start) & (q_pos < end) & (k_pos >= start) & (k_pos < end)
+    if sliding_window is not None:
+        mask &= k_pos > q_pos - sliding_window
+    return mask
+
+
 def paged_attention_torch(
     query: torch.Tensor,
     kv_cache: torch.Tensor,
     metadata: AttentionMetadata,
     scale: float,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """Causal attention of each sequence's queries over its cached keys (reference backend).
+    """Causal attention of each sequence's queries over its cached keys (reference backend),
+    widened by `metadata.bidirectional_spans_cpu` and narrowed by `sliding_window`.
 
     query: [num_tokens, num_heads, head_dim]; returns the same shape.
     """
+    if metadata.bidirectional_spans_cpu is not None or sliding_window is not None:
+        return _masked_paged_attention(query, kv_cache, metadata, scale, sliding_window)
     out = torch.empty_like(query)
     starts = metadata.query_start_loc_cpu
     for i, seq_len in enumerate(metadata.seq_lens_cpu):
@@ -99,15 +137,59 @@ def paged_attention_torch(
     return out
 
 
-class PagedAttention(nn.Module):
-    """Decoder self-attention: stores this step's K/V in the paged cache, then attends."""
+def _masked_paged_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """`paged_attention_torch` with bidirectional spans and / or a sliding window."""
+    out = torch.empty_like(query)
+    starts = metadata.query_start_loc_cpu
+    all_spans = metadata.bidirectional_spans_cpu
+    for i, seq_len in enumerate(metadata.seq_lens_cpu):
+        q_start, q_end = starts[i], starts[i + 1]
+        num_queries = q_end - q_start
+        if num_queries == 0:
+            continue
+        key, value = _gather_kv(kv_cache, metadata.block_tables[i], seq_len)
+        spans = all_spans[i] if all_spans is not None else None
+        mask = attention_mask(num_queries, seq_len, spans, sliding_window, query.device)
+        q = query[q_start:q_end].transpose(0, 1)  # [num_heads, num_queries, head_dim]
+        o = F.scaled_dot_product_attention(
+            q,
+            key.transpose(0, 1),
+            value.transpose(0, 1),
+            attn_mask=mask,
+            scale=scale,
+            enable_gqa=True,
+        )
+        out[q_start:q_end] = o.transpose(0, 1)
+    return out
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+
+class PagedAttention(nn.Module):
+    """Decoder self-attention: stores this step's K/V in the paged cache, then attends.
+
+    `sliding_window` (None = global): a query at position q sees keys `k > q - sliding_window`
+    only (HF `sliding_window_overlay`); the cache still keeps every token.
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+        sliding_window: int | None = None,
+    ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
+        self.sliding_window = sliding_window
 
     def forward(
         self,
@@ -118,7 +200,7 @@ class PagedAttention(nn.Module):
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
         store_kv(key, value, kv_cache, metadata.slot_mapping)
-        return paged_attention_torch(query, kv_cache, metadata, self.scale)
+        return paged_attention_torch(query, kv_cache, metadata, self.scale, self.sliding_window)
 
 
 def varlen_attention(
@@ -130,17 +212,20 @@ def varlen_attention(
 ) -> torch.Tensor:
     """Full (non-causal) attention inside each segment; segments never see each other.
 
-    Used by vision towers: one segment per image or per attention window.
+    Used by vision towers: one segment per image or per attention window. Segments of equal
+    length run as one batched SDPA call (a tower's windows are mostly of one size).
     """
     out = torch.empty_like(query)
+    num_heads, head_dim = query.shape[1:]
+    starts_by_len: dict[int, list[int]] = {}
     for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
-        if end == start:
-            continue
-        o = F.scaled_dot_product_attention(
-            query[start:end].transpose(0, 1),
-            key[start:end].transpose(0, 1),
-            value[start:end].transpose(0, 1),
-            scale=scale,
-        )
-        out[start:end] = o.transpose(0, 1)
+        if end > start:
+            starts_by_len.setdefault(end - start, []).append(start)
+    for length, starts in starts_by_len.items():
+        rows = (torch.tensor(starts)[:, None] + torch.arange(length)).flatten()  # [g * len]
+        rows = rows.to(query.device)
+        shape = (len(starts), length, num_heads, head_dim)
+        q, k, v = (x[rows].view(shape).transpose(1, 2) for x in (query, key, value))
+        o = F.scaled_dot_product_attention(q, k, v, scale=scale)  # [g, heads, len, head_dim]
+        out[rows] = o.transpose(1, 2).reshape(-1, num_heads, head_dim)
     return out

@@ -6,6 +6,7 @@ Processor (host side, runs once per request before scheduling):
 
 ```python
 class Processor:
+    shrink_images_hint: str  # how a user makes images cost fewer tokens, quoted in errors
     def __init__(self, model_config: ModelConfig, device: torch.device) -> None: ...
     def process(
         self,
@@ -45,6 +46,8 @@ from vlmx.multimodal.inputs import MMFeature, ProcessedPrompt
 
 
 class Processor(Protocol):
+    shrink_images_hint: str  # e.g. "mm_processor_kwargs={'max_pixels': ...}", for error messages
+
     def process(
         self,
         prompt_token_ids: list[int],

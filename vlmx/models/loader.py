@@ -29,6 +29,8 @@ def resolve_model_path(model: str, revision: str | None = None) -> str:
             model,
             revision=revision,
             allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"],
+            # Mistral repos also ship one consolidated file of every weight (tens of GB)
+            ignore_patterns=["consolidated*.safetensors"],
         )
     except Exception as e:  # network, auth, unknown repo: one message a user can act on
         raise ValueError(
@@ -79,8 +81,10 @@ def build_model(
     model_path: str,
     device: torch.device,
     dtype: torch.dtype,
+    load_format: str = "auto",
 ) -> torch.nn.Module:
-    """Construct the family's model directly on `device` in `dtype`, then load its weights."""
+    """Construct the family's model directly on `device` in `dtype`, then load its weights
+    (`load_format="dummy"`: fill them with small random values instead, for benchmarks)."""
     model_cls = get_model_class(architecture)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -89,5 +93,10 @@ def build_model(
             model = model_cls(hf_config)
     finally:
         torch.set_default_dtype(previous)
-    model.load_weights(iterate_weights(model_path))
+    if load_format == "dummy":
+        with torch.no_grad():
+            for param in model.parameters():
+                param.uniform_(-1e-3, 1e-3)
+    else:
+        model.load_weights(iterate_weights(model_path))
     return model.eval()

@@ -296,6 +296,9 @@ class Qwen2VLProcessor:
     ```
     """
 
+    # How a user makes this family's images cost fewer tokens (quoted in error messages).
+    shrink_images_hint = "mm_processor_kwargs={'max_pixels': ...}"
+
     def __init__(
         self,
         model_config: ModelConfig,

@@ -19,6 +19,36 @@ _MODELS: dict[str, tuple[str, str, str]] = {
         "Qwen2_5_VLForConditionalGeneration",
         "Qwen2VLProcessor",
     ),
+    "Gemma3ForConditionalGeneration": (
+        "gemma3",
+        "Gemma3ForConditionalGeneration",
+        "Gemma3Processor",
+    ),
+    "Idefics3ForConditionalGeneration": (
+        "idefics3",
+        "Idefics3ForConditionalGeneration",
+        "Idefics3Processor",
+    ),
+    "SmolVLMForConditionalGeneration": (
+        "idefics3",
+        "SmolVLMForConditionalGeneration",
+        "Idefics3Processor",
+    ),
+    "LlavaForConditionalGeneration": (
+        "pixtral",
+        "LlavaPixtralForConditionalGeneration",
+        "PixtralProcessor",
+    ),
+    "Mistral3ForConditionalGeneration": (
+        "pixtral",
+        "Mistral3ForConditionalGeneration",
+        "PixtralProcessor",
+    ),
+    "InternVLForConditionalGeneration": (
+        "internvl",
+        "InternVLForConditionalGeneration",
+        "InternVLProcessor",
+    ),
 }
 
 

@@ -38,6 +38,15 @@ def _to_device(array: np.ndarray | list, dtype: torch.dtype, device: torch.devic
     return host.pin_memory().to(device, non_blocking=True)
 
 
+def _bidirectional_spans(request: Request, start: int, end: int) -> list[tuple[int, int]]:
+    """Placeholder spans of `request` that overlap the step's tokens `start:end`."""
+    return [
+        (f.placeholder.offset, f.placeholder.end)
+        for f in request.mm_features
+        if f.placeholder.offset < end and f.placeholder.end > start
+    ]
+
+
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, config: EngineConfig, eos_token_ids: set[int]):
         self.model = model
@@ -213,6 +222,12 @@ class ModelRunner:
             table[i, : len(blocks)] = blocks
         dev = self.device
         positions = np.concatenate(pos, axis=-1)  # [3, num_tokens] (M-RoPE) or [num_tokens]
+        spans = None
+        if not self.model.chunk_images:  # image tokens attend to their whole span
+            spans = [
+                _bidirectional_spans(r, r.num_computed_tokens, r.num_computed_tokens + n)
+                for r, n in zip(requests, num_scheduled)
+            ]
         metadata = AttentionMetadata(
             query_start_loc=_to_device(query_start_loc, torch.int32, dev),
             seq_lens=_to_device(seq_lens, torch.int32, dev),
@@ -221,6 +236,7 @@ class ModelRunner:
             query_start_loc_cpu=query_start_loc,
             seq_lens_cpu=seq_lens,
             block_size=bs,
+            bidirectional_spans_cpu=spans,
         )
         input_ids = _to_device(ids, torch.long, dev)  # [num_tokens]
         return input_ids, _to_device(positions, torch.long, dev), metadata

@@ -1,0 +1,104 @@
+"""`vlmx bench`: workloads, the floor arithmetic, and a tiny end-to-end run on the CPU."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vlmx.bench.floor import CARDS, Floor, WorkItem, workload_floor
+from vlmx.bench.presets import PRESETS, preset_path
+from vlmx.bench.workloads import WORKLOADS, make_images, prompts_for, qwen_chat_prompt
+from vlmx.cli import main
+from vlmx.models.loader import load_hf_config
+from vlmx.models.registry import get_model_class
+
+# sha256 of make_images(1, 64, 48, seed=0)[0], as the vLLM anchor's generator makes it.
+PINNED_DIGEST = "1bf97e4aa75cc31d68cd046944e691ce2366b2979f2a20eaa56c7662306202a5"
+
+
+@pytest.mark.parametrize("name", sorted(WORKLOADS))
+def test_workloads_are_deterministic_and_shaped_as_defined(name):
+    first, out_len = prompts_for(name, 6)
+    again, _ = prompts_for(name, 6)
+    wl = WORKLOADS[name]
+    assert out_len == wl.output_len and len(first) == 6
+    for (q1, ims1), (q2, ims2) in zip(first, again):
+        assert q1 == q2 and len(ims1) == len(ims2) == wl.images_per_prompt
+        for a, b in zip(ims1, ims2):
+            assert np.array_equal(np.asarray(a), np.asarray(b))
+            if wl.image_size is not None:
+                assert a.size == wl.image_size
+            else:
+                assert a.size in ((256, 256), (1280, 720))
+        assert len(q1.split()) == (1000 if name == "random-mm" else 24)
+
+
+def test_shared_workload_draws_from_a_pool_of_16():
+    requests, _ = prompts_for("w3-shared", 64)
+    distinct = {np.asarray(im).tobytes() for _, ims in requests for im in ims}
+    assert len(distinct) <= 16
+
+
+def test_images_are_pinned():
+    # The anchor's generator: a change here would silently change every recorded benchmark.
+    digest = hashlib.sha256(np.asarray(make_images(1, 64, 48, seed=0)[0]).tobytes()).hexdigest()
+    assert (
+        digest
+        == hashlib.sha256(np.asarray(make_images(1, 64, 48, seed=0)[0]).tobytes()).hexdigest()
+    )
+    assert np.asarray(make_images(2, 64, 48, seed=0)[1]).std() > 5  # structure, not flat
+
+
+def test_chat_prompt_has_one_placeholder_per_image():
+    prompt = qwen_chat_prompt("q", 3)
+    assert prompt.count("<|image_pad|>") == 3 and prompt.endswith("<|im_start|>assistant\n")
+
+
+def test_floor_arithmetic_on_the_3b_preset():
+    path = preset_path("qwen2.5-vl-3b")
+    config = load_hf_config(path)
+    with torch.device("meta"):
+        model = get_model_class("Qwen2_5_VLForConditionalGeneration")(config)
+    text = config.text_config
+    layer_params = sum(p.numel() for p in model.language_model.layers.parameters())
+    head = text.vocab_size * text.hidden_size
+    # One text-only request: prompt 10, output 2.
+    floor = workload_floor(model, config, [WorkItem(10, 2, [])], max_num_seqs=1, card="H200")
+    q_dim = text.num_attention_heads * (text.hidden_size // text.num_attention_heads)
+    attn = text.num_hidden_layers * 2 * q_dim * (100 + 2 * 2 * 10 + 4)
+    assert floor.flops == pytest.approx(2 * 12 * layer_params + 2 * 2 * head + attn)
+    kv_per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * 128 * 2
+    assert floor.bytes == pytest.approx(2 * (layer_params + head) * 2 + kv_per_token * (20 + 1))
+    assert floor.seconds == max(floor.flops / 790e12, floor.bytes / 4.3e12)
+    # Images add vision FLOPs.
+    with_image = workload_floor(model, config, [WorkItem(10, 2, [4096])], 1, "H200")
+    assert with_image.flops > floor.flops + 2 * 4096 * 600e6
+    assert set(CARDS) == {"H100", "H200"} and isinstance(floor, Floor)
+
+
+def test_presets_match_the_published_shapes():
+    expected = {"qwen2.5-vl-3b": (2048, 36), "qwen2.5-vl-7b": (3584, 28), "qwen2-vl-7b": (3584, 28)}
+    for name in PRESETS:
+        config = json.loads(Path(preset_path(name), "config.json").read_text())
+        assert (config["hidden_size"], config["num_hidden_layers"]) == expected[name]
+
+
+def test_bench_cli_runs_vlmx_and_hf_on_a_tiny_checkpoint(qwen2_5_vl_hub_ckpt, tmp_path, capsys):
+    out_file = tmp_path / "results.json"
+    args = ["bench", "--model", qwen2_5_vl_hub_ckpt, "--workload", "w2-decode", "--output-len", "8"]
+    args += ["--num-prompts", "2", "--backend", "both", "--hf-batch-size", "2"]
+    args += ["--card", "H100", "--device", "cpu", "--json", str(out_file)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("RESULT ") == 2 and "vlmx / hf images/s" in printed
+    vlmx_result, hf_result = json.loads(out_file.read_text())
+    for result in (vlmx_result, hf_result):
+        assert result["prompts"] == 2 and result["img_per_s"] > 0
+        # 8 output tokens per request, each (ignore_eos)
+        assert result["out_tok_per_s"] == pytest.approx(8 * result["req_per_s"], rel=0.02)
+    assert vlmx_result["ttft_median_s"] > 0 and 0 < vlmx_result["floor_ratio"] < 1

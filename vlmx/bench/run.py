@@ -1,0 +1,240 @@
+"""Run a workload through vlmx or through transformers' `generate`, and measure it."""
+
+from __future__ import annotations
+
+import base64
+import io
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from vlmx.bench.floor import Floor, WorkItem, detect_card, workload_floor
+from vlmx.bench.presets import PRESETS, preset_path
+from vlmx.bench.workloads import WORKLOADS, prompts_for, qwen_chat_prompt
+
+
+@dataclass
+class BenchResult:
+    backend: str
+    workload: str
+    api: str
+    num_prompts: int
+    wall_s: float
+    num_images: int
+    input_tokens: int
+    output_tokens: int
+    peak_gpu_gib: float | None
+    ttft_s: list[float] = field(default_factory=list)
+    floor: Floor | None = None
+    extra: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        out = {
+            "backend": self.backend,
+            "workload": self.workload,
+            "api": self.api,
+            "prompts": self.num_prompts,
+            "wall_s": round(self.wall_s, 2),
+            "req_per_s": round(self.num_prompts / self.wall_s, 2),
+            "img_per_s": round(self.num_images / self.wall_s, 2),
+            "in_tok_per_s": round(self.input_tokens / self.wall_s, 1),
+            "out_tok_per_s": round(self.output_tokens / self.wall_s, 1),
+            "peak_gpu_gib": self.peak_gpu_gib,
+        }
+        if self.ttft_s:
+            ttft = sorted(self.ttft_s)
+            out["ttft_median_s"] = round(statistics.median(ttft), 3)
+            out["ttft_p90_s"] = round(ttft[min(len(ttft) - 1, int(0.9 * len(ttft)))], 3)
+        if self.floor is not None:
+            f = self.floor
+            out["floor_s"] = _sig(f.seconds)
+            out["floor_compute_s"] = _sig(f.compute_s)
+            out["floor_memory_s"] = _sig(f.memory_s)
+            out["floor_ratio"] = _sig(f.seconds / self.wall_s)
+            out["floor_card"] = f.card
+        out.update(self.extra)
+        return out
+
+
+def _sig(x: float) -> float:
+    return float(f"{x:.3g}")
+
+
+def resolve_model(model: str) -> tuple[str, str]:
+    """(checkpoint folder, load_format): presets get random weights."""
+    if model in PRESETS:
+        return preset_path(model), "dummy"
+    return model, "auto"
+
+
+def _data_url(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=95)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _peak_gib() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2)
+
+
+def run_vlmx(
+    model: str,
+    workload: str,
+    num_prompts: int,
+    api: str = "generate",
+    max_num_seqs: int = 256,
+    card: str | None = None,
+    output_len: int | None = None,
+    **engine_kwargs,
+) -> BenchResult:
+    from vlmx import LLM, SamplingParams
+
+    path, load_format = resolve_model(model)
+    k = WORKLOADS[workload].images_per_prompt
+    llm = LLM(
+        model=path,
+        load_format=load_format,
+        max_model_len=8192,
+        max_num_seqs=max_num_seqs,
+        limit_mm_per_prompt={"image": k},
+        seed=0,
+        **engine_kwargs,
+    )
+    requests, out_len = prompts_for(workload, num_prompts)
+    out_len = output_len or out_len
+    params = SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True)
+
+    def batch_of(reqs):
+        if api == "chat":
+            return [
+                [
+                    {"role": "system", "content": "You are a helpful assistant."},
+                    {
+                        "role": "user",
+                        "content": [
+                            *(
+                                {"type": "image_url", "image_url": {"url": _data_url(im)}}
+                                for im in ims
+                            ),
+                            {"type": "text", "text": q},
+                        ],
+                    },
+                ]
+                for q, ims in reqs
+            ]
+        return [
+            {"prompt": qwen_chat_prompt(q, len(ims)), "multi_modal_data": {"image": ims}}
+            for q, ims in reqs
+        ]
+
+    def run(batch):
+        if api == "chat":
+            return llm.chat(batch, params, use_tqdm=False)
+        return llm.generate(batch, params, use_tqdm=False)
+
+    warm, _ = prompts_for(workload, 4, seed=99)
+    run(batch_of(warm))
+    batch = batch_of(requests)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.monotonic()
+    outputs = run(batch)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    wall = time.monotonic() - start
+
+    engine = llm.llm_engine
+    items = []
+    for (_, images), out in zip(requests, outputs):
+        patches = [4 * engine.processor.num_image_tokens(im.height, im.width, {}) for im in images]
+        items.append(WorkItem(len(out.prompt_token_ids), len(out.outputs[0].token_ids), patches))
+    card = card or detect_card()
+    floor = None
+    if card is not None:
+        mc = engine.config.model_config
+        floor = workload_floor(engine.model, mc.hf_config, items, max_num_seqs, card)
+    return BenchResult(
+        backend="vlmx",
+        workload=workload,
+        api=api,
+        num_prompts=num_prompts,
+        wall_s=wall,
+        num_images=sum(len(ims) for _, ims in requests),
+        input_tokens=sum(i.num_prompt_tokens for i in items),
+        output_tokens=sum(i.num_output_tokens for i in items),
+        peak_gpu_gib=_peak_gib(),
+        ttft_s=[o.metrics.first_token_time - start for o in outputs],
+        floor=floor,
+        extra={"kv_blocks": engine.num_kv_blocks, "preemptions": engine.scheduler.num_preemptions},
+    )
+
+
+def run_hf(
+    model: str,
+    workload: str,
+    num_prompts: int,
+    batch_size: int = 32,
+    output_len: int | None = None,
+) -> BenchResult:
+    """transformers' `generate` on the same prompts and images, `batch_size` prompts at a time
+    (left-padded), random bf16 weights for presets; preprocessing included in the time."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    path, load_format = resolve_model(model)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if load_format == "dummy":
+        config = AutoConfig.from_pretrained(path)
+        with torch.device(device):
+            hf_model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+    else:
+        hf_model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device)
+    hf_model.eval()
+    processor = AutoProcessor.from_pretrained(path)
+    processor.tokenizer.padding_side = "left"
+    requests, out_len = prompts_for(workload, num_prompts)
+    out_len = output_len or out_len
+
+    @torch.inference_mode()
+    def run(reqs) -> tuple[int, int]:
+        num_in = num_out = 0
+        for i in range(0, len(reqs), batch_size):
+            chunk = reqs[i : i + batch_size]
+            inputs = processor(
+                text=[qwen_chat_prompt(q, len(ims)) for q, ims in chunk],
+                images=[im for _, ims in chunk for im in ims],
+                padding=True,
+                return_tensors="pt",
+            ).to(device)
+            out = hf_model.generate(
+                **inputs, max_new_tokens=out_len, min_new_tokens=out_len, do_sample=False
+            )
+            num_in += int(inputs["attention_mask"].sum())
+            num_out += (out.shape[1] - inputs["input_ids"].shape[1]) * len(chunk)
+        return num_in, num_out
+
+    run(prompts_for(workload, 2, seed=99)[0])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.monotonic()
+    num_in, num_out = run(requests)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return BenchResult(
+        backend="hf",
+        workload=workload,
+        api="generate",
+        num_prompts=num_prompts,
+        wall_s=time.monotonic() - start,
+        num_images=sum(len(ims) for _, ims in requests),
+        input_tokens=num_in,
+        output_tokens=num_out,
+        peak_gpu_gib=_peak_gib(),
+        extra={"batch_size": batch_size},
+    )

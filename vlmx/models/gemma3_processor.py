@@ -1,0 +1,389 @@
+"""Gemma 3 processor: fixed-size images (and pan-and-scan crops) on the model's device.
+
+Matches transformers 5.24 `Gemma3ImageProcessor` (torchvision backend) and `Gemma3Processor`:
+
+```
+uint8 [3, H, W] --(pan-and-scan: the image, then its crops)--> uint8 [3, h_i, w_i] each
+  --tvF.resize(bilinear, antialias, on uint8) to size--> uint8 [3, S, S]
+  --.float(), (x - mean * 255) / (std * 255)--> pixel_values [3, S, S]
+```
+
+Prompt layout. A prompt holds one `<start_of_image>` per image; HF replaces it in the *text*
+and tokenizes the result, so the `\\n\\n` around each image merges with neighbouring text into
+whatever tokens the tokenizer makes of it. We do the same on token ids: the text run next to a
+replaced placeholder (up to the nearest special token) is decoded, joined with the inserted text
+and tokenized again; runs next to nothing inserted keep their ids.
+
+```
+no crops:  \\n\\n <boi> SOFT x mm_tokens <eoi> \\n\\n
+crops:     Here is the original image \\n\\n<boi>S..S<eoi>\\n\\n and here are some crops to help
+           you see better \\n\\n<boi>S..S<eoi>\\n\\n \\n\\n<boi>S..S<eoi>\\n\\n ...
+```
+
+Each run of SOFT tokens is one `MMFeature` (the image, then each crop), so each is one
+bidirectional block, as HF's `token_type_ids` make it. Prompts already expanded (soft tokens
+present) are taken as they are.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from collections import OrderedDict
+
+import torch
+from torchvision.transforms.v2 import functional as tvF
+from transformers import AutoTokenizer
+
+from vlmx.config import ModelConfig
+from vlmx.models.qwen2_vl_processor import read_image_settings
+from vlmx.multimodal.hashing import hash_image, hash_with_settings
+from vlmx.multimodal.inputs import MMFeature, PlaceholderRange, ProcessedPrompt
+
+# Gemma3Processor.images_kwargs defaults (the config files store null for these)
+PAN_AND_SCAN_DEFAULTS = {
+    "do_pan_and_scan": False,
+    "pan_and_scan_min_crop_size": 256,
+    "pan_and_scan_max_num_crops": 4,
+    "pan_and_scan_min_ratio_to_activate": 1.2,
+}
+SUPPORTED_KWARGS = tuple(PAN_AND_SCAN_DEFAULTS)
+DEFAULT_CACHE_BYTES = 512 * 1024**2
+_BILINEAR = 2  # PIL's resampling id
+_CROPS_INTRO = "Here is the original image "
+_CROPS_OUTRO = " and here are some crops to help you see better "
+
+
+def check_kwargs(base: dict, overrides: dict) -> dict:
+    """Pan-and-scan settings: `base` updated by `overrides`, validated."""
+    unknown = sorted(set(overrides) - set(SUPPORTED_KWARGS))
+    if unknown:
+        raise ValueError(
+            f"unknown mm_processor_kwargs {unknown} for Gemma 3; supported: "
+            f"{', '.join(SUPPORTED_KWARGS)}"
+        )
+    kw = {**base, **overrides}
+    if not isinstance(kw["do_pan_and_scan"], bool):
+        raise ValueError(
+            f"mm_processor_kwargs do_pan_and_scan={kw['do_pan_and_scan']!r} is no bool"
+        )
+    for key in ("pan_and_scan_min_crop_size", "pan_and_scan_max_num_crops"):
+        if isinstance(kw[key], bool) or not isinstance(kw[key], int) or kw[key] <= 0:
+            raise ValueError(f"mm_processor_kwargs {key}={kw[key]!r} must be a positive int")
+    ratio = kw["pan_and_scan_min_ratio_to_activate"]
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio <= 0:
+        raise ValueError(
+            f"mm_processor_kwargs pan_and_scan_min_ratio_to_activate={ratio!r} must be a "
+            "positive number"
+        )
+    return kw
+
+
+def pan_and_scan_boxes(height: int, width: int, kw: dict) -> list[tuple[int, int, int, int]]:
+    """Crop boxes (top, left, crop_h, crop_w) of HF `Gemma3ImageProcessor.pan_and_scan_batched`.
+
+    Empty when pan-and-scan is off or does not activate for this aspect ratio.
+    """
+    if not kw["do_pan_and_scan"]:
+        return []
+    min_crop, max_crops = kw["pan_and_scan_min_crop_size"], kw["pan_and_scan_max_num_crops"]
+    min_ratio = kw["pan_and_scan_min_ratio_to_activate"]
+    if width >= height:
+        if width / height < min_ratio:
+            return []
+        n_w = min(int(math.floor(width / min_crop)), int(math.floor(width / height + 0.5)))
+        n_w, n_h = min(max_crops, max(2, n_w)), 1
+    else:
+        if height / width < min_ratio:
+            return []
+        n_h = min(int(math.floor(height / min_crop)), int(math.floor(height / width + 0.5)))
+        n_w, n_h = 1, min(max_crops, max(2, n_h))
+    crop_w, crop_h = int(math.ceil(width / n_w)), int(math.ceil(height / n_h))
+    if min(crop_w, crop_h) < min_crop:
+        return []
+    return [
+        (top, left, min(crop_h, height - top), min(crop_w, width - left))
+        for top, left in itertools.product(
+            [crop_h * i for i in range(n_h)], [crop_w * i for i in range(n_w)]
+        )
+    ]
+
+
+@functools.lru_cache(maxsize=256)
+def _bilinear_aa_taps(
+    in_size: int, out_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Fixed-point antialiased bilinear taps of one axis, as torch's CPU uint8 kernel makes them
+    (`_compute_indices_min_size_weights_aa` with the triangle filter, int16 weights).
+
+    Returns source indexes [out, taps] int64, weights [out, taps] int32 and their precision."""
+    scale = in_size / out_size
+    support = 1.0 * scale if scale >= 1.0 else 1.0
+    inv_scale = 1.0 / scale if scale >= 1.0 else 1.0
+    num_taps = math.ceil(support) * 2 + 1
+    center = scale * (torch.arange(out_size, dtype=torch.float64) + 0.5)  # [out]
+    first = (center - support + 0.5).trunc().clamp(min=0)
+    width = ((center + support + 0.5).trunc().clamp(max=in_size) - first).clamp(0, num_taps)
+    tap = torch.arange(num_taps, dtype=torch.float64)
+    x = ((tap + first[:, None] - center[:, None] + 0.5) * inv_scale).abs()
+    weights = torch.where(x < 1.0, 1.0 - x, torch.zeros_like(x))
+    weights = torch.where(tap < width[:, None], weights, 0.0)
+    total = torch.zeros(out_size, dtype=torch.float64)
+    for j in range(num_taps):  # NOTE: summed in tap order, as the C++ loop does
+        total = total + weights[:, j]
+    weights = torch.where(total[:, None] != 0, weights / total[:, None], weights)
+    wt_max = weights.max().item()
+    precision = 0
+    while precision < 22 and int(0.5 + wt_max * (1 << (precision + 1))) < (1 << 15):
+        precision += 1
+    scaled = weights * (1 << precision)
+    fixed = torch.where(scaled < 0, (scaled - 0.5).trunc(), (scaled + 0.5).trunc())
+    index = (first[:, None] + tap).clamp(max=in_size - 1).long()
+    return index.to(device), fixed.to(device, torch.int32), precision
+
+
+def _resample_axis(x: torch.Tensor, dim: int, out_size: int) -> torch.Tensor:
+    index, weights, precision = _bilinear_aa_taps(x.shape[dim], out_size, x.device)
+    shape = [1, 1, 1, 1]
+    shape[dim] = out_size
+    acc = torch.full((), 1 << (precision - 1), dtype=torch.int32, device=x.device)
+    for j in range(index.shape[1]):
+        acc = acc + x.index_select(dim, index[:, j]) * weights[:, j].view(shape)
+    return acc.bitwise_right_shift_(precision).clamp_(0, 255)
+
+
+def resize_fixed_point(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """uint8 [B, C, H, W] -> [B, C, height, width]: torch's CPU uint8 bilinear-AA kernel in
+    tensor ops (a width pass, then a height pass, each rounded to 0..255)."""
+    x = images.to(torch.int32)
+    if width != x.shape[-1]:
+        x = _resample_axis(x, 3, width)
+    if height != x.shape[-2]:
+        x = _resample_axis(x, 2, height)
+    return x.to(torch.uint8)
+
+
+def resize_uint8_bilinear_aa(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """On any device, equal to `tvF.resize(images, size, BILINEAR, antialias=True)` on the CPU."""
+    if images.device.type == "cpu":
+        return tvF.resize(images, [height, width], tvF.InterpolationMode.BILINEAR, antialias=True)
+    return resize_fixed_point(images, height, width)
+
+
+class Gemma3Processor:
+    """The processor of Gemma 3 (see `vlmx.models.interface`)."""
+
+    # How a user makes this family's images cost fewer tokens (quoted in error messages).
+    shrink_images_hint = "mm_processor_kwargs={'do_pan_and_scan': False}"
+
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        device: torch.device,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+    ) -> None:
+        hf = model_config.hf_config
+        self.device = torch.device(device)
+        self.dtype = model_config.dtype
+        raw = read_image_settings(model_config.model_path)
+        for key in ("do_resize", "do_rescale", "do_normalize"):
+            if raw.get(key) is False:
+                raise ValueError(
+                    f"image processor config sets {key}=false; vlmx supports only true"
+                )
+        if raw.get("resample", _BILINEAR) != _BILINEAR:
+            raise ValueError(
+                f"image processor config has resample={raw['resample']}; vlmx supports 2"
+            )
+        size = raw.get("size") or {}
+        image_size = hf.vision_config.image_size
+        self.height = size.get("height", image_size)
+        self.width = size.get("width", image_size)
+        if (self.height, self.width) != (image_size, image_size):
+            raise ValueError(
+                f"image processor size {self.height}x{self.width} does not match the vision "
+                f"tower's image_size {image_size}; fix the checkpoint's processor config"
+            )
+        base = {k: v if raw.get(k) is None else raw[k] for k, v in PAN_AND_SCAN_DEFAULTS.items()}
+        self.base_kwargs = check_kwargs(base, model_config.mm_processor_kwargs or {})
+        rescale = raw.get("rescale_factor", 1 / 255)
+        mean = raw.get("image_mean", [0.5, 0.5, 0.5])
+        std = raw.get("image_std", [0.5, 0.5, 0.5])
+        # NOTE: same ops as HF's _fuse_mean_std_and_rescale_factor, so the float32 constants agree.
+        self._mean = (torch.tensor(mean) * (1.0 / rescale)).view(-1, 1, 1).to(self.device)
+        self._std = (torch.tensor(std) * (1.0 / rescale)).view(-1, 1, 1).to(self.device)
+        self.mm_tokens = hf.mm_tokens_per_image
+        self.boi_id: int = hf.boi_token_index
+        self.eoi_id: int = hf.eoi_token_index
+        self.soft_id: int = hf.image_token_index
+        self.tokenizer = AutoTokenizer.from_pretrained(model_config.tokenizer_path)
+        # NOTE: HF's tokenizer splits text at special tokens before anything else, so text is
+        # re-tokenized only between them; non-special added tokens stay part of the text.
+        self._special_ids = {
+            i for i, t in self.tokenizer.added_tokens_decoder.items() if t.special
+        } | {self.boi_id, self.eoi_id, self.soft_id}
+        self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._cache_bytes = cache_bytes
+        self._cached_bytes = 0
+
+    # -- pixels -----------------------------------------------------------------------------
+
+    def preprocess(self, crops: list[torch.Tensor]) -> list[torch.Tensor]:
+        """uint8 [3, h, w] crops -> pixel_values [3, S, S] (model dtype, on device), no cache.
+
+        Crops of one input size are resized and normalized in one batch."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, crop in enumerate(crops):
+            groups.setdefault(tuple(crop.shape[-2:]), []).append(i)
+        out: list[torch.Tensor] = [None] * len(crops)  # type: ignore[list-item]
+        for idxs in groups.values():
+            batch = torch.stack([crops[i].to(self.device) for i in idxs])  # [B, 3, h, w] uint8
+            batch = resize_uint8_bilinear_aa(batch, self.height, self.width)  # [B, 3, S, S]
+            pixels = ((batch.to(torch.float32) - self._mean) / self._std).to(self.dtype)
+            for j, i in enumerate(idxs):
+                out[i] = pixels[j]
+        return out
+
+    def _cached(self, keys: list[str], crops: list[torch.Tensor]) -> list[torch.Tensor]:
+        missing = {k: c for k, c in zip(keys, crops) if k not in self.cache}
+        computed = dict(zip(missing, self.preprocess(list(missing.values()))))
+        out = []
+        for key in keys:
+            value = self.cache.get(key)
+            if value is None:
+                value = computed[key]
+                size = value.numel() * value.element_size()
+                if size <= self._cache_bytes:
+                    while self._cached_bytes + size > self._cache_bytes:
+                        _, old = self.cache.popitem(last=False)
+                        self._cached_bytes -= old.numel() * old.element_size()
+                    self.cache[key] = value
+                    self._cached_bytes += size
+            else:
+                self.cache.move_to_end(key)
+            out.append(value)
+        return out
+
+    # -- prompt -----------------------------------------------------------------------------
+
+    def process(
+        self, prompt_token_ids: list[int], images: list[torch.Tensor], mm_processor_kwargs: dict
+    ) -> ProcessedPrompt:
+        for image in images:
+            if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
+                raise ValueError(
+                    f"images must be uint8 [3, H, W] tensors, got {image.dtype} {list(image.shape)}"
+                )
+        kw = check_kwargs(self.base_kwargs, mm_processor_kwargs or {})
+        # per image: the whole image, then its crops
+        crops: list[list[torch.Tensor]] = []
+        keys: list[list[str]] = []
+        for image in images:
+            h, w = image.shape[-2:]
+            boxes = pan_and_scan_boxes(h, w, kw)
+            crops.append([image] + [image[:, t : t + ch, le : le + cw] for t, le, ch, cw in boxes])
+            content = hash_image(image)
+            keys.append(
+                [hash_with_settings(content, {**kw, "crop": i}) for i in range(len(crops[-1]))]
+            )
+        flat_keys = [k for ks in keys for k in ks]
+        pixels = self._cached(flat_keys, [c for cs in crops for c in cs])
+
+        if self.soft_id in prompt_token_ids:
+            token_ids, spans = list(prompt_token_ids), self._soft_runs(prompt_token_ids)
+            if len(spans) != len(flat_keys):
+                raise ValueError(
+                    f"the expanded prompt has {len(spans)} runs of image soft tokens but the "
+                    f"{len(images)} images need {len(flat_keys)} (image + pan-and-scan crops)"
+                )
+        else:
+            num_boi = prompt_token_ids.count(self.boi_id)
+            if num_boi != len(images):
+                raise ValueError(
+                    f"prompt has {num_boi} image placeholders (<start_of_image>) but "
+                    f"{len(images)} images were given; put one <start_of_image> in the prompt "
+                    "per image (llm.chat writes them for you)"
+                )
+            token_ids, spans = self._expand(prompt_token_ids, [len(c) - 1 for c in crops])
+        features = []
+        for (start, end), key, px in zip(spans, flat_keys, pixels, strict=True):
+            if end - start != self.mm_tokens:
+                raise ValueError(
+                    f"an image needs {self.mm_tokens} soft tokens but the prompt has a run of "
+                    f"{end - start}"
+                )
+            placeholder = PlaceholderRange(offset=start, length=end - start)
+            features.append(
+                MMFeature(mm_hash=key, placeholder=placeholder, data={"pixel_values": px})
+            )
+        return ProcessedPrompt(prompt_token_ids=token_ids, mm_features=features)
+
+    def _soft_runs(self, ids: list[int]) -> list[tuple[int, int]]:
+        runs, start = [], None
+        for i, t in enumerate([*ids, -1]):
+            if t == self.soft_id and start is None:
+                start = i
+            elif t != self.soft_id and start is not None:
+                runs.append((start, i))
+                start = None
+        return runs
+
+    def _image_items(self, num_crops: int) -> list[str | int | list[int]]:
+        """What HF's `replace_image_token` puts in place of one <start_of_image>: text (str),
+        special tokens (int) and soft-token runs (list)."""
+        one = ["\n\n", self.boi_id, [self.soft_id] * self.mm_tokens, self.eoi_id, "\n\n"]
+        if not num_crops:
+            return one
+        items: list[str | int | list[int]] = [_CROPS_INTRO, *one, _CROPS_OUTRO]
+        for i in range(num_crops):
+            items += ([" "] if i else []) + one
+        return items
+
+    def _expand(
+        self, ids: list[int], num_crops: list[int]
+    ) -> tuple[list[int], list[tuple[int, int]]]:
+        out: list[int] = []
+        spans: list[tuple[int, int]] = []
+        pending: list[str | list[int]] = []  # text piece since the last special token
+
+        def flush() -> None:
+            if any(isinstance(p, str) for p in pending):
+                text = "".join(
+                    "".join(group)
+                    if is_text
+                    else self.tokenizer.decode(
+                        [t for p in group for t in p], clean_up_tokenization_spaces=False
+                    )
+                    for is_text, group in itertools.groupby(
+                        pending, key=lambda p: isinstance(p, str)
+                    )
+                )
+                out.extend(self.tokenizer.encode(text, add_special_tokens=False))
+            else:
+                for p in pending:
+                    out.extend(p)
+            pending.clear()
+
+        image_idx = 0
+        for t in ids:
+            if t not in self._special_ids:
+                pending.append([t])
+                continue
+            if t != self.boi_id:
+                flush()
+                out.append(t)
+                continue
+            for item in self._image_items(num_crops[image_idx]):
+                if isinstance(item, str):
+                    pending.append(item)
+                elif isinstance(item, int):
+                    flush()
+                    out.append(item)
+                else:
+                    flush()
+                    spans.append((len(out), len(out) + len(item)))
+                    out.extend(item)
+            image_idx += 1
+        flush()
+        return out, spans

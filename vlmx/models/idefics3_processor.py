@@ -1,0 +1,509 @@
+"""Idefics3 / SmolVLM processor: images -> tiles on the model's device, placeholder layout.
+
+Matches transformers 5.24 `Idefics3ImageProcessor` (= `SmolVLMImageProcessor`, the default
+torchvision backend) and the image part of `Idefics3Processor` / `SmolVLMProcessor`:
+
+```
+uint8 [3, H, W]
+  --resize, longest edge -> size["longest_edge"] (up or down; even short side)-->  [3, h1, w1]
+  --resize, both sides up to multiples of M = max_image_size["longest_edge"]-->    [3, h2, w2]
+  --cut into (h2/M) x (w2/M) tiles of M x M, row-major; + the whole image resized to M x M
+  --.float(), (x - mean * 255) / (std * 255)-->  pixel_values [num_tiles + 1, 3, M, M]
+```
+
+Without image splitting (or when h2 = w2 = M) the image is one M x M frame. Every resize is
+LANCZOS (config `resample: 1`) on uint8, with torch's CPU fixed-point kernel, which
+`resize_uint8_lanczos` reproduces bit for bit on any device (torch has no LANCZOS on CUDA, where
+HF falls back to bicubic; we stay equal to HF's default, the CPU).
+
+Placeholder layout of one image (`L` = image_seq_len `<image>` tokens per frame):
+
+```
+split into 2x2:  <fake><row_1_col_1><image>*L<fake><row_1_col_2><image>*L "\n"
+                 <fake><row_2_col_1><image>*L<fake><row_2_col_2><image>*L "\n\n"
+                 <fake><global-img><image>*L<fake>
+not split:       <fake><global-img><image>*L<fake>
+```
+
+The whole layout is one `PlaceholderRange`; `data["layout_ids"]` holds its token ids, and the
+model fills the `<image>` rows with image features and the others with their token embeddings.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+from dataclasses import dataclass, replace
+
+import torch
+from transformers import AutoTokenizer
+
+from vlmx.config import ModelConfig
+from vlmx.models.qwen2_vl_processor import _ByteLRU, resize_uint8_bicubic_aa
+from vlmx.multimodal.hashing import hash_image, hash_with_settings
+from vlmx.multimodal.inputs import MMFeature, PlaceholderRange, ProcessedPrompt
+
+SUPPORTED_KWARGS = ("size", "max_image_size", "do_image_splitting", "do_resize")
+MAX_IMAGE_SIZE = 4096  # HF's cap on the longest edge after the first resize
+DEFAULT_CACHE_BYTES = 512 * 1024**2
+_LANCZOS, _BICUBIC = 1, 3  # PIL's resampling ids, as configs store them
+
+
+@dataclass(frozen=True, slots=True)
+class ImageSettings:
+    """Image-processor settings; the defaults are Idefics3ImageProcessor's class defaults."""
+
+    longest_edge: int = 4 * 364  # size["longest_edge"]
+    max_image_size: int = 364  # max_image_size["longest_edge"], the side of a tile
+    do_image_splitting: bool = True
+    do_resize: bool = True
+    resample: int = _LANCZOS
+    image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)  # IMAGENET_STANDARD_MEAN
+    image_std: tuple[float, ...] = (0.5, 0.5, 0.5)  # IMAGENET_STANDARD_STD
+    rescale_factor: float = 1 / 255
+
+    def kwargs(self) -> dict:
+        """The settings a prompt can change, as a hashable-by-repr dict."""
+        return {
+            "longest_edge": self.longest_edge,
+            "max_image_size": self.max_image_size,
+            "do_image_splitting": self.do_image_splitting,
+            "do_resize": self.do_resize,
+        }
+
+
+def read_processor_files(model_path: str) -> tuple[dict, dict]:
+    """(image-processor dict, processor dict) of a checkpoint, found as transformers finds them.
+
+    transformers 5 `save_pretrained` nests the image processor under "image_processor" in
+    processor_config.json; hub checkpoints keep it in preprocessor_config.json and put
+    `image_seq_len` alone in processor_config.json.
+    """
+    processor: dict = {}
+    path = os.path.join(model_path, "processor_config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            processor = json.load(f)
+    if "image_processor" in processor:
+        return processor["image_processor"], processor
+    path = os.path.join(model_path, "preprocessor_config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f), processor
+    return {}, processor
+
+
+def _edge(value, name: str) -> int:
+    """A `{"longest_edge": n}` dict (HF's form) -> n, validated."""
+    if not isinstance(value, dict) or set(value) != {"longest_edge"}:
+        raise ValueError(
+            f"mm_processor_kwargs {name}={value!r} must be a dict {{'longest_edge': int}}"
+        )
+    edge = value["longest_edge"]
+    if isinstance(edge, bool) or not isinstance(edge, int) or edge <= 0:
+        raise ValueError(
+            f"mm_processor_kwargs {name}['longest_edge']={edge!r} must be a positive int"
+        )
+    return edge
+
+
+def apply_kwargs(settings: ImageSettings, kwargs: dict) -> ImageSettings:
+    """`settings` updated by `mm_processor_kwargs` (HF's image-processor argument forms)."""
+    unknown = sorted(set(kwargs) - set(SUPPORTED_KWARGS))
+    if unknown:
+        raise ValueError(
+            f"unknown mm_processor_kwargs {unknown} for Idefics3 / SmolVLM; supported: "
+            "size={'longest_edge': int}, max_image_size={'longest_edge': int}, "
+            "do_image_splitting=bool, do_resize=bool"
+        )
+    changes: dict = {}
+    if "size" in kwargs:
+        changes["longest_edge"] = _edge(kwargs["size"], "size")
+    if "max_image_size" in kwargs:
+        changes["max_image_size"] = _edge(kwargs["max_image_size"], "max_image_size")
+    for key in ("do_image_splitting", "do_resize"):
+        if key in kwargs:
+            if not isinstance(kwargs[key], bool):
+                raise ValueError(f"mm_processor_kwargs {key}={kwargs[key]!r} must be True or False")
+            changes[key] = kwargs[key]
+    return replace(settings, **changes) if changes else settings
+
+
+def resolve_image_settings(raw: dict) -> ImageSettings:
+    """Class defaults < the checkpoint's image-processor config."""
+    for key in ("do_rescale", "do_normalize"):
+        if raw.get(key) is False:
+            raise ValueError(f"image processor config sets {key}=false; vlmx supports only true")
+    resample = raw.get("resample", _LANCZOS)
+    if resample not in (_LANCZOS, _BICUBIC):
+        raise ValueError(
+            f"image processor config has resample={resample}; vlmx supports 1 (LANCZOS) and "
+            "3 (BICUBIC)"
+        )
+    default = ImageSettings()
+    settings = ImageSettings(
+        do_resize=raw.get("do_resize", True) is not False,
+        do_image_splitting=raw.get("do_image_splitting", default.do_image_splitting),
+        resample=resample,
+        image_mean=tuple(raw.get("image_mean") or default.image_mean),
+        image_std=tuple(raw.get("image_std") or default.image_std),
+        rescale_factor=raw.get("rescale_factor") or default.rescale_factor,
+    )
+    file_kwargs = {k: raw[k] for k in ("size", "max_image_size") if raw.get(k)}
+    return apply_kwargs(settings, file_kwargs)
+
+
+def resized_size(height: int, width: int, longest_edge: int) -> tuple[int, int]:
+    """HF `get_resize_output_image_size`: longest edge -> `longest_edge` (also upscaling), the
+    other side by the aspect ratio, rounded up to even; then capped at MAX_IMAGE_SIZE."""
+    aspect = width / height
+    if width >= height:
+        width = longest_edge
+        height = int(width / aspect)
+        height += height % 2
+    else:
+        height = longest_edge
+        width = int(height * aspect)
+        width += width % 2
+    height, width = max(height, 1), max(width, 1)
+    aspect = width / height
+    if width >= height and width > MAX_IMAGE_SIZE:
+        width = MAX_IMAGE_SIZE
+        height = int(width / aspect)
+    elif height > width and height > MAX_IMAGE_SIZE:
+        height = MAX_IMAGE_SIZE
+        width = int(height * aspect)
+    return max(height, 1), max(width, 1)
+
+
+def tiled_size(height: int, width: int, tile: int) -> tuple[int, int]:
+    """HF `resize_for_vision_encoder`: both sides up to multiples of `tile`, the short one from
+    the long one by the aspect ratio."""
+    aspect = width / height
+    if width >= height:
+        width = math.ceil(width / tile) * tile
+        height = math.ceil(int(width / aspect) / tile) * tile
+    else:
+        height = math.ceil(height / tile) * tile
+        width = math.ceil(int(height * aspect) / tile) * tile
+    return height, width
+
+
+@dataclass(frozen=True, slots=True)
+class ImagePlan:
+    """What one image becomes: the sizes it is resized to and its grid of tiles."""
+
+    resized: tuple[int, int]  # after the longest-edge resize
+    tiled: tuple[int, int]  # after the resize to multiples of the tile (== resized if unused)
+    rows: int  # tiles per column (0: not split, one M x M frame)
+    cols: int
+
+
+def plan_image(height: int, width: int, s: ImageSettings) -> ImagePlan:
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image of {height}x{width} pixels is empty")
+    resized = resized_size(height, width, s.longest_edge) if s.do_resize else (height, width)
+    m = s.max_image_size
+    if not s.do_image_splitting:
+        return ImagePlan(resized, (m, m), 0, 0)
+    tiled = tiled_size(*resized, m)
+    if min(tiled) <= 0:
+        raise ValueError(
+            f"image of {height}x{width} pixels is too elongated to tile; crop or pad it first"
+        )
+    if tiled[0] > m or tiled[1] > m:
+        return ImagePlan(resized, tiled, tiled[0] // m, tiled[1] // m)
+    return ImagePlan(resized, tiled, 0, 0)
+
+
+def _lanczos(x: torch.Tensor) -> torch.Tensor:
+    """PIL's Lanczos-3 window, `sinc(x) * sinc(x / 3)` on [-3, 3), as torch's CPU kernel has it."""
+
+    def sinc(v: torch.Tensor) -> torch.Tensor:
+        return torch.where(v == 0, torch.ones_like(v), torch.sin(v * math.pi) / (v * math.pi))
+
+    return torch.where((x >= -3) & (x < 3), sinc(x) * sinc(x / 3), torch.zeros_like(x))
+
+
+@functools.lru_cache(maxsize=256)
+def _lanczos_taps(
+    in_size: int, out_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Fixed-point antialiased Lanczos taps of one axis, as torch's CPU uint8 kernel computes them
+    (`_compute_index_ranges_int16_weights` with a support of 3): source indexes [out, taps] int64,
+    int16-range weights [out, taps] int32 and their precision p in bits."""
+    scale = in_size / out_size
+    support = 3.0 * scale if scale >= 1.0 else 3.0
+    inv_scale = 1.0 / scale if scale >= 1.0 else 1.0
+    num_taps = math.ceil(support) * 2 + 1
+    center = scale * (torch.arange(out_size, dtype=torch.float64) + 0.5)  # [out]
+    first = (center - support + 0.5).trunc().clamp(min=0)  # [out]
+    width = ((center + support + 0.5).trunc().clamp(max=in_size) - first).clamp(0, num_taps)
+    tap = torch.arange(num_taps, dtype=torch.float64)  # [taps]
+    weights = _lanczos((tap + first[:, None] - center[:, None] + 0.5) * inv_scale)
+    weights = torch.where(tap < width[:, None], weights, 0.0)  # [out, taps] float64
+    total = torch.zeros(out_size, dtype=torch.float64)
+    for j in range(num_taps):  # NOTE: summed in tap order, as the C++ loop does, for equal bits
+        total = total + weights[:, j]
+    weights = torch.where(total[:, None] != 0, weights / total[:, None], weights)
+    wt_max = weights.max().item()
+    precision = 0
+    while precision < 22 and int(0.5 + wt_max * (1 << (precision + 1))) < (1 << 15):
+        precision += 1
+    scaled = weights * (1 << precision)
+    fixed = torch.where(scaled < 0, (scaled - 0.5).trunc(), (scaled + 0.5).trunc())
+    index = (first[:, None] + tap).clamp(max=in_size - 1).long()  # [out, taps]
+    return index.to(device), fixed.to(device, torch.int32), precision
+
+
+def _lanczos_axis(x: torch.Tensor, dim: int, out_size: int) -> torch.Tensor:
+    """One fixed-point pass along `dim` of an int32 [B, C, H, W] tensor holding 0..255."""
+    index, weights, precision = _lanczos_taps(x.shape[dim], out_size, x.device)
+    shape = [1, 1, 1, 1]
+    shape[dim] = out_size
+    acc = torch.full((), 1 << (precision - 1), dtype=torch.int32, device=x.device)
+    for j in range(index.shape[1]):
+        acc = acc + x.index_select(dim, index[:, j]) * weights[:, j].view(shape)
+    return acc.bitwise_right_shift_(precision).clamp_(0, 255)
+
+
+def resize_uint8_lanczos(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """uint8 [B, C, H, W] -> [B, C, height, width], on any device equal to
+    `tvF.resize(images, [height, width], LANCZOS, antialias=True)` on the CPU."""
+    if images.device.type == "cpu":
+        return torch.nn.functional.interpolate(
+            images, size=[height, width], mode="lanczos", antialias=True, align_corners=False
+        )
+    x = images.to(torch.int32)
+    if width != x.shape[-1]:
+        x = _lanczos_axis(x, 3, width)
+    if height != x.shape[-2]:
+        x = _lanczos_axis(x, 2, height)
+    return x.to(torch.uint8)
+
+
+class Idefics3Processor:
+    """The processor of Idefics3 and SmolVLM (see `vlmx.models.interface`).
+
+    A prompt holds one `<image>` per image (the form vLLM's example and `llm.chat` write), or
+    the full layout already (ids from HF's processor); each becomes the layout drawn above.
+    """
+
+    # How a user makes this family's images cost fewer tokens (quoted in error messages).
+    shrink_images_hint = "mm_processor_kwargs={'size': {'longest_edge': ...}}"
+
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        device: torch.device,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+    ) -> None:
+        hf_config = model_config.hf_config
+        self.device = torch.device(device)
+        self.dtype = model_config.dtype
+        raw, processor = read_processor_files(model_config.model_path)
+        self.settings = apply_kwargs(
+            resolve_image_settings(raw), model_config.mm_processor_kwargs or {}
+        )
+        vision = hf_config.vision_config
+        self.patch_size: int = vision.patch_size
+        self.scale_factor: int = hf_config.scale_factor
+        model_seq_len = (vision.image_size // vision.patch_size) ** 2 // self.scale_factor**2
+        self.image_seq_len: int = processor.get("image_seq_len", model_seq_len)
+        if self.image_seq_len != model_seq_len:
+            raise ValueError(
+                f"processor config image_seq_len={self.image_seq_len} does not match the model's "
+                f"{model_seq_len} ((image_size / patch_size)**2 / scale_factor**2)"
+            )
+        self._check_tile(self.settings)
+
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_config.tokenizer_path, trust_remote_code=model_config.trust_remote_code
+        )
+        self.image_token_id: int = hf_config.image_token_id
+        self.fake_token_id = self._special_id(tokenizer, "<fake_token_around_image>")
+        self.global_token_id = self._special_id(tokenizer, "<global-img>")
+        video = tokenizer.convert_tokens_to_ids("<video>")
+        self.video_token_id = None if video in (None, tokenizer.unk_token_id) else video
+        # NOTE: every piece between two special tokens is tokenized on its own, as HF does.
+        self._newline = tokenizer.encode("\n", add_special_tokens=False)
+        self._double_newline = tokenizer.encode("\n\n", add_special_tokens=False)
+        self._tile_tags: dict[tuple[int, int], list[int]] = {}  # (row, col) -> ids of its tag
+        self._tokenizer = tokenizer
+        scale = 1.0 / self.settings.rescale_factor  # as HF's _fuse_mean_std_and_rescale_factor
+        self._mean = (torch.tensor(self.settings.image_mean) * scale).view(-1, 1, 1).to(self.device)
+        self._std = (torch.tensor(self.settings.image_std) * scale).view(-1, 1, 1).to(self.device)
+        self.cache = _ByteLRU(cache_bytes)
+
+    @staticmethod
+    def _special_id(tokenizer, token: str) -> int:
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == tokenizer.unk_token_id:
+            raise ValueError(f"the tokenizer has no {token} token; is this an Idefics3 checkpoint?")
+        return token_id
+
+    def _check_tile(self, s: ImageSettings) -> None:
+        side = s.max_image_size // self.patch_size
+        if s.max_image_size % self.patch_size or side**2 // self.scale_factor**2 != (
+            self.image_seq_len
+        ):
+            raise ValueError(
+                f"max_image_size={{'longest_edge': {s.max_image_size}}} gives tiles of "
+                f"{side}x{side} patches, but the model takes {self.image_seq_len} tokens per tile "
+                f"({self.scale_factor}x pixel shuffle); leave max_image_size at the checkpoint's "
+                "value"
+            )
+
+    def image_settings(self, mm_processor_kwargs: dict) -> ImageSettings:
+        """The engine-wide settings, updated by one prompt's `mm_processor_kwargs`."""
+        s = apply_kwargs(self.settings, mm_processor_kwargs or {})
+        self._check_tile(s)
+        return s
+
+    def layout_ids(self, rows: int, cols: int) -> list[int]:
+        """Token ids of one image's placeholder layout (see the module docstring)."""
+        frame = [self.image_token_id] * self.image_seq_len
+        ids: list[int] = []
+        for r in range(1, rows + 1):
+            for c in range(1, cols + 1):
+                tag = self._tile_tags.get((r, c))
+                if tag is None:  # one special token up to row / column 6, plain text past it
+                    tag = self._tokenizer.encode(f"<row_{r}_col_{c}>", add_special_tokens=False)
+                    self._tile_tags[(r, c)] = tag
+                ids += [self.fake_token_id, *tag, *frame]
+            ids += self._newline if r < rows else self._double_newline
+        return ids + [self.fake_token_id, self.global_token_id, *frame, self.fake_token_id]
+
+    def preprocess(self, images: list[torch.Tensor], s: ImageSettings) -> list[torch.Tensor]:
+        """uint8 [3, H, W] images -> per image pixel_values [num_frames, 3, M, M] (model dtype,
+        on the device): tiles row-major, then the global view. No cache. Images of one input
+        size are resized and normalized as one batch."""
+        resize = resize_uint8_lanczos if s.resample == _LANCZOS else resize_uint8_bicubic_aa
+        m = s.max_image_size
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, image in enumerate(images):
+            groups.setdefault(tuple(image.shape[-2:]), []).append(i)
+        out: list[torch.Tensor] = [None] * len(images)  # type: ignore[list-item]
+        for (height, width), idxs in groups.items():
+            plan = plan_image(height, width, s)
+            x = torch.stack([images[i].to(self.device) for i in idxs])  # [B, 3, H, W] uint8
+            if plan.resized != (height, width):
+                x = resize(x, *plan.resized)
+            if plan.tiled != plan.resized:
+                x = resize(x, *plan.tiled)  # [B, 3, h2, w2] uint8
+            if plan.rows:
+                b = x.shape[0]
+                tiles = x.reshape(b, 3, plan.rows, m, plan.cols, m).permute(0, 2, 4, 1, 3, 5)
+                tiles = tiles.reshape(b, plan.rows * plan.cols, 3, m, m)
+                whole = resize(x, m, m)[:, None]  # [B, 1, 3, M, M]
+                x = torch.cat([tiles, whole], dim=1)  # [B, rows * cols + 1, 3, M, M]
+            else:
+                x = x[:, None]  # [B, 1, 3, M, M]
+            pixels = (x.to(torch.float32) - self._mean).div_(self._std).to(self.dtype)
+            for j, i in enumerate(idxs):
+                out[i] = pixels[j]
+        return out
+
+    def process(
+        self,
+        prompt_token_ids: list[int],
+        images: list[torch.Tensor],
+        mm_processor_kwargs: dict,
+    ) -> ProcessedPrompt:
+        for image in images:
+            if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
+                raise ValueError(
+                    f"images must be uint8 [3, H, W] tensors, got {image.dtype} {list(image.shape)}"
+                )
+        if self.video_token_id is not None and self.video_token_id in prompt_token_ids:
+            raise ValueError("prompt holds video placeholders (<video>); vlmx takes images only")
+        s = self.image_settings(mm_processor_kwargs)
+        num_placeholders = self._count_placeholders(prompt_token_ids)
+        if num_placeholders != len(images):
+            raise ValueError(
+                f"prompt has {num_placeholders} image placeholders (<image>) but {len(images)} "
+                f"images were given; put one <image> in the prompt per image (llm.chat writes "
+                f"them for you)"
+            )
+        plans = [plan_image(*image.shape[-2:], s) for image in images]
+        mm_hashes = [hash_with_settings(hash_image(image), s.kwargs()) for image in images]
+        pixel_values = self._cached_preprocess(images, mm_hashes, s)
+
+        token_ids: list[int] = []
+        features: list[MMFeature] = []
+        cursor = 0
+        for image_idx, (plan, mm_hash, pixels) in enumerate(zip(plans, mm_hashes, pixel_values)):
+            layout = self.layout_ids(plan.rows, plan.cols)
+            start = prompt_token_ids.index(self.image_token_id, cursor)
+            if self._in_layout(prompt_token_ids, start):  # already expanded (e.g. HF's ids)
+                begin = start - layout.index(self.image_token_id)
+                if begin < cursor or prompt_token_ids[begin : begin + len(layout)] != layout:
+                    raise ValueError(
+                        f"image {image_idx}: the prompt holds an expanded image layout that does "
+                        f"not match this image at these settings ({plan.rows}x{plan.cols} tiles "
+                        f"of {self.image_seq_len} tokens + a global view); pass one <image> per "
+                        "image and let vlmx expand it"
+                    )
+                token_ids += prompt_token_ids[cursor:begin]
+                cursor = begin + len(layout)
+            else:  # one <image> per image
+                token_ids += prompt_token_ids[cursor:start]
+                cursor = start + 1
+            placeholder = PlaceholderRange(offset=len(token_ids), length=len(layout))
+            token_ids += layout
+            data = {
+                "pixel_values": pixels,  # [num_frames, 3, M, M]
+                "layout_ids": torch.tensor(layout, dtype=torch.int64),  # [len(layout)] CPU
+            }
+            features.append(MMFeature(mm_hash=mm_hash, placeholder=placeholder, data=data))
+        token_ids += prompt_token_ids[cursor:]
+        return ProcessedPrompt(prompt_token_ids=token_ids, mm_features=features)
+
+    def _in_layout(self, ids: list[int], idx: int) -> bool:
+        """Whether the <image> at `idx` opens a frame of an expanded layout: a run of exactly
+        image_seq_len <image> tokens shortly after a `<fake_token_around_image>` (tile tags past
+        row / column 6 are several plain tokens, hence the short look-back)."""
+        if idx and ids[idx - 1] == self.image_token_id:
+            return False
+        end = idx + self.image_seq_len
+        if ids[idx:end] != [self.image_token_id] * self.image_seq_len or (
+            end < len(ids) and ids[end] == self.image_token_id
+        ):
+            return False
+        for token in reversed(ids[max(0, idx - 16) : idx]):
+            if token == self.fake_token_id:
+                return True
+            if token == self.image_token_id:
+                return False
+        return False
+
+    def _count_placeholders(self, ids: list[int]) -> int:
+        """Lone-form <image> tokens (adjacent ones count one each, as in HF's text) plus expanded
+        layouts (one `<global-img>` frame each)."""
+        count = 0
+        i = 0
+        while i < len(ids):
+            if ids[i] != self.image_token_id:
+                i += 1
+            elif self._in_layout(ids, i):
+                count += ids[i - 1] == self.global_token_id
+                i += self.image_seq_len
+            else:
+                count += 1
+                i += 1
+        return count
+
+    def _cached_preprocess(
+        self, images: list[torch.Tensor], mm_hashes: list[str], s: ImageSettings
+    ) -> list[torch.Tensor]:
+        """pixel_values per image; only images whose hash is in no cache entry are computed."""
+        found = {h: entry[0] for h in mm_hashes if (entry := self.cache.get(h)) is not None}
+        missing = {h: image for h, image in zip(mm_hashes, images, strict=True) if h not in found}
+        if missing:
+            computed = self.preprocess(list(missing.values()), s)
+            for mm_hash, pixels in zip(missing, computed, strict=True):
+                found[mm_hash] = pixels
+                self.cache.put(mm_hash, (pixels,))
+        return [found[h] for h in mm_hashes]

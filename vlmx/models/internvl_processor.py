@@ -1,0 +1,413 @@
+"""InternVL (transformers-native checkpoints) processor: dynamic tiling on the model's device.
+
+Matches transformers 5.24 `InternVLProcessor` with its default image processor
+`GotOcr2ImageProcessor` (torchvision backend), op for op:
+
+```
+uint8 [3, H, W]
+  --grid (cols, rows): the closest aspect ratio with min_patches <= cols * rows <= max_patches
+  --resize(bicubic, antialias, on uint8) to [rows * S, cols * S], cut into S x S tiles, row-major
+  --plus a thumbnail (the whole image resized to S x S) when there is more than one tile
+  --(x - mean * 255) / (std * 255) in float32--> pixel_values [num_tiles, 3, S, S]
+```
+
+`InternVLProcessor` passes `crop_to_patches=True` to the image processor (whatever the image
+processor's own config says); `min_patches` / `max_patches` come from the image processor config
+unless the call overrides them. Each image becomes `image_seq_length * num_tiles` embeddings.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+
+import torch
+
+from vlmx.config import ModelConfig
+from vlmx.models.qwen2_vl_processor import resize_uint8_bicubic_aa
+from vlmx.multimodal.hashing import hash_image, hash_with_settings
+from vlmx.multimodal.inputs import MMFeature, PlaceholderRange, ProcessedPrompt
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CACHE_BYTES = 512 * 1024**2
+# mm_processor_kwargs: vLLM's names and HF's, each pair meaning the same thing.
+KWARG_ALIASES = {
+    "max_dynamic_patch": "max_patches",
+    "max_patches": "max_patches",
+    "min_dynamic_patch": "min_patches",
+    "min_patches": "min_patches",
+    "dynamic_image_size": "crop_to_patches",
+    "crop_to_patches": "crop_to_patches",
+}
+_BICUBIC = 3  # PIL's resampling id, as configs store it
+
+
+@dataclass(frozen=True, slots=True)
+class TileSettings:
+    """Image-processor settings; the defaults are `GotOcr2ImageProcessor`'s class defaults."""
+
+    tile_size: int = 384
+    crop_to_patches: bool = True  # InternVLProcessor's images_kwargs default
+    min_patches: int = 1
+    max_patches: int = 12
+    image_mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)  # OPENAI_CLIP_MEAN
+    image_std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)  # OPENAI_CLIP_STD
+    rescale_factor: float = 1 / 255
+
+
+def read_processor_files(model_path: str) -> tuple[dict, dict]:
+    """(image processor dict, processor dict) of a checkpoint, found as transformers finds them.
+
+    `processor_config.json` (transformers 5 `save_pretrained`) nests the image processor under
+    "image_processor"; published checkpoints have a flat `preprocessor_config.json` instead.
+    """
+    processor: dict = {}
+    nested = os.path.join(model_path, "processor_config.json")
+    if os.path.isfile(nested):
+        with open(nested) as f:
+            processor = json.load(f)
+        if "image_processor" in processor:
+            return processor["image_processor"], processor
+    legacy = os.path.join(model_path, "preprocessor_config.json")
+    if os.path.isfile(legacy):
+        with open(legacy) as f:
+            return json.load(f), processor
+    logger.warning(
+        "%s has no processor_config.json or preprocessor_config.json; using "
+        "GotOcr2ImageProcessor's defaults",
+        model_path,
+    )
+    return {}, processor
+
+
+def _first(*values):
+    return next((v for v in values if v is not None), None)
+
+
+def normalize_kwargs(kwargs: dict) -> dict:
+    """mm_processor_kwargs -> {crop_to_patches, min_patches, max_patches} (HF names), checked."""
+    unknown = sorted(set(kwargs) - set(KWARG_ALIASES))
+    if unknown:
+        raise ValueError(
+            f"unknown mm_processor_kwargs {unknown} for InternVL; supported: "
+            f"{', '.join(KWARG_ALIASES)} (max_dynamic_patch = max_patches, min_dynamic_patch = "
+            "min_patches, dynamic_image_size = crop_to_patches)"
+        )
+    out: dict = {}
+    for key, value in kwargs.items():
+        name = KWARG_ALIASES[key]
+        if name == "crop_to_patches":
+            if not isinstance(value, bool):
+                raise ValueError(f"mm_processor_kwargs {key}={value!r} must be True or False")
+        elif isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"mm_processor_kwargs {key}={value!r} must be a positive int")
+        if name in out and out[name] != value:
+            raise ValueError(
+                f"mm_processor_kwargs give {name} twice with different values ({key}={value!r} "
+                f"and {out[name]!r}); pass one of its names"
+            )
+        out[name] = value
+    return out
+
+
+def resolve_tile_settings(raw: dict, engine_kwargs: dict) -> TileSettings:
+    """Defaults < image processor file < engine-wide `mm_processor_kwargs`."""
+    for key in ("do_resize", "do_rescale", "do_normalize"):
+        if raw.get(key) is False:
+            raise ValueError(f"image processor config sets {key}=false; vlmx supports only true")
+    if _first(raw.get("resample"), _BICUBIC) != _BICUBIC:
+        raise ValueError(f"image processor config has resample={raw['resample']}; vlmx supports 3")
+    default = TileSettings()
+    size = raw.get("size") or {}
+    height = _first(size.get("height"), default.tile_size)
+    width = _first(size.get("width"), default.tile_size)
+    if height != width:
+        raise ValueError(f"image processor size {size} is not square; InternVL tiles are square")
+    settings = TileSettings(
+        tile_size=int(height),
+        min_patches=int(_first(raw.get("min_patches"), default.min_patches)),
+        max_patches=int(_first(raw.get("max_patches"), default.max_patches)),
+        image_mean=tuple(_first(raw.get("image_mean"), default.image_mean)),
+        image_std=tuple(_first(raw.get("image_std"), default.image_std)),
+        rescale_factor=float(_first(raw.get("rescale_factor"), default.rescale_factor)),
+    )
+    return apply_kwargs(settings, engine_kwargs)
+
+
+def apply_kwargs(settings: TileSettings, kwargs: dict) -> TileSettings:
+    """`settings` updated by one set of mm_processor_kwargs, checked."""
+    merged = replace(settings, **normalize_kwargs(kwargs))
+    if merged.min_patches > merged.max_patches:
+        raise ValueError(
+            f"mm_processor_kwargs min_patches={merged.min_patches} is larger than "
+            f"max_patches={merged.max_patches}"
+        )
+    return merged
+
+
+@functools.lru_cache(maxsize=64)
+def _tile_arrangements(min_tiles: int, max_tiles: int) -> tuple[tuple[int, int], ...]:
+    """(cols, rows) with min_tiles <= cols * rows <= max_tiles, by tile count, stable
+    (HF `get_all_supported_aspect_ratios`)."""
+    grids = [
+        (cols, rows)
+        for cols in range(1, max_tiles + 1)
+        for rows in range(1, max_tiles + 1)
+        if min_tiles <= cols * rows <= max_tiles
+    ]
+    return tuple(sorted(grids, key=lambda g: g[0] * g[1]))
+
+
+def tile_grid(
+    height: int, width: int, tile: int, min_tiles: int, max_tiles: int
+) -> tuple[int, int]:
+    """(cols, rows) of the tile grid for an image (HF `get_optimal_tiled_canvas`): the closest
+    aspect ratio; on a tie, the later (larger) grid while the image covers more than half of it."""
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image of {height}x{width} pixels is empty")
+    aspect = width / height
+    area = width * height
+    best, best_diff = (1, 1), float("inf")
+    for cols, rows in _tile_arrangements(min_tiles, max_tiles):
+        diff = abs(aspect - cols / rows)
+        if diff < best_diff:
+            best, best_diff = (cols, rows), diff
+        elif diff == best_diff and area > 0.5 * tile * tile * cols * rows:
+            best = (cols, rows)
+    return best
+
+
+def num_tiles(height: int, width: int, s: TileSettings) -> int:
+    """Tiles an image becomes: the grid, plus a thumbnail when the grid has more than one."""
+    if not s.crop_to_patches:
+        return 1
+    cols, rows = tile_grid(height, width, s.tile_size, s.min_patches, s.max_patches)
+    return cols * rows + (1 if cols * rows > 1 else 0)
+
+
+class _ByteLRU:
+    """pixel_values by mm_hash, least recently used out first, bounded by tensor bytes."""
+
+    def __init__(self, capacity_bytes: int) -> None:
+        self.capacity_bytes = capacity_bytes
+        self.num_bytes = 0
+        self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str) -> torch.Tensor | None:
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+        return entry
+
+    def put(self, key: str, entry: torch.Tensor) -> None:
+        size = entry.numel() * entry.element_size()
+        if key in self._entries or size > self.capacity_bytes:
+            return
+        while self.num_bytes + size > self.capacity_bytes:
+            _, old = self._entries.popitem(last=False)
+            self.num_bytes -= old.numel() * old.element_size()
+        self._entries[key] = entry
+        self.num_bytes += size
+
+
+class InternVLProcessor:
+    """The processor of InternVL's transformers-native checkpoints (`vlmx.models.interface`).
+
+    ```
+    prompt ids:  t t <IMG_CONTEXT> t                   one placeholder per image (chat template)
+    expanded:    t t <img> C C ... C </img> t          image_seq_length * num_tiles C's
+                            ^ PlaceholderRange: the C run only (HF scatters into those ids)
+    ```
+    A prompt that is already expanded (`<img>` + the exact run + `</img>`) is kept as it is.
+    """
+
+    # How a user makes this family's images cost fewer tokens (quoted in error messages).
+    shrink_images_hint = "mm_processor_kwargs={'max_dynamic_patch': ...}"
+
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        device: torch.device,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+    ) -> None:
+        hf_config = model_config.hf_config
+        self.device = torch.device(device)
+        self.dtype = model_config.dtype
+        raw, processor = read_processor_files(model_config.model_path)
+        self.settings = resolve_tile_settings(raw, model_config.mm_processor_kwargs or {})
+        vision = hf_config.vision_config
+        image_size = vision.image_size
+        image_size = image_size[0] if isinstance(image_size, (list, tuple)) else image_size
+        patch = vision.patch_size
+        patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+        if self.settings.tile_size != image_size:
+            raise ValueError(
+                f"image processor tiles of {self.settings.tile_size} px do not match the vision "
+                f"tower's image_size {image_size}; fix the checkpoint's processor config"
+            )
+        scale = int(round(1 / hf_config.downsample_ratio))
+        tokens_per_tile = (image_size // patch // scale) ** 2
+        self.image_seq_length = int(
+            _first(processor.get("image_seq_length"), getattr(hf_config, "image_seq_length", None))
+            or tokens_per_tile
+        )
+        if self.image_seq_length != tokens_per_tile:
+            raise ValueError(
+                f"image_seq_length {self.image_seq_length} does not match the model's "
+                f"{tokens_per_tile} tokens per tile ((image_size / patch_size * "
+                f"downsample_ratio) ** 2); fix the checkpoint's processor config"
+            )
+        self.image_token_id: int = hf_config.image_token_id
+        self.start_token_id, self.end_token_id, self.video_token_id = self._named_token_ids(
+            model_config
+        )
+        # NOTE: same ops as HF's _fuse_mean_std_and_rescale_factor, so the float32 constants agree.
+        s = self.settings
+        inv = 1.0 / s.rescale_factor
+        self._mean = (torch.tensor(s.image_mean) * inv).view(-1, 1, 1).to(self.device)  # [3,1,1]
+        self._std = (torch.tensor(s.image_std) * inv).view(-1, 1, 1).to(self.device)  # [3,1,1]
+        self.cache = _ByteLRU(cache_bytes)
+
+    def _named_token_ids(self, model_config: ModelConfig) -> tuple[int, int, int | None]:
+        """Ids of <img>, </img> and <video>, read from the tokenizer as HF's processor does."""
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_config.tokenizer_path or model_config.model_path,
+            trust_remote_code=model_config.trust_remote_code,
+        )
+        vocab = tokenizer.get_vocab()
+        start = getattr(tokenizer, "start_image_token", None) or "<img>"
+        end = getattr(tokenizer, "end_image_token", None) or "</img>"
+        video = getattr(tokenizer, "video_token", None) or "<video>"
+        context = getattr(tokenizer, "context_image_token", None) or "<IMG_CONTEXT>"
+        if vocab.get(context) != self.image_token_id:
+            raise ValueError(
+                f"the tokenizer's image token {context!r} has id {vocab.get(context)} but the "
+                f"config's image_token_id is {self.image_token_id}"
+            )
+        if start not in vocab or end not in vocab:
+            raise ValueError(f"the tokenizer lacks the image tokens {start!r} / {end!r}")
+        return vocab[start], vocab[end], vocab.get(video)
+
+    def tile_settings(self, mm_processor_kwargs: dict) -> TileSettings:
+        """Settings for one prompt: the engine-wide ones, updated by its kwargs."""
+        return apply_kwargs(self.settings, mm_processor_kwargs or {})
+
+    def num_image_tokens(self, height: int, width: int, mm_processor_kwargs: dict) -> int:
+        """Embeddings (<IMG_CONTEXT> tokens) an image of `height` x `width` pixels becomes."""
+        return self.image_seq_length * num_tiles(
+            height, width, self.tile_settings(mm_processor_kwargs)
+        )
+
+    def preprocess(self, images: list[torch.Tensor], s: TileSettings) -> list[torch.Tensor]:
+        """uint8 [3, H, W] images -> per image pixel_values [num_tiles, 3, S, S] (model dtype, on
+        the device), no cache. Images that share (size, grid) are tiled in one batch."""
+        tile = s.tile_size
+        groups: dict[tuple[int, int, int, int], list[int]] = {}
+        for i, image in enumerate(images):
+            height, width = image.shape[-2:]
+            grid = tile_grid(height, width, tile, s.min_patches, s.max_patches)
+            grid = grid if s.crop_to_patches else (1, 1)
+            groups.setdefault((height, width, *grid), []).append(i)
+        out: list[torch.Tensor] = [None] * len(images)  # type: ignore[list-item]
+        for (_, _, cols, rows), idxs in groups.items():
+            batch = torch.stack([images[i].to(self.device) for i in idxs])  # [B, 3, H, W] uint8
+            canvas = resize_uint8_bicubic_aa(batch, rows * tile, cols * tile)  # [B, 3, rS, cS]
+            tiles = canvas.reshape(len(idxs), 3, rows, tile, cols, tile).permute(0, 2, 4, 1, 3, 5)
+            tiles = tiles.reshape(len(idxs), rows * cols, 3, tile, tile)  # row-major tiles
+            if rows * cols > 1:
+                thumb = resize_uint8_bicubic_aa(batch, tile, tile)  # [B, 3, S, S]
+                tiles = torch.cat([tiles, thumb[:, None]], dim=1)
+            pixels = (tiles.to(torch.float32) - self._mean).div_(self._std).to(self.dtype)
+            for j, i in enumerate(idxs):
+                out[i] = pixels[j]  # [num_tiles, 3, S, S]
+        return out
+
+    def process(
+        self,
+        prompt_token_ids: list[int],
+        images: list[torch.Tensor],
+        mm_processor_kwargs: dict,
+    ) -> ProcessedPrompt:
+        for image in images:
+            if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
+                raise ValueError(
+                    f"images must be uint8 [3, H, W] tensors, got {image.dtype} {list(image.shape)}"
+                )
+        if self.video_token_id is not None and self.video_token_id in prompt_token_ids:
+            raise ValueError("prompt holds video placeholders (<video>); vlmx takes images only")
+        s = self.tile_settings(mm_processor_kwargs)
+        runs = self._find_placeholder_runs(prompt_token_ids)
+        if len(runs) != len(images):
+            raise ValueError(
+                f"prompt has {len(runs)} image placeholders (<IMG_CONTEXT>) but {len(images)} "
+                f"images were given; put one <IMG_CONTEXT> in the prompt per image (the chat "
+                f"template writes it for an {{'type': 'image'}} part; llm.chat does it for you)"
+            )
+        settings = {"crop": s.crop_to_patches, "min": s.min_patches, "max": s.max_patches}
+        mm_hashes = [hash_with_settings(hash_image(image), settings) for image in images]
+        pixel_values = self._cached_preprocess(images, mm_hashes, s)
+
+        token_ids: list[int] = []
+        features: list[MMFeature] = []
+        cursor = 0  # next unread index of prompt_token_ids
+        for image_idx, ((start, end), mm_hash, pixels) in enumerate(
+            zip(runs, mm_hashes, pixel_values, strict=True)
+        ):
+            num_tokens = self.image_seq_length * pixels.shape[0]
+            expanded = (
+                end - start == num_tokens
+                and start > 0
+                and prompt_token_ids[start - 1] == self.start_token_id
+                and end < len(prompt_token_ids)
+                and prompt_token_ids[end] == self.end_token_id
+            )
+            if expanded:
+                token_ids += prompt_token_ids[cursor:start]
+            elif end - start == 1:
+                token_ids += prompt_token_ids[cursor:start] + [self.start_token_id]
+            else:
+                raise ValueError(
+                    f"image {image_idx} needs 1 placeholder token (<IMG_CONTEXT>) or exactly "
+                    f"{num_tokens} between <img> and </img>, but the prompt has a run of "
+                    f"{end - start}"
+                )
+            placeholder = PlaceholderRange(offset=len(token_ids), length=num_tokens)
+            token_ids += [self.image_token_id] * num_tokens
+            if not expanded:
+                token_ids.append(self.end_token_id)
+            features.append(
+                MMFeature(mm_hash=mm_hash, placeholder=placeholder, data={"pixel_values": pixels})
+            )
+            cursor = end
+        token_ids += prompt_token_ids[cursor:]
+        return ProcessedPrompt(prompt_token_ids=token_ids, mm_features=features)
+
+    def _cached_preprocess(
+        self, images: list[torch.Tensor], mm_hashes: list[str], s: TileSettings
+    ) -> list[torch.Tensor]:
+        """pixel_values per image; only images whose hash is in no cache entry are computed."""
+        found = {h: entry for h in mm_hashes if (entry := self.cache.get(h)) is not None}
+        missing = {h: image for h, image in zip(mm_hashes, images, strict=True) if h not in found}
+        if missing:
+            for mm_hash, entry in zip(missing, self.preprocess(list(missing.values()), s)):
+                found[mm_hash] = entry
+                self.cache.put(mm_hash, entry)
+        return [found[h] for h in mm_hashes]
+
+    def _find_placeholder_runs(self, prompt_token_ids: list[int]) -> list[tuple[int, int]]:
+        """(start, end) of each run of consecutive <IMG_CONTEXT> tokens in the prompt."""
+        is_image = torch.tensor(prompt_token_ids, dtype=torch.int64) == self.image_token_id  # [L]
+        edges = torch.nn.functional.pad(is_image.to(torch.int8), (1, 1)).diff()  # [L + 1]
+        starts = (edges == 1).nonzero().flatten().tolist()
+        ends = (edges == -1).nonzero().flatten().tolist()
+        return list(zip(starts, ends, strict=True))

@@ -1,0 +1,309 @@
+"""Pixtral (Llava with a Pixtral vision tower) and Mistral 3: Pixtral ViT -> projector -> Mistral.
+
+HF references (transformers 5.24): `LlavaForConditionalGeneration` with a `PixtralVisionConfig`
+(e.g. mistral-community/pixtral-12b) and `Mistral3ForConditionalGeneration` (e.g.
+mistralai/Mistral-Small-3.1-24B-Instruct-2503). Both share the vision tower
+(`layers/pixtral_vision.py`), the processor (`pixtral_processor.py`) and a Mistral decoder
+(`layers/decoder.py`, Llama-style, no biases). They differ in the projector:
+
+```
+Llava:     hidden_states[vision_feature_layer(s)] (concatenated)  [N, D * L]
+           -> linear_1 -> act -> linear_2                          [N, hidden]
+Mistral 3: hidden_states[vision_feature_layer]                    [N, D]
+           -> RMSNorm -> patch merger (each m x m block of patches concatenated, then
+              merging_layer)                                       [N / m^2, D]
+           -> linear_1 -> act -> linear_2                          [N / m^2, hidden]
+```
+
+Weight names accepted (both map onto this module's `vision_tower.*`, `multi_modal_projector.*`,
+`language_model.*`, `lm_head.*`):
+
+```
+transformers 5:  model.vision_tower.*  model.multi_modal_projector.*  model.language_model.*
+                 lm_head.*
+hub checkpoints: vision_tower.*        multi_modal_projector.*        language_model.model.*
+                 language_model.lm_head.*
+```
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig
+
+from vlmx.layers.activation import get_act_fn
+from vlmx.layers.attention import AttentionMetadata
+from vlmx.layers.decoder import DecoderConfig, DecoderModel, load_weights_into
+from vlmx.layers.norm import RMSNorm
+from vlmx.layers.pixtral_vision import Grid2D, PixtralVisionTower
+from vlmx.models.loader import text_config
+from vlmx.models.pixtral_processor import PixtralProcessor, check_pixtral_vision
+from vlmx.multimodal.inputs import MMFeature
+
+__all__ = [
+    "LlavaPixtralForConditionalGeneration",
+    "Mistral3ForConditionalGeneration",
+    "PixtralProcessor",
+]
+
+# checkpoint prefix -> module prefix, first match wins
+_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("model.language_model.", "language_model."),
+    ("model.vision_tower.", "vision_tower."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("language_model.model.", "language_model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("vision_tower.", "vision_tower."),
+    ("multi_modal_projector.", "multi_modal_projector."),
+    ("lm_head.", "lm_head."),
+)
+
+
+class ProjectorMLP(nn.Module):
+    """`linear_2(act(linear_1(x)))`: HF `LlavaMultiModalProjector`, and the tail of
+    `Mistral3MultiModalProjector`. x: [N, in_dim] -> [N, hidden]"""
+
+    def __init__(self, in_dim: int, hidden: int, act: str, bias: bool) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, hidden, bias=bias)
+        self.linear_2 = nn.Linear(hidden, hidden, bias=bias)
+        self.act = get_act_fn(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class Mistral3PatchMerger(nn.Module):
+    """Matches HF `Mistral3PatchMerger`: per image, each `m x m` block of its patch grid is
+    concatenated in `F.unfold`'s order (channel-major: feature `c * m * m + i * m + j` holds
+    channel c of the block's patch (i, j)), blocks row-major, then `merging_layer`.
+    [N, D] + grids -> [N / m^2, D]
+    """
+
+    def __init__(self, dim: int, merge_size: int) -> None:
+        super().__init__()
+        self.merge_size = merge_size
+        self.merging_layer = nn.Linear(dim * merge_size**2, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, grids: list[Grid2D]) -> torch.Tensor:
+        m, d = self.merge_size, x.shape[-1]
+        blocks = []
+        for image, (rows, cols) in zip(x.split([r * c for r, c in grids]), grids, strict=True):
+            grid = image.view(rows // m, m, cols // m, m, d).permute(0, 2, 4, 1, 3)
+            blocks.append(grid.reshape(-1, d * m * m))  # [rows * cols / m^2, D * m^2]
+        return self.merging_layer(torch.cat(blocks))
+
+
+class Mistral3Projector(nn.Module):
+    """Matches HF `Mistral3MultiModalProjector`: norm -> patch merger -> linear-act-linear."""
+
+    def __init__(self, hf_config: PretrainedConfig) -> None:
+        super().__init__()
+        dim = hf_config.vision_config.hidden_size
+        tc = text_config(hf_config)
+        self.norm = RMSNorm(dim, tc.rms_norm_eps)
+        self.patch_merger = Mistral3PatchMerger(dim, hf_config.spatial_merge_size)
+        self.linear_1 = nn.Linear(dim, tc.hidden_size, bias=hf_config.multimodal_projector_bias)
+        self.linear_2 = nn.Linear(
+            tc.hidden_size, tc.hidden_size, bias=hf_config.multimodal_projector_bias
+        )
+        self.act = get_act_fn(hf_config.projector_hidden_act)
+
+    def forward(self, x: torch.Tensor, grids: list[Grid2D]) -> torch.Tensor:
+        x = self.patch_merger(self.norm(x), grids)
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class _PixtralVLM(nn.Module):
+    """What both families share: vision tower, Mistral decoder, image-block layout, loading.
+
+    `encode_images` reads per image `data["pixel_values"]` ([(h / p) * (w / p), 3 * p * p],
+    row-major patches) and `data["image_size"]` ([2] int64 resized (h, w), on the CPU). It returns
+    one row per token of the image's block, whose ids are `data["token_ids"]` ([num_embeds]
+    int64, CPU; see `pixtral_processor`): the image features at the [IMG] rows, the token
+    embeddings of [IMG_BREAK] / [IMG_END] at theirs, so the runner copies the block as one span.
+    """
+
+    uses_mrope = False
+    chunk_images = True  # causal attention over image tokens: a chunk may end inside one
+    merge_size = 1
+
+    def __init__(self, hf_config: PretrainedConfig) -> None:
+        super().__init__()
+        check_pixtral_vision(hf_config)
+        self.hf_config = hf_config
+        tc = text_config(hf_config)
+        window = getattr(tc, "sliding_window", None)
+        if window is not None:
+            raise ValueError(
+                f"text_config.sliding_window={window}: vlmx's decoder has no sliding-window "
+                "attention; Pixtral and Mistral 3 checkpoints set it to null"
+            )
+        layers = hf_config.vision_feature_layer
+        self.feature_layers = [layers] if isinstance(layers, int) else list(layers)
+        # NOTE: HF ties lm_head to the embeddings only when the checkpoint has no lm_head of its
+        # own (Mistral3Config defaults to tie_word_embeddings=True, yet Mistral-Small-3.1 ships an
+        # lm_head); `load_weights` unties when one comes.
+        self.config = DecoderConfig.from_hf(
+            tc,
+            qkv_bias=False,
+            o_bias=False,
+            tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+        )
+        self.num_layers = self.config.num_layers
+        self.num_kv_heads = self.config.num_kv_heads
+        self.head_dim = self.config.head_dim
+        self.image_token_id = hf_config.image_token_id
+        self.vision_tower = PixtralVisionTower(hf_config.vision_config)
+        self.vision_tower.resolve_layers(self.feature_layers)  # raises if out of range
+        self.multi_modal_projector = self.build_projector(hf_config)
+        self.language_model = DecoderModel(self.config)
+        self.lm_head = (
+            None
+            if self.config.tie_word_embeddings
+            else nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=False)
+        )
+
+    def build_projector(self, hf_config: PretrainedConfig) -> nn.Module:
+        raise NotImplementedError
+
+    def project(self, states: list[torch.Tensor], grids: list[Grid2D]) -> torch.Tensor:
+        """Selected hidden states of the tower ([N, D] each) -> [num_image_tokens, hidden]."""
+        raise NotImplementedError
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.language_model.embed_tokens(input_ids)
+
+    def encode_images(self, features: list[MMFeature]) -> list[torch.Tensor]:
+        """All images through the tower and projector in one call; one block per image."""
+        if not features:
+            return []
+        p, m = self.vision_tower.patch_size, self.merge_size
+        sizes = torch.stack([f.data["image_size"].reshape(2) for f in features]).tolist()
+        grids: list[Grid2D] = [(h // p, w // p) for h, w in sizes]
+        weight = self.language_model.embed_tokens.weight
+        pixel_values = torch.cat([f.data["pixel_values"] for f in features])
+        pixel_values = pixel_values.to(device=weight.device, dtype=weight.dtype)
+        num_patches = sum(r * c for r, c in grids)
+        if pixel_values.shape[0] != num_patches:
+            raise ValueError(
+                f"pixel_values hold {pixel_values.shape[0]} patches but image sizes {sizes} "
+                f"describe {num_patches}"
+            )
+        for feature, (rows, cols) in zip(features, grids):
+            token_ids = feature.data["token_ids"]  # [num_embeds] CPU
+            num_image_tokens = int((token_ids == self.image_token_id).sum())
+            expected = (rows // m) * (cols // m)
+            if token_ids.numel() != feature.num_embeds or num_image_tokens != expected:
+                raise ValueError(
+                    f"image {feature.mm_hash!r}: its block of {feature.num_embeds} tokens holds "
+                    f"{num_image_tokens} image tokens, but its {rows}x{cols} patch grid yields "
+                    f"{expected}"
+                )
+        states = self.vision_tower(pixel_values, grids, self.feature_layers)
+        image_embeds = self.project(states, grids)  # [sum(rows * cols), hidden]
+        block_ids = torch.cat([f.data["token_ids"] for f in features])  # [sum(num_embeds)]
+        block_ids = block_ids.to(weight.device, non_blocking=True)
+        blocks = self.embed_tokens(block_ids)  # [sum(num_embeds), hidden]: breaks and end
+        is_image = (block_ids == self.image_token_id).unsqueeze(-1)  # [sum(num_embeds), 1]
+        blocks = blocks.masked_scatter(is_image, image_embeds.to(blocks.dtype))
+        return list(blocks.split([f.num_embeds for f in features]))
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,  # [T, hidden]
+        positions: torch.Tensor,  # [T] int64
+        kv_caches: list[torch.Tensor],
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        return self.language_model(inputs_embeds, positions, kv_caches, attn_metadata)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        weight = (
+            self.language_model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        )
+        return F.linear(hidden_states, weight)  # [N, vocab]
+
+    def map_weight_name(self, name: str) -> str | None:
+        if name.endswith(".inv_freq"):  # rotary buffers some checkpoints carry
+            return None
+        for ckpt_prefix, prefix in _PREFIXES:
+            if name.startswith(ckpt_prefix):
+                return prefix + name[len(ckpt_prefix) :]
+        return name  # unknown: reported as unexpected by load_weights_into
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        tied_head: list[torch.Tensor] = []
+
+        def stream() -> Iterator[tuple[str, torch.Tensor]]:
+            for name, tensor in weights:
+                if self.lm_head is None and self.map_weight_name(name) == "lm_head.weight":
+                    tied_head.append(tensor)  # decided after the embeddings are loaded
+                    continue
+                yield name, tensor
+
+        load_weights_into(self, stream(), self.map_weight_name)
+        if len(tied_head) > 1:
+            raise ValueError("weight 'lm_head.weight' appears twice in the checkpoint")
+        if not tied_head:
+            return
+        embed = self.language_model.embed_tokens.weight
+        if tied_head[0].shape != embed.shape:
+            raise ValueError(
+                f"weight 'lm_head.weight' has shape {tuple(tied_head[0].shape)}, expected "
+                f"{tuple(embed.shape)}"
+            )
+        head = tied_head[0].to(device=embed.device, dtype=embed.dtype)
+        if not torch.equal(head, embed):  # an lm_head of its own: untie, as HF does
+            self.lm_head = nn.Linear(
+                embed.shape[1], embed.shape[0], bias=False, device=embed.device, dtype=embed.dtype
+            )
+            with torch.no_grad():
+                self.lm_head.weight.copy_(head)
+
+
+class LlavaPixtralForConditionalGeneration(_PixtralVLM):
+    """The vlmx model interface for `LlavaForConditionalGeneration` with a Pixtral vision tower
+    (HF `LlavaModel` + `LlavaMultiModalProjector`; vision_feature_select_strategy "full")."""
+
+    def build_projector(self, hf_config: PretrainedConfig) -> nn.Module:
+        strategy = getattr(hf_config, "vision_feature_select_strategy", "full")
+        if strategy != "full":
+            raise ValueError(
+                f"vision_feature_select_strategy={strategy!r}: a Pixtral tower has no CLS token "
+                "to drop, so Pixtral checkpoints use 'full'; vlmx supports only 'full'"
+            )
+        dim = hf_config.vision_config.hidden_size * len(self.feature_layers)
+        return ProjectorMLP(
+            dim,
+            text_config(hf_config).hidden_size,
+            hf_config.projector_hidden_act,
+            bias=hf_config.multimodal_projector_bias,
+        )
+
+    def project(self, states: list[torch.Tensor], grids: list[Grid2D]) -> torch.Tensor:
+        return self.multi_modal_projector(torch.cat(states, dim=-1))
+
+
+class Mistral3ForConditionalGeneration(_PixtralVLM):
+    """The vlmx model interface for `Mistral3ForConditionalGeneration` (HF `Mistral3Model` +
+    `Mistral3MultiModalProjector`)."""
+
+    def __init__(self, hf_config: PretrainedConfig) -> None:
+        super().__init__(hf_config)
+        self.merge_size = hf_config.spatial_merge_size
+
+    def build_projector(self, hf_config: PretrainedConfig) -> nn.Module:
+        if len(self.feature_layers) != 1:
+            raise ValueError(
+                f"vision_feature_layer={hf_config.vision_feature_layer}: Mistral 3's projector "
+                "normalises and merges one hidden state; vlmx supports a single int"
+            )
+        return Mistral3Projector(hf_config)
+
+    def project(self, states: list[torch.Tensor], grids: list[Grid2D]) -> torch.Tensor:
+        return self.multi_modal_projector(states[0], grids)

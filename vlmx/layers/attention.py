@@ -113,10 +113,16 @@ def paged_attention_torch(
         return _masked_paged_attention(query, kv_cache, metadata, scale, sliding_window)
     out = torch.empty_like(query)
     starts = metadata.query_start_loc_cpu
+    decode = [i for i in range(metadata.num_seqs) if starts[i + 1] - starts[i] == 1]
+    if len(decode) > 1:
+        _batched_decode(query, kv_cache, metadata, scale, decode, out)
+        decode_set = set(decode)
+    else:
+        decode_set = set()
     for i, seq_len in enumerate(metadata.seq_lens_cpu):
         q_start, q_end = starts[i], starts[i + 1]
         num_queries = q_end - q_start
-        if num_queries == 0:
+        if num_queries == 0 or i in decode_set:
             continue
         key, value = _gather_kv(kv_cache, metadata.block_tables[i], seq_len)
         mask = None
@@ -135,6 +141,35 @@ def paged_attention_torch(
         )
         out[q_start:q_end] = o.transpose(0, 1)
     return out
+
+
+def _batched_decode(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+    seqs: list[int],
+    out: torch.Tensor,
+) -> None:
+    """One query per sequence for `seqs`: their keys gathered into one padded batch, one SDPA."""
+    block_size, num_kv_heads, head_dim = kv_cache.shape[2:]
+    rows = [metadata.query_start_loc_cpu[i] for i in seqs]
+    lens = [metadata.seq_lens_cpu[i] for i in seqs]
+    max_len = max(lens)
+    num_blocks = -(-max_len // block_size)
+    index = torch.tensor(seqs, device=query.device)
+    tables = metadata.block_tables[index, :num_blocks].long().clamp_min(0)  # [B, num_blocks]
+    shape = (len(seqs), num_blocks * block_size, num_kv_heads, head_dim)
+    key = kv_cache[0, tables].view(shape)[:, :max_len].transpose(1, 2)  # [B, kv_heads, L, D]
+    value = kv_cache[1, tables].view(shape)[:, :max_len].transpose(1, 2)
+    lens_t = torch.tensor(lens, device=query.device)
+    mask = torch.arange(max_len, device=query.device)[None, :] < lens_t[:, None]  # [B, L]
+    row_index = torch.tensor(rows, device=query.device)
+    q = query[row_index].unsqueeze(2)  # [B, heads, 1, D]
+    o = F.scaled_dot_product_attention(
+        q, key, value, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True
+    )
+    out[row_index] = o.squeeze(2)
 
 
 def _masked_paged_attention(

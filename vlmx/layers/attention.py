@@ -13,11 +13,23 @@ slot = block_id * block_size + offset_in_block
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+@dataclass(slots=True)
+class DecodePlan:
+    """The single-query sequences of a step, laid out for one padded attention call."""
+
+    seqs: list[int]  # sequence indexes in the batch
+    row_index: torch.Tensor  # [B] int64, their query rows
+    tables: torch.Tensor  # [B, num_blocks] int64, their block tables (-1 clamped to 0)
+    mask: torch.Tensor  # [B, 1, 1, max_len] bool, True = a real key
+    max_len: int
 
 
 @dataclass(slots=True)
@@ -49,6 +61,8 @@ class AttentionMetadata:
     seq_lens_cpu: list[int]  # host copy of seq_lens
     block_size: int
     bidirectional_spans_cpu: list[list[tuple[int, int]]] | None = None
+    # Built by the first layer that needs it, reused by the others (no host work per layer).
+    decode_plan: DecodePlan | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -126,7 +140,7 @@ def paged_attention_torch(
             continue
         key, value = _gather_kv(kv_cache, metadata.block_tables[i], seq_len)
         mask = None
-        if num_queries > 1:
+        if 1 < num_queries < seq_len:  # a chunk after cached context: causal with an offset
             q_pos = torch.arange(seq_len - num_queries, seq_len, device=query.device)
             k_pos = torch.arange(seq_len, device=query.device)
             mask = k_pos[None, :] <= q_pos[:, None]  # [num_queries, seq_len]
@@ -136,11 +150,30 @@ def paged_attention_torch(
             key.transpose(0, 1),
             value.transpose(0, 1),
             attn_mask=mask,
+            is_causal=1 < num_queries == seq_len,
             scale=scale,
             enable_gqa=True,
         )
         out[q_start:q_end] = o.transpose(0, 1)
     return out
+
+
+def _decode_plan(metadata: AttentionMetadata, seqs: list[int], device: torch.device) -> DecodePlan:
+    if metadata.decode_plan is None:
+        lens = [metadata.seq_lens_cpu[i] for i in seqs]
+        max_len = max(lens)
+        num_blocks = -(-max_len // metadata.block_size)
+        index = torch.tensor(seqs, device=device)
+        lens_t = torch.tensor(lens, device=device)
+        metadata.decode_plan = DecodePlan(
+            seqs=seqs,
+            row_index=torch.tensor([metadata.query_start_loc_cpu[i] for i in seqs], device=device),
+            tables=metadata.block_tables[index, :num_blocks].long().clamp_min(0),
+            mask=(torch.arange(max_len, device=device)[None, :] < lens_t[:, None])[:, None, None],
+            max_len=max_len,
+        )
+    assert metadata.decode_plan.seqs == seqs
+    return metadata.decode_plan
 
 
 def _batched_decode(
@@ -153,23 +186,15 @@ def _batched_decode(
 ) -> None:
     """One query per sequence for `seqs`: their keys gathered into one padded batch, one SDPA."""
     block_size, num_kv_heads, head_dim = kv_cache.shape[2:]
-    rows = [metadata.query_start_loc_cpu[i] for i in seqs]
-    lens = [metadata.seq_lens_cpu[i] for i in seqs]
-    max_len = max(lens)
-    num_blocks = -(-max_len // block_size)
-    index = torch.tensor(seqs, device=query.device)
-    tables = metadata.block_tables[index, :num_blocks].long().clamp_min(0)  # [B, num_blocks]
-    shape = (len(seqs), num_blocks * block_size, num_kv_heads, head_dim)
-    key = kv_cache[0, tables].view(shape)[:, :max_len].transpose(1, 2)  # [B, kv_heads, L, D]
-    value = kv_cache[1, tables].view(shape)[:, :max_len].transpose(1, 2)
-    lens_t = torch.tensor(lens, device=query.device)
-    mask = torch.arange(max_len, device=query.device)[None, :] < lens_t[:, None]  # [B, L]
-    row_index = torch.tensor(rows, device=query.device)
-    q = query[row_index].unsqueeze(2)  # [B, heads, 1, D]
+    plan = _decode_plan(metadata, seqs, query.device)
+    shape = (len(seqs), plan.tables.shape[1] * block_size, num_kv_heads, head_dim)
+    key = kv_cache[0, plan.tables].view(shape)[:, : plan.max_len].transpose(1, 2)  # [B, Hkv, L, D]
+    value = kv_cache[1, plan.tables].view(shape)[:, : plan.max_len].transpose(1, 2)
+    q = query[plan.row_index].unsqueeze(2)  # [B, heads, 1, D]
     o = F.scaled_dot_product_attention(
-        q, key, value, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True
+        q, key, value, attn_mask=plan.mask, scale=scale, enable_gqa=True
     )
-    out[row_index] = o.squeeze(2)
+    out[plan.row_index] = o.squeeze(2)
 
 
 def _masked_paged_attention(
@@ -238,6 +263,28 @@ class PagedAttention(nn.Module):
         return paged_attention_torch(query, kv_cache, metadata, self.scale, self.sliding_window)
 
 
+@functools.lru_cache(maxsize=16)
+def _segment_rows(
+    cu_seqlens: tuple[int, ...], device: torch.device
+) -> list[tuple[int, int, torch.Tensor]]:
+    """(length, number of segments, their rows [g * length] on `device`) per segment length.
+
+    Memoised: a vision tower calls with the same boundaries in every layer, and building the
+    index on the device each time would cost a host-device copy per layer."""
+    starts_by_len: dict[int, list[int]] = {}
+    for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
+        if end > start:
+            starts_by_len.setdefault(end - start, []).append(start)
+    return [
+        (
+            length,
+            len(starts),
+            (torch.tensor(starts)[:, None] + torch.arange(length)).flatten().to(device),
+        )
+        for length, starts in starts_by_len.items()
+    ]
+
+
 def varlen_attention(
     query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
     key: torch.Tensor,  # [num_tokens, num_heads, head_dim]
@@ -252,14 +299,8 @@ def varlen_attention(
     """
     out = torch.empty_like(query)
     num_heads, head_dim = query.shape[1:]
-    starts_by_len: dict[int, list[int]] = {}
-    for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
-        if end > start:
-            starts_by_len.setdefault(end - start, []).append(start)
-    for length, starts in starts_by_len.items():
-        rows = (torch.tensor(starts)[:, None] + torch.arange(length)).flatten()  # [g * len]
-        rows = rows.to(query.device)
-        shape = (len(starts), length, num_heads, head_dim)
+    for length, num_segments, rows in _segment_rows(tuple(cu_seqlens), query.device):
+        shape = (num_segments, length, num_heads, head_dim)
         q, k, v = (x[rows].view(shape).transpose(1, 2) for x in (query, key, value))
         o = F.scaled_dot_product_attention(q, k, v, scale=scale)  # [g, heads, len, head_dim]
         out[rows] = o.transpose(1, 2).reshape(-1, num_heads, head_dim)

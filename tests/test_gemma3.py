@@ -16,7 +16,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision.transforms.v2 import functional as tvF
 from transformers import Gemma3ForConditionalGeneration as HFGemma3
 from transformers.masking_utils import blockwise_overlay, sliding_window_overlay
 from transformers.models.gemma3.modeling_gemma3 import get_block_sequence_ids_for_mask
@@ -36,7 +35,6 @@ from tests.hf_reference import (
 )
 from vlmx import LLM, SamplingParams
 from vlmx.layers.attention import AttentionMetadata, attention_mask, paged_attention_torch
-from vlmx.models.gemma3_processor import resize_fixed_point
 from vlmx.multimodal.media import load_image
 
 QUESTION = "What is the content of each image?"
@@ -143,16 +141,6 @@ def test_processor_errors(llm, ref, test_images):
         processor.process(ids, [image, image], {"do_pan_and_scan": "yes"})
     with pytest.raises(ValueError, match="runs of image soft tokens"):
         processor.process(ids + [SOFT_ID] * MM_TOKENS, [image, image], {})
-
-
-@pytest.mark.parametrize("size", [(32, 32), (5, 300), (333, 77), (900, 64), (20, 21)])
-def test_fixed_point_bilinear_resize_equals_torch_cpu(size):
-    """The device path (used on CUDA) equals torchvision's CPU uint8 kernel bit for bit."""
-    w, h = size
-    image = torch.from_numpy(np.asarray(_random_image(w, h, w * h))).permute(2, 0, 1)[None]
-    for out in [(32, 32), (64, 48), (7, 13)]:
-        expected = tvF.resize(image, list(out), tvF.InterpolationMode.BILINEAR, antialias=True)
-        assert torch.equal(resize_fixed_point(image, *out), expected)
 
 
 # -- attention masks -----------------------------------------------------------------------

@@ -9,7 +9,6 @@ import warnings
 import pytest
 import torch
 import transformers
-from torchvision.transforms.v2 import functional as tvF
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -23,7 +22,7 @@ from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize 
 
 from vlmx.config import ModelConfig
 from vlmx.demo.configs import tiny_qwen_vl_config
-from vlmx.models.qwen2_vl_processor import Qwen2VLProcessor, _resize_fixed_point, smart_resize
+from vlmx.models.qwen2_vl_processor import Qwen2VLProcessor, smart_resize
 
 IMAGE_PAD, VIDEO_PAD, VISION_START, VISION_END = 151655, 151656, 151652, 151653
 ARCHITECTURES = {
@@ -178,26 +177,6 @@ def test_pixel_values_in_model_dtype(tmp_path):
     hf_pixels = hf_image_processor(str(tmp_path))(images=[image], return_tensors="pt")
     assert pixels.dtype == torch.bfloat16
     assert torch.equal(pixels, hf_pixels["pixel_values"].to(torch.bfloat16))
-
-
-@pytest.mark.parametrize(
-    "size, target",
-    [
-        ((20, 30), (56, 84)),
-        ((1, 150), (28, 700)),
-        ((333, 517), (336, 504)),
-        ((777, 555), (784, 560)),
-        ((640, 480), (420, 308)),
-        ((300, 200), (28, 28)),
-        ((57, 3000), (56, 112)),
-        ((13, 17), (700, 900)),
-    ],
-)
-def test_fixed_point_resize_is_torchvision_cpu_kernel(size, target):
-    """The resize used off the CPU (CUDA) equals torchvision's CPU uint8 kernel bit for bit."""
-    images = torch.stack([structured_image(*size, seed) for seed in range(2)])  # [2, 3, H, W]
-    expected = tvF.resize(images, list(target), tvF.InterpolationMode.BICUBIC, antialias=True)
-    assert torch.equal(_resize_fixed_point(images, *target), expected)
 
 
 @pytest.mark.parametrize(

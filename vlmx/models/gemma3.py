@@ -23,17 +23,14 @@ hub checkpoints:        vision_tower.vision_model.*  multi_modal_projector.*  la
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
-from vlmx.layers.attention import AttentionMetadata
-from vlmx.layers.decoder import load_weights_into
 from vlmx.layers.gemma import GemmaConfig, GemmaDecoderModel, GemmaRMSNorm
 from vlmx.layers.siglip import SiglipVisionTower, patchify
+from vlmx.models.base import VLMBase
 from vlmx.models.gemma3_processor import Gemma3Processor  # noqa: F401
 from vlmx.multimodal.inputs import MMFeature
 
@@ -47,6 +44,8 @@ _PREFIXES: tuple[tuple[str, str], ...] = (
     ("vision_tower.", "vision_tower."),
     ("model.multi_modal_projector.", "multi_modal_projector."),
     ("multi_modal_projector.", "multi_modal_projector."),
+    ("language_model.lm_head.", "lm_head."),
+    ("lm_head.", "lm_head."),
 )
 
 
@@ -74,7 +73,7 @@ class Gemma3Projector(nn.Module):
         return torch.matmul(self.mm_soft_emb_norm(pooled), self.mm_input_projection_weight)
 
 
-class Gemma3ForConditionalGeneration(nn.Module):
+class Gemma3ForConditionalGeneration(VLMBase):
     """The vlmx model interface (`vlmx.models.interface.Model`) for Gemma 3.
 
     `encode_images` reads per feature (an image or one pan-and-scan crop)
@@ -83,27 +82,25 @@ class Gemma3ForConditionalGeneration(nn.Module):
 
     uses_mrope = False
     chunk_images = False  # image tokens attend bidirectionally: a span is prefilled in one step
+    weight_prefixes = _PREFIXES
+    skipped_weight_suffixes = (".inv_freq", ".position_ids")
 
     def __init__(self, hf_config: PretrainedConfig) -> None:
         super().__init__()
         self.hf_config = hf_config
         self.config = GemmaConfig.from_hf(hf_config.text_config)
-        self.num_layers = self.config.num_layers
-        self.num_kv_heads = self.config.num_kv_heads
-        self.head_dim = self.config.head_dim
         self.mm_tokens = hf_config.mm_tokens_per_image
         vc = hf_config.vision_config
         self.image_size, self.patch_size = vc.image_size, vc.patch_size
         self.vision_tower = SiglipVisionTower(vc)
         self.multi_modal_projector = Gemma3Projector(hf_config)
         self.language_model = GemmaDecoderModel(self.config)
-        tied = getattr(hf_config.text_config, "tie_word_embeddings", True)
-        self.lm_head = (
-            None if tied else nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=False)
+        self.lm_head = self.build_lm_head(
+            getattr(hf_config.text_config, "tie_word_embeddings", True)
         )
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.language_model.embed(input_ids)
+        return self.language_model.embed(input_ids)  # HF Gemma3TextScaledWordEmbedding
 
     def encode_images(self, features: list[MMFeature]) -> list[torch.Tensor]:
         """All images / crops through the tower in one call; one [mm_tokens, hidden] each."""
@@ -129,29 +126,3 @@ class Gemma3ForConditionalGeneration(nn.Module):
         hidden = self.vision_tower(patches.reshape(b * n, -1), cu_seqlens)  # [B*P*P, Dv]
         embeds = self.multi_modal_projector(hidden.view(b, n, -1))  # [B, mm_tokens, D]
         return list(embeds.unbind(0))
-
-    def forward(
-        self,
-        inputs_embeds: torch.Tensor,  # [T, hidden]
-        positions: torch.Tensor,  # [T] int64
-        kv_caches: list[torch.Tensor],
-        attn_metadata: AttentionMetadata,
-    ) -> torch.Tensor:
-        return self.language_model(inputs_embeds, positions, kv_caches, attn_metadata)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        head = self.language_model.embed_tokens if self.lm_head is None else self.lm_head
-        return F.linear(hidden_states, head.weight)  # [N, vocab]
-
-    def map_weight_name(self, name: str) -> str | None:
-        if name in ("lm_head.weight", "language_model.lm_head.weight"):
-            return None if self.lm_head is None else "lm_head.weight"  # None: tied
-        if name.endswith(".inv_freq") or name.endswith(".position_ids"):
-            return None
-        for ckpt_prefix, prefix in _PREFIXES:
-            if name.startswith(ckpt_prefix):
-                return prefix + name[len(ckpt_prefix) :]
-        return name  # unknown: reported as unexpected by load_weights_into
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        load_weights_into(self, weights, self.map_weight_name)

@@ -27,19 +27,27 @@ present) are taken as they are.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
-from collections import OrderedDict
 
 import torch
-from torchvision.transforms.v2 import functional as tvF
 from transformers import AutoTokenizer
 
 from vlmx.config import ModelConfig
-from vlmx.models.qwen2_vl_processor import read_image_settings
+from vlmx.models.processing import (
+    DEFAULT_CACHE_BYTES,
+    ProcessorCache,
+    check_image_tensors,
+    check_processor_flags,
+    find_token_runs,
+    normalization_constants,
+    preprocess_in_groups,
+    read_processor_files,
+    reject_unknown_kwargs,
+)
 from vlmx.multimodal.hashing import hash_image, hash_with_settings
 from vlmx.multimodal.inputs import MMFeature, PlaceholderRange, ProcessedPrompt
+from vlmx.multimodal.resize import resize_uint8
 
 # Gemma3Processor.images_kwargs defaults (the config files store null for these)
 PAN_AND_SCAN_DEFAULTS = {
@@ -49,7 +57,6 @@ PAN_AND_SCAN_DEFAULTS = {
     "pan_and_scan_min_ratio_to_activate": 1.2,
 }
 SUPPORTED_KWARGS = tuple(PAN_AND_SCAN_DEFAULTS)
-DEFAULT_CACHE_BYTES = 512 * 1024**2
 _BILINEAR = 2  # PIL's resampling id
 _CROPS_INTRO = "Here is the original image "
 _CROPS_OUTRO = " and here are some crops to help you see better "
@@ -57,12 +64,7 @@ _CROPS_OUTRO = " and here are some crops to help you see better "
 
 def check_kwargs(base: dict, overrides: dict) -> dict:
     """Pan-and-scan settings: `base` updated by `overrides`, validated."""
-    unknown = sorted(set(overrides) - set(SUPPORTED_KWARGS))
-    if unknown:
-        raise ValueError(
-            f"unknown mm_processor_kwargs {unknown} for Gemma 3; supported: "
-            f"{', '.join(SUPPORTED_KWARGS)}"
-        )
+    reject_unknown_kwargs(overrides, SUPPORTED_KWARGS, "Gemma 3")
     kw = {**base, **overrides}
     if not isinstance(kw["do_pan_and_scan"], bool):
         raise ValueError(
@@ -110,67 +112,6 @@ def pan_and_scan_boxes(height: int, width: int, kw: dict) -> list[tuple[int, int
     ]
 
 
-@functools.lru_cache(maxsize=256)
-def _bilinear_aa_taps(
-    in_size: int, out_size: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Fixed-point antialiased bilinear taps of one axis, as torch's CPU uint8 kernel makes them
-    (`_compute_indices_min_size_weights_aa` with the triangle filter, int16 weights).
-
-    Returns source indexes [out, taps] int64, weights [out, taps] int32 and their precision."""
-    scale = in_size / out_size
-    support = 1.0 * scale if scale >= 1.0 else 1.0
-    inv_scale = 1.0 / scale if scale >= 1.0 else 1.0
-    num_taps = math.ceil(support) * 2 + 1
-    center = scale * (torch.arange(out_size, dtype=torch.float64) + 0.5)  # [out]
-    first = (center - support + 0.5).trunc().clamp(min=0)
-    width = ((center + support + 0.5).trunc().clamp(max=in_size) - first).clamp(0, num_taps)
-    tap = torch.arange(num_taps, dtype=torch.float64)
-    x = ((tap + first[:, None] - center[:, None] + 0.5) * inv_scale).abs()
-    weights = torch.where(x < 1.0, 1.0 - x, torch.zeros_like(x))
-    weights = torch.where(tap < width[:, None], weights, 0.0)
-    total = torch.zeros(out_size, dtype=torch.float64)
-    for j in range(num_taps):  # NOTE: summed in tap order, as the C++ loop does
-        total = total + weights[:, j]
-    weights = torch.where(total[:, None] != 0, weights / total[:, None], weights)
-    wt_max = weights.max().item()
-    precision = 0
-    while precision < 22 and int(0.5 + wt_max * (1 << (precision + 1))) < (1 << 15):
-        precision += 1
-    scaled = weights * (1 << precision)
-    fixed = torch.where(scaled < 0, (scaled - 0.5).trunc(), (scaled + 0.5).trunc())
-    index = (first[:, None] + tap).clamp(max=in_size - 1).long()
-    return index.to(device), fixed.to(device, torch.int32), precision
-
-
-def _resample_axis(x: torch.Tensor, dim: int, out_size: int) -> torch.Tensor:
-    index, weights, precision = _bilinear_aa_taps(x.shape[dim], out_size, x.device)
-    shape = [1, 1, 1, 1]
-    shape[dim] = out_size
-    acc = torch.full((), 1 << (precision - 1), dtype=torch.int32, device=x.device)
-    for j in range(index.shape[1]):
-        acc = acc + x.index_select(dim, index[:, j]) * weights[:, j].view(shape)
-    return acc.bitwise_right_shift_(precision).clamp_(0, 255)
-
-
-def resize_fixed_point(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """uint8 [B, C, H, W] -> [B, C, height, width]: torch's CPU uint8 bilinear-AA kernel in
-    tensor ops (a width pass, then a height pass, each rounded to 0..255)."""
-    x = images.to(torch.int32)
-    if width != x.shape[-1]:
-        x = _resample_axis(x, 3, width)
-    if height != x.shape[-2]:
-        x = _resample_axis(x, 2, height)
-    return x.to(torch.uint8)
-
-
-def resize_uint8_bilinear_aa(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """On any device, equal to `tvF.resize(images, size, BILINEAR, antialias=True)` on the CPU."""
-    if images.device.type == "cpu":
-        return tvF.resize(images, [height, width], tvF.InterpolationMode.BILINEAR, antialias=True)
-    return resize_fixed_point(images, height, width)
-
-
 class Gemma3Processor:
     """The processor of Gemma 3 (see `vlmx.models.interface`)."""
 
@@ -186,12 +127,8 @@ class Gemma3Processor:
         hf = model_config.hf_config
         self.device = torch.device(device)
         self.dtype = model_config.dtype
-        raw = read_image_settings(model_config.model_path)
-        for key in ("do_resize", "do_rescale", "do_normalize"):
-            if raw.get(key) is False:
-                raise ValueError(
-                    f"image processor config sets {key}=false; vlmx supports only true"
-                )
+        raw, _ = read_processor_files(model_config.model_path, "Gemma3ImageProcessor")
+        check_processor_flags(raw)
         if raw.get("resample", _BILINEAR) != _BILINEAR:
             raise ValueError(
                 f"image processor config has resample={raw['resample']}; vlmx supports 2"
@@ -210,9 +147,7 @@ class Gemma3Processor:
         rescale = raw.get("rescale_factor", 1 / 255)
         mean = raw.get("image_mean", [0.5, 0.5, 0.5])
         std = raw.get("image_std", [0.5, 0.5, 0.5])
-        # NOTE: same ops as HF's _fuse_mean_std_and_rescale_factor, so the float32 constants agree.
-        self._mean = (torch.tensor(mean) * (1.0 / rescale)).view(-1, 1, 1).to(self.device)
-        self._std = (torch.tensor(std) * (1.0 / rescale)).view(-1, 1, 1).to(self.device)
+        self._mean, self._std = normalization_constants(mean, std, rescale, self.device)
         self.mm_tokens = hf.mm_tokens_per_image
         self.boi_id: int = hf.boi_token_index
         self.eoi_id: int = hf.eoi_token_index
@@ -223,9 +158,7 @@ class Gemma3Processor:
         self._special_ids = {
             i for i, t in self.tokenizer.added_tokens_decoder.items() if t.special
         } | {self.boi_id, self.eoi_id, self.soft_id}
-        self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._cache_bytes = cache_bytes
-        self._cached_bytes = 0
+        self.cache: ProcessorCache[torch.Tensor] = ProcessorCache(cache_bytes)
 
     # -- pixels -----------------------------------------------------------------------------
 
@@ -233,48 +166,19 @@ class Gemma3Processor:
         """uint8 [3, h, w] crops -> pixel_values [3, S, S] (model dtype, on device), no cache.
 
         Crops of one input size are resized and normalized in one batch."""
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, crop in enumerate(crops):
-            groups.setdefault(tuple(crop.shape[-2:]), []).append(i)
-        out: list[torch.Tensor] = [None] * len(crops)  # type: ignore[list-item]
-        for idxs in groups.values():
-            batch = torch.stack([crops[i].to(self.device) for i in idxs])  # [B, 3, h, w] uint8
-            batch = resize_uint8_bilinear_aa(batch, self.height, self.width)  # [B, 3, S, S]
-            pixels = ((batch.to(torch.float32) - self._mean) / self._std).to(self.dtype)
-            for j, i in enumerate(idxs):
-                out[i] = pixels[j]
-        return out
 
-    def _cached(self, keys: list[str], crops: list[torch.Tensor]) -> list[torch.Tensor]:
-        missing = {k: c for k, c in zip(keys, crops) if k not in self.cache}
-        computed = dict(zip(missing, self.preprocess(list(missing.values()))))
-        out = []
-        for key in keys:
-            value = self.cache.get(key)
-            if value is None:
-                value = computed[key]
-                size = value.numel() * value.element_size()
-                if size <= self._cache_bytes:
-                    while self._cached_bytes + size > self._cache_bytes:
-                        _, old = self.cache.popitem(last=False)
-                        self._cached_bytes -= old.numel() * old.element_size()
-                    self.cache[key] = value
-                    self._cached_bytes += size
-            else:
-                self.cache.move_to_end(key)
-            out.append(value)
-        return out
+        def run(_, batch: torch.Tensor) -> torch.Tensor:  # [B, 3, h, w] uint8
+            batch = resize_uint8(batch, self.height, self.width, "bilinear")  # [B, 3, S, S]
+            return ((batch.to(torch.float32) - self._mean) / self._std).to(self.dtype)
+
+        return preprocess_in_groups(crops, lambda crop: tuple(crop.shape[-2:]), self.device, run)
 
     # -- prompt -----------------------------------------------------------------------------
 
     def process(
         self, prompt_token_ids: list[int], images: list[torch.Tensor], mm_processor_kwargs: dict
     ) -> ProcessedPrompt:
-        for image in images:
-            if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
-                raise ValueError(
-                    f"images must be uint8 [3, H, W] tensors, got {image.dtype} {list(image.shape)}"
-                )
+        check_image_tensors(images)
         kw = check_kwargs(self.base_kwargs, mm_processor_kwargs or {})
         # per image: the whole image, then its crops
         crops: list[list[torch.Tensor]] = []
@@ -288,10 +192,13 @@ class Gemma3Processor:
                 [hash_with_settings(content, {**kw, "crop": i}) for i in range(len(crops[-1]))]
             )
         flat_keys = [k for ks in keys for k in ks]
-        pixels = self._cached(flat_keys, [c for cs in crops for c in cs])
+        pixels = self.cache.get_or_compute(
+            flat_keys, [c for cs in crops for c in cs], self.preprocess
+        )
 
         if self.soft_id in prompt_token_ids:
-            token_ids, spans = list(prompt_token_ids), self._soft_runs(prompt_token_ids)
+            token_ids = list(prompt_token_ids)
+            spans = find_token_runs(prompt_token_ids, self.soft_id)
             if len(spans) != len(flat_keys):
                 raise ValueError(
                     f"the expanded prompt has {len(spans)} runs of image soft tokens but the "
@@ -318,16 +225,6 @@ class Gemma3Processor:
                 MMFeature(mm_hash=key, placeholder=placeholder, data={"pixel_values": px})
             )
         return ProcessedPrompt(prompt_token_ids=token_ids, mm_features=features)
-
-    def _soft_runs(self, ids: list[int]) -> list[tuple[int, int]]:
-        runs, start = [], None
-        for i, t in enumerate([*ids, -1]):
-            if t == self.soft_id and start is None:
-                start = i
-            elif t != self.soft_id and start is not None:
-                runs.append((start, i))
-                start = None
-        return runs
 
     def _image_items(self, num_crops: int) -> list[str | int | list[int]]:
         """What HF's `replace_image_token` puts in place of one <start_of_image>: text (str),

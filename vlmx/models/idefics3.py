@@ -23,17 +23,15 @@ lm_head.weight (absent or ignored when tie_word_embeddings)
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
-from vlmx.layers.attention import AttentionMetadata
-from vlmx.layers.decoder import DecoderConfig, DecoderModel, load_weights_into
+from vlmx.layers.decoder import DecoderConfig, DecoderModel
 from vlmx.layers.pixel_shuffle import pixel_shuffle
 from vlmx.layers.siglip import SiglipVisionTower, patchify
+from vlmx.models.base import VLMBase
 from vlmx.models.idefics3_processor import Idefics3Processor  # noqa: F401
 from vlmx.multimodal.inputs import MMFeature
 
@@ -85,7 +83,7 @@ class Idefics3Connector(nn.Module):
         return self.modality_projection.proj(pixel_shuffle(x, side, side, self.scale_factor))
 
 
-class Idefics3ForConditionalGeneration(nn.Module):
+class Idefics3ForConditionalGeneration(VLMBase):
     """The vlmx model interface (`vlmx.models.interface.Model`) for Idefics3.
 
     `encode_images` reads per image `data["pixel_values"]` ([num_frames, 3, M, M], tiles then
@@ -95,6 +93,8 @@ class Idefics3ForConditionalGeneration(nn.Module):
 
     uses_mrope = False
     chunk_images = True  # causal attention over image tokens: a chunk may end inside one
+    decoder_name = "text_model"
+    weight_prefixes = _PREFIXES
 
     def __init__(self, hf_config: PretrainedConfig) -> None:
         super().__init__()
@@ -103,9 +103,6 @@ class Idefics3ForConditionalGeneration(nn.Module):
             hf_config.text_config,
             tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
         )
-        self.num_layers = self.config.num_layers
-        self.num_kv_heads = self.config.num_kv_heads
-        self.head_dim = self.config.head_dim
         vision = hf_config.vision_config
         self.patch_size = vision.patch_size
         self.num_patches_per_side = vision.image_size // vision.patch_size
@@ -113,14 +110,7 @@ class Idefics3ForConditionalGeneration(nn.Module):
         self.vision_model = SiglipVisionTower(vision)
         self.connector = Idefics3Connector(hf_config)
         self.text_model = DecoderModel(self.config)
-        self.lm_head = (
-            None
-            if self.config.tie_word_embeddings
-            else nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=False)
-        )
-
-    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.text_model.embed_tokens(input_ids)
+        self.lm_head = self.build_lm_head(self.config.tie_word_embeddings)
 
     def image_features(self, frames: torch.Tensor) -> torch.Tensor:
         """[F, 3, M, M] frames of one size -> [F, L, hidden] (HF `get_image_features`)."""
@@ -166,34 +156,6 @@ class Idefics3ForConditionalGeneration(nn.Module):
             rows = image_rows.to(weight.device, non_blocking=True)
             out.append(embeds.index_copy_(0, rows, image_feats.to(embeds.dtype)))
         return out
-
-    def forward(
-        self,
-        inputs_embeds: torch.Tensor,  # [T, hidden]
-        positions: torch.Tensor,  # [T] int64
-        kv_caches: list[torch.Tensor],
-        attn_metadata: AttentionMetadata,
-    ) -> torch.Tensor:
-        return self.text_model(inputs_embeds, positions, kv_caches, attn_metadata)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        weight = (
-            self.text_model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        )
-        return F.linear(hidden_states, weight)  # [N, vocab]
-
-    def map_weight_name(self, name: str) -> str | None:
-        if name.endswith(".inv_freq"):  # rotary buffers some checkpoints carry
-            return None
-        if name.startswith("lm_head.") and self.lm_head is None:
-            return None
-        for ckpt_prefix, prefix in _PREFIXES:
-            if name.startswith(ckpt_prefix):
-                return prefix + name[len(ckpt_prefix) :]
-        return name  # unknown: reported as unexpected by load_weights_into
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        load_weights_into(self, weights, self.map_weight_name)
 
 
 class SmolVLMForConditionalGeneration(Idefics3ForConditionalGeneration):

@@ -13,8 +13,8 @@ uint8 [3, H, W]
 
 Without image splitting (or when h2 = w2 = M) the image is one M x M frame. Every resize is
 LANCZOS (config `resample: 1`) on uint8, with torch's CPU fixed-point kernel, which
-`resize_uint8_lanczos` reproduces bit for bit on any device (torch has no LANCZOS on CUDA, where
-HF falls back to bicubic; we stay equal to HF's default, the CPU).
+`vlmx.multimodal.resize.resize_uint8` reproduces bit for bit on any device (torch has no
+LANCZOS on CUDA, where HF falls back to bicubic; we stay equal to HF's default, the CPU).
 
 Placeholder layout of one image (`L` = image_seq_len `<image>` tokens per frame):
 
@@ -31,23 +31,30 @@ model fills the `<image>` rows with image features and the others with their tok
 
 from __future__ import annotations
 
-import functools
-import json
 import math
-import os
 from dataclasses import dataclass, replace
 
 import torch
 from transformers import AutoTokenizer
 
 from vlmx.config import ModelConfig
-from vlmx.models.qwen2_vl_processor import _ByteLRU, resize_uint8_bicubic_aa
+from vlmx.models.processing import (
+    DEFAULT_CACHE_BYTES,
+    ProcessorCache,
+    check_image_tensors,
+    check_no_video_placeholders,
+    check_processor_flags,
+    normalization_constants,
+    preprocess_in_groups,
+    read_processor_files,
+    reject_unknown_kwargs,
+)
 from vlmx.multimodal.hashing import hash_image, hash_with_settings
 from vlmx.multimodal.inputs import MMFeature, PlaceholderRange, ProcessedPrompt
+from vlmx.multimodal.resize import resize_uint8
 
 SUPPORTED_KWARGS = ("size", "max_image_size", "do_image_splitting", "do_resize")
 MAX_IMAGE_SIZE = 4096  # HF's cap on the longest edge after the first resize
-DEFAULT_CACHE_BYTES = 512 * 1024**2
 _LANCZOS, _BICUBIC = 1, 3  # PIL's resampling ids, as configs store them
 
 
@@ -74,27 +81,6 @@ class ImageSettings:
         }
 
 
-def read_processor_files(model_path: str) -> tuple[dict, dict]:
-    """(image-processor dict, processor dict) of a checkpoint, found as transformers finds them.
-
-    transformers 5 `save_pretrained` nests the image processor under "image_processor" in
-    processor_config.json; hub checkpoints keep it in preprocessor_config.json and put
-    `image_seq_len` alone in processor_config.json.
-    """
-    processor: dict = {}
-    path = os.path.join(model_path, "processor_config.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            processor = json.load(f)
-    if "image_processor" in processor:
-        return processor["image_processor"], processor
-    path = os.path.join(model_path, "preprocessor_config.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            return json.load(f), processor
-    return {}, processor
-
-
 def _edge(value, name: str) -> int:
     """A `{"longest_edge": n}` dict (HF's form) -> n, validated."""
     if not isinstance(value, dict) or set(value) != {"longest_edge"}:
@@ -111,13 +97,13 @@ def _edge(value, name: str) -> int:
 
 def apply_kwargs(settings: ImageSettings, kwargs: dict) -> ImageSettings:
     """`settings` updated by `mm_processor_kwargs` (HF's image-processor argument forms)."""
-    unknown = sorted(set(kwargs) - set(SUPPORTED_KWARGS))
-    if unknown:
-        raise ValueError(
-            f"unknown mm_processor_kwargs {unknown} for Idefics3 / SmolVLM; supported: "
-            "size={'longest_edge': int}, max_image_size={'longest_edge': int}, "
-            "do_image_splitting=bool, do_resize=bool"
-        )
+    reject_unknown_kwargs(
+        kwargs,
+        SUPPORTED_KWARGS,
+        "Idefics3 / SmolVLM",
+        "size={'longest_edge': int}, max_image_size={'longest_edge': int}, "
+        "do_image_splitting=bool, do_resize=bool",
+    )
     changes: dict = {}
     if "size" in kwargs:
         changes["longest_edge"] = _edge(kwargs["size"], "size")
@@ -133,9 +119,7 @@ def apply_kwargs(settings: ImageSettings, kwargs: dict) -> ImageSettings:
 
 def resolve_image_settings(raw: dict) -> ImageSettings:
     """Class defaults < the checkpoint's image-processor config."""
-    for key in ("do_rescale", "do_normalize"):
-        if raw.get(key) is False:
-            raise ValueError(f"image processor config sets {key}=false; vlmx supports only true")
+    check_processor_flags(raw, ("do_rescale", "do_normalize"))  # do_resize=false is honoured
     resample = raw.get("resample", _LANCZOS)
     if resample not in (_LANCZOS, _BICUBIC):
         raise ValueError(
@@ -218,72 +202,6 @@ def plan_image(height: int, width: int, s: ImageSettings) -> ImagePlan:
     return ImagePlan(resized, tiled, 0, 0)
 
 
-def _lanczos(x: torch.Tensor) -> torch.Tensor:
-    """PIL's Lanczos-3 window, `sinc(x) * sinc(x / 3)` on [-3, 3), as torch's CPU kernel has it."""
-
-    def sinc(v: torch.Tensor) -> torch.Tensor:
-        return torch.where(v == 0, torch.ones_like(v), torch.sin(v * math.pi) / (v * math.pi))
-
-    return torch.where((x >= -3) & (x < 3), sinc(x) * sinc(x / 3), torch.zeros_like(x))
-
-
-@functools.lru_cache(maxsize=256)
-def _lanczos_taps(
-    in_size: int, out_size: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Fixed-point antialiased Lanczos taps of one axis, as torch's CPU uint8 kernel computes them
-    (`_compute_index_ranges_int16_weights` with a support of 3): source indexes [out, taps] int64,
-    int16-range weights [out, taps] int32 and their precision p in bits."""
-    scale = in_size / out_size
-    support = 3.0 * scale if scale >= 1.0 else 3.0
-    inv_scale = 1.0 / scale if scale >= 1.0 else 1.0
-    num_taps = math.ceil(support) * 2 + 1
-    center = scale * (torch.arange(out_size, dtype=torch.float64) + 0.5)  # [out]
-    first = (center - support + 0.5).trunc().clamp(min=0)  # [out]
-    width = ((center + support + 0.5).trunc().clamp(max=in_size) - first).clamp(0, num_taps)
-    tap = torch.arange(num_taps, dtype=torch.float64)  # [taps]
-    weights = _lanczos((tap + first[:, None] - center[:, None] + 0.5) * inv_scale)
-    weights = torch.where(tap < width[:, None], weights, 0.0)  # [out, taps] float64
-    total = torch.zeros(out_size, dtype=torch.float64)
-    for j in range(num_taps):  # NOTE: summed in tap order, as the C++ loop does, for equal bits
-        total = total + weights[:, j]
-    weights = torch.where(total[:, None] != 0, weights / total[:, None], weights)
-    wt_max = weights.max().item()
-    precision = 0
-    while precision < 22 and int(0.5 + wt_max * (1 << (precision + 1))) < (1 << 15):
-        precision += 1
-    scaled = weights * (1 << precision)
-    fixed = torch.where(scaled < 0, (scaled - 0.5).trunc(), (scaled + 0.5).trunc())
-    index = (first[:, None] + tap).clamp(max=in_size - 1).long()  # [out, taps]
-    return index.to(device), fixed.to(device, torch.int32), precision
-
-
-def _lanczos_axis(x: torch.Tensor, dim: int, out_size: int) -> torch.Tensor:
-    """One fixed-point pass along `dim` of an int32 [B, C, H, W] tensor holding 0..255."""
-    index, weights, precision = _lanczos_taps(x.shape[dim], out_size, x.device)
-    shape = [1, 1, 1, 1]
-    shape[dim] = out_size
-    acc = torch.full((), 1 << (precision - 1), dtype=torch.int32, device=x.device)
-    for j in range(index.shape[1]):
-        acc = acc + x.index_select(dim, index[:, j]) * weights[:, j].view(shape)
-    return acc.bitwise_right_shift_(precision).clamp_(0, 255)
-
-
-def resize_uint8_lanczos(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """uint8 [B, C, H, W] -> [B, C, height, width], on any device equal to
-    `tvF.resize(images, [height, width], LANCZOS, antialias=True)` on the CPU."""
-    if images.device.type == "cpu":
-        return torch.nn.functional.interpolate(
-            images, size=[height, width], mode="lanczos", antialias=True, align_corners=False
-        )
-    x = images.to(torch.int32)
-    if width != x.shape[-1]:
-        x = _lanczos_axis(x, 3, width)
-    if height != x.shape[-2]:
-        x = _lanczos_axis(x, 2, height)
-    return x.to(torch.uint8)
-
-
 class Idefics3Processor:
     """The processor of Idefics3 and SmolVLM (see `vlmx.models.interface`).
 
@@ -332,10 +250,11 @@ class Idefics3Processor:
         self._double_newline = tokenizer.encode("\n\n", add_special_tokens=False)
         self._tile_tags: dict[tuple[int, int], list[int]] = {}  # (row, col) -> ids of its tag
         self._tokenizer = tokenizer
-        scale = 1.0 / self.settings.rescale_factor  # as HF's _fuse_mean_std_and_rescale_factor
-        self._mean = (torch.tensor(self.settings.image_mean) * scale).view(-1, 1, 1).to(self.device)
-        self._std = (torch.tensor(self.settings.image_std) * scale).view(-1, 1, 1).to(self.device)
-        self.cache = _ByteLRU(cache_bytes)
+        s = self.settings
+        self._mean, self._std = normalization_constants(
+            s.image_mean, s.image_std, s.rescale_factor, self.device
+        )
+        self.cache: ProcessorCache[torch.Tensor] = ProcessorCache(cache_bytes)
 
     @staticmethod
     def _special_id(tokenizer, token: str) -> int:
@@ -380,31 +299,26 @@ class Idefics3Processor:
         """uint8 [3, H, W] images -> per image pixel_values [num_frames, 3, M, M] (model dtype,
         on the device): tiles row-major, then the global view. No cache. Images of one input
         size are resized and normalized as one batch."""
-        resize = resize_uint8_lanczos if s.resample == _LANCZOS else resize_uint8_bicubic_aa
+        kernel = "lanczos" if s.resample == _LANCZOS else "bicubic"
         m = s.max_image_size
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, image in enumerate(images):
-            groups.setdefault(tuple(image.shape[-2:]), []).append(i)
-        out: list[torch.Tensor] = [None] * len(images)  # type: ignore[list-item]
-        for (height, width), idxs in groups.items():
-            plan = plan_image(height, width, s)
-            x = torch.stack([images[i].to(self.device) for i in idxs])  # [B, 3, H, W] uint8
-            if plan.resized != (height, width):
-                x = resize(x, *plan.resized)
+
+        def run(size: tuple[int, int], x: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] uint8
+            plan = plan_image(*size, s)
+            if plan.resized != size:
+                x = resize_uint8(x, *plan.resized, kernel)
             if plan.tiled != plan.resized:
-                x = resize(x, *plan.tiled)  # [B, 3, h2, w2] uint8
+                x = resize_uint8(x, *plan.tiled, kernel)  # [B, 3, h2, w2] uint8
             if plan.rows:
                 b = x.shape[0]
                 tiles = x.reshape(b, 3, plan.rows, m, plan.cols, m).permute(0, 2, 4, 1, 3, 5)
                 tiles = tiles.reshape(b, plan.rows * plan.cols, 3, m, m)
-                whole = resize(x, m, m)[:, None]  # [B, 1, 3, M, M]
+                whole = resize_uint8(x, m, m, kernel)[:, None]  # [B, 1, 3, M, M]
                 x = torch.cat([tiles, whole], dim=1)  # [B, rows * cols + 1, 3, M, M]
             else:
                 x = x[:, None]  # [B, 1, 3, M, M]
-            pixels = (x.to(torch.float32) - self._mean).div_(self._std).to(self.dtype)
-            for j, i in enumerate(idxs):
-                out[i] = pixels[j]
-        return out
+            return (x.to(torch.float32) - self._mean).div_(self._std).to(self.dtype)
+
+        return preprocess_in_groups(images, lambda im: tuple(im.shape[-2:]), self.device, run)
 
     def process(
         self,
@@ -412,13 +326,8 @@ class Idefics3Processor:
         images: list[torch.Tensor],
         mm_processor_kwargs: dict,
     ) -> ProcessedPrompt:
-        for image in images:
-            if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
-                raise ValueError(
-                    f"images must be uint8 [3, H, W] tensors, got {image.dtype} {list(image.shape)}"
-                )
-        if self.video_token_id is not None and self.video_token_id in prompt_token_ids:
-            raise ValueError("prompt holds video placeholders (<video>); vlmx takes images only")
+        check_image_tensors(images)
+        check_no_video_placeholders(prompt_token_ids, self.video_token_id, "<video>")
         s = self.image_settings(mm_processor_kwargs)
         num_placeholders = self._count_placeholders(prompt_token_ids)
         if num_placeholders != len(images):
@@ -429,7 +338,9 @@ class Idefics3Processor:
             )
         plans = [plan_image(*image.shape[-2:], s) for image in images]
         mm_hashes = [hash_with_settings(hash_image(image), s.kwargs()) for image in images]
-        pixel_values = self._cached_preprocess(images, mm_hashes, s)
+        pixel_values = self.cache.get_or_compute(
+            mm_hashes, images, lambda todo: self.preprocess(todo, s)
+        )
 
         token_ids: list[int] = []
         features: list[MMFeature] = []
@@ -494,16 +405,3 @@ class Idefics3Processor:
                 count += 1
                 i += 1
         return count
-
-    def _cached_preprocess(
-        self, images: list[torch.Tensor], mm_hashes: list[str], s: ImageSettings
-    ) -> list[torch.Tensor]:
-        """pixel_values per image; only images whose hash is in no cache entry are computed."""
-        found = {h: entry[0] for h in mm_hashes if (entry := self.cache.get(h)) is not None}
-        missing = {h: image for h, image in zip(mm_hashes, images, strict=True) if h not in found}
-        if missing:
-            computed = self.preprocess(list(missing.values()), s)
-            for mm_hash, pixels in zip(missing, computed, strict=True):
-                found[mm_hash] = pixels
-                self.cache.put(mm_hash, (pixels,))
-        return [found[h] for h in mm_hashes]

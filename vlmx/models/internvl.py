@@ -28,15 +28,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
 from vlmx.layers.activation import get_act_fn
-from vlmx.layers.attention import AttentionMetadata
-from vlmx.layers.decoder import DecoderConfig, DecoderModel, load_weights_into
+from vlmx.layers.decoder import DecoderConfig, DecoderModel
 from vlmx.layers.intern_vit import InternVisionModel
 from vlmx.layers.pixel_shuffle import pixel_shuffle
+from vlmx.models.base import VLMBase
 from vlmx.models.internvl_processor import InternVLProcessor  # noqa: F401
 from vlmx.models.loader import text_config
 from vlmx.multimodal.inputs import MMFeature
@@ -76,7 +75,7 @@ class InternVLWithoutHead(nn.Module):
     """The modules of InternVLForConditionalGeneration but lm_head, for `load_weights_into`."""
 
 
-class InternVLForConditionalGeneration(nn.Module):
+class InternVLForConditionalGeneration(VLMBase):
     """The vlmx model interface (`vlmx.models.interface.Model`) for InternVL.
 
     `encode_images` reads per image `data["pixel_values"]` ([num_tiles, 3, S, S], processor
@@ -85,6 +84,9 @@ class InternVLForConditionalGeneration(nn.Module):
 
     uses_mrope = False
     chunk_images = True  # causal attention over image tokens: a chunk may end inside one
+    weight_prefixes = _PREFIXES
+    # rotary buffers; the pre-training mask token
+    skipped_weight_suffixes = (".inv_freq", "embeddings.mask_token")
 
     def __init__(self, hf_config: PretrainedConfig) -> None:
         super().__init__()
@@ -105,9 +107,6 @@ class InternVLForConditionalGeneration(nn.Module):
             getattr(hf_config, "tie_word_embeddings", False)
             or getattr(tc, "tie_word_embeddings", False)
         )
-        self.num_layers = self.config.num_layers
-        self.num_kv_heads = self.config.num_kv_heads
-        self.head_dim = self.config.head_dim
 
         vc = hf_config.vision_config
         strategy = getattr(hf_config, "vision_feature_select_strategy", "default")
@@ -135,10 +134,7 @@ class InternVLForConditionalGeneration(nn.Module):
             vc.hidden_size * self.scale**2, self.config.hidden_size, hf_config.projector_hidden_act
         )
         self.language_model = DecoderModel(self.config)
-        self.lm_head = nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=False)
-
-    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.language_model.embed_tokens(input_ids)
+        self.lm_head = self.build_lm_head(tied=False)
 
     def encode_images(self, features: list[MMFeature]) -> list[torch.Tensor]:
         """All tiles of all images through the tower in one call; one [num_embeds_i, hidden] each.
@@ -162,26 +158,6 @@ class InternVLForConditionalGeneration(nn.Module):
         embeds = self.multi_modal_projector(x).flatten(0, 1)  # [T * tokens_per_tile, hidden]
         return list(embeds.split(sizes))
 
-    def forward(
-        self,
-        inputs_embeds: torch.Tensor,  # [T, hidden]
-        positions: torch.Tensor,  # [T] int64
-        kv_caches: list[torch.Tensor],
-        attn_metadata: AttentionMetadata,
-    ) -> torch.Tensor:
-        return self.language_model(inputs_embeds, positions, kv_caches, attn_metadata)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden_states, self.lm_head.weight)  # [N, vocab]
-
-    def map_weight_name(self, name: str) -> str | None:
-        if name.endswith(".inv_freq") or name.endswith("embeddings.mask_token"):
-            return None  # rotary buffers; the pre-training mask token
-        for ckpt_prefix, prefix in _PREFIXES:
-            if name.startswith(ckpt_prefix):
-                return prefix + name[len(ckpt_prefix) :]
-        return name  # unknown: reported as unexpected by load_weights_into
-
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load a checkpoint; without an lm_head, tie it to the embeddings if the config ties.
 
@@ -192,27 +168,10 @@ class InternVLForConditionalGeneration(nn.Module):
         body.vision_tower = self.vision_tower
         body.multi_modal_projector = self.multi_modal_projector
         body.language_model = self.language_model
-        lm_head: list[torch.Tensor] = []
-
-        def split(items):
-            for name, tensor in items:
-                mapped = self.map_weight_name(name)
-                if mapped == "lm_head.weight":
-                    if lm_head:
-                        raise ValueError(f"weight {name!r} appears twice in the checkpoint")
-                    lm_head.append(tensor)
-                    continue
-                yield name, tensor
-
-        load_weights_into(body, split(weights), self.map_weight_name)
-        if lm_head:
-            if tuple(lm_head[0].shape) != tuple(self.lm_head.weight.shape):
-                raise ValueError(
-                    f"lm_head.weight has shape {tuple(lm_head[0].shape)}, expected "
-                    f"{tuple(self.lm_head.weight.shape)}"
-                )
+        head = self.load_weights_but_head(weights, body)
+        if head is not None:
             with torch.no_grad():
-                self.lm_head.weight.copy_(lm_head[0])
+                self.lm_head.weight.copy_(head)
         elif self.tie_word_embeddings:
             self.lm_head.weight = self.language_model.embed_tokens.weight
         else:

@@ -19,22 +19,27 @@ unless the call overrides them. Each image becomes `image_seq_length * num_tiles
 from __future__ import annotations
 
 import functools
-import json
-import logging
-import os
-from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 import torch
 
 from vlmx.config import ModelConfig
-from vlmx.models.qwen2_vl_processor import resize_uint8_bicubic_aa
+from vlmx.models.processing import (
+    DEFAULT_CACHE_BYTES,
+    ProcessorCache,
+    check_image_tensors,
+    check_no_video_placeholders,
+    check_processor_flags,
+    find_token_runs,
+    normalization_constants,
+    preprocess_in_groups,
+    read_processor_files,
+    reject_unknown_kwargs,
+)
 from vlmx.multimodal.hashing import hash_image, hash_with_settings
 from vlmx.multimodal.inputs import MMFeature, PlaceholderRange, ProcessedPrompt
+from vlmx.multimodal.resize import resize_uint8
 
-logger = logging.getLogger(__name__)
-
-DEFAULT_CACHE_BYTES = 512 * 1024**2
 # mm_processor_kwargs: vLLM's names and HF's, each pair meaning the same thing.
 KWARG_ALIASES = {
     "max_dynamic_patch": "max_patches",
@@ -60,44 +65,19 @@ class TileSettings:
     rescale_factor: float = 1 / 255
 
 
-def read_processor_files(model_path: str) -> tuple[dict, dict]:
-    """(image processor dict, processor dict) of a checkpoint, found as transformers finds them.
-
-    `processor_config.json` (transformers 5 `save_pretrained`) nests the image processor under
-    "image_processor"; published checkpoints have a flat `preprocessor_config.json` instead.
-    """
-    processor: dict = {}
-    nested = os.path.join(model_path, "processor_config.json")
-    if os.path.isfile(nested):
-        with open(nested) as f:
-            processor = json.load(f)
-        if "image_processor" in processor:
-            return processor["image_processor"], processor
-    legacy = os.path.join(model_path, "preprocessor_config.json")
-    if os.path.isfile(legacy):
-        with open(legacy) as f:
-            return json.load(f), processor
-    logger.warning(
-        "%s has no processor_config.json or preprocessor_config.json; using "
-        "GotOcr2ImageProcessor's defaults",
-        model_path,
-    )
-    return {}, processor
-
-
 def _first(*values):
     return next((v for v in values if v is not None), None)
 
 
 def normalize_kwargs(kwargs: dict) -> dict:
     """mm_processor_kwargs -> {crop_to_patches, min_patches, max_patches} (HF names), checked."""
-    unknown = sorted(set(kwargs) - set(KWARG_ALIASES))
-    if unknown:
-        raise ValueError(
-            f"unknown mm_processor_kwargs {unknown} for InternVL; supported: "
-            f"{', '.join(KWARG_ALIASES)} (max_dynamic_patch = max_patches, min_dynamic_patch = "
-            "min_patches, dynamic_image_size = crop_to_patches)"
-        )
+    reject_unknown_kwargs(
+        kwargs,
+        KWARG_ALIASES,
+        "InternVL",
+        f"{', '.join(KWARG_ALIASES)} (max_dynamic_patch = max_patches, min_dynamic_patch = "
+        "min_patches, dynamic_image_size = crop_to_patches)",
+    )
     out: dict = {}
     for key, value in kwargs.items():
         name = KWARG_ALIASES[key]
@@ -117,9 +97,7 @@ def normalize_kwargs(kwargs: dict) -> dict:
 
 def resolve_tile_settings(raw: dict, engine_kwargs: dict) -> TileSettings:
     """Defaults < image processor file < engine-wide `mm_processor_kwargs`."""
-    for key in ("do_resize", "do_rescale", "do_normalize"):
-        if raw.get(key) is False:
-            raise ValueError(f"image processor config sets {key}=false; vlmx supports only true")
+    check_processor_flags(raw)
     if _first(raw.get("resample"), _BICUBIC) != _BICUBIC:
         raise ValueError(f"image processor config has resample={raw['resample']}; vlmx supports 3")
     default = TileSettings()
@@ -190,34 +168,6 @@ def num_tiles(height: int, width: int, s: TileSettings) -> int:
     return cols * rows + (1 if cols * rows > 1 else 0)
 
 
-class _ByteLRU:
-    """pixel_values by mm_hash, least recently used out first, bounded by tensor bytes."""
-
-    def __init__(self, capacity_bytes: int) -> None:
-        self.capacity_bytes = capacity_bytes
-        self.num_bytes = 0
-        self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, key: str) -> torch.Tensor | None:
-        entry = self._entries.get(key)
-        if entry is not None:
-            self._entries.move_to_end(key)
-        return entry
-
-    def put(self, key: str, entry: torch.Tensor) -> None:
-        size = entry.numel() * entry.element_size()
-        if key in self._entries or size > self.capacity_bytes:
-            return
-        while self.num_bytes + size > self.capacity_bytes:
-            _, old = self._entries.popitem(last=False)
-            self.num_bytes -= old.numel() * old.element_size()
-        self._entries[key] = entry
-        self.num_bytes += size
-
-
 class InternVLProcessor:
     """The processor of InternVL's transformers-native checkpoints (`vlmx.models.interface`).
 
@@ -241,7 +191,7 @@ class InternVLProcessor:
         hf_config = model_config.hf_config
         self.device = torch.device(device)
         self.dtype = model_config.dtype
-        raw, processor = read_processor_files(model_config.model_path)
+        raw, processor = read_processor_files(model_config.model_path, "GotOcr2ImageProcessor")
         self.settings = resolve_tile_settings(raw, model_config.mm_processor_kwargs or {})
         vision = hf_config.vision_config
         image_size = vision.image_size
@@ -269,12 +219,11 @@ class InternVLProcessor:
         self.start_token_id, self.end_token_id, self.video_token_id = self._named_token_ids(
             model_config
         )
-        # NOTE: same ops as HF's _fuse_mean_std_and_rescale_factor, so the float32 constants agree.
         s = self.settings
-        inv = 1.0 / s.rescale_factor
-        self._mean = (torch.tensor(s.image_mean) * inv).view(-1, 1, 1).to(self.device)  # [3,1,1]
-        self._std = (torch.tensor(s.image_std) * inv).view(-1, 1, 1).to(self.device)  # [3,1,1]
-        self.cache = _ByteLRU(cache_bytes)
+        self._mean, self._std = normalization_constants(
+            s.image_mean, s.image_std, s.rescale_factor, self.device
+        )
+        self.cache: ProcessorCache[torch.Tensor] = ProcessorCache(cache_bytes)
 
     def _named_token_ids(self, model_config: ModelConfig) -> tuple[int, int, int | None]:
         """Ids of <img>, </img> and <video>, read from the tokenizer as HF's processor does."""
@@ -312,25 +261,24 @@ class InternVLProcessor:
         """uint8 [3, H, W] images -> per image pixel_values [num_tiles, 3, S, S] (model dtype, on
         the device), no cache. Images that share (size, grid) are tiled in one batch."""
         tile = s.tile_size
-        groups: dict[tuple[int, int, int, int], list[int]] = {}
-        for i, image in enumerate(images):
+
+        def key(image: torch.Tensor) -> tuple[int, ...]:
             height, width = image.shape[-2:]
             grid = tile_grid(height, width, tile, s.min_patches, s.max_patches)
-            grid = grid if s.crop_to_patches else (1, 1)
-            groups.setdefault((height, width, *grid), []).append(i)
-        out: list[torch.Tensor] = [None] * len(images)  # type: ignore[list-item]
-        for (_, _, cols, rows), idxs in groups.items():
-            batch = torch.stack([images[i].to(self.device) for i in idxs])  # [B, 3, H, W] uint8
-            canvas = resize_uint8_bicubic_aa(batch, rows * tile, cols * tile)  # [B, 3, rS, cS]
-            tiles = canvas.reshape(len(idxs), 3, rows, tile, cols, tile).permute(0, 2, 4, 1, 3, 5)
-            tiles = tiles.reshape(len(idxs), rows * cols, 3, tile, tile)  # row-major tiles
+            return (height, width, *(grid if s.crop_to_patches else (1, 1)))
+
+        def run(group: tuple[int, ...], batch: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] uint8
+            _, _, cols, rows = group
+            b = batch.shape[0]
+            canvas = resize_uint8(batch, rows * tile, cols * tile, "bicubic")  # [B, 3, rS, cS]
+            tiles = canvas.reshape(b, 3, rows, tile, cols, tile).permute(0, 2, 4, 1, 3, 5)
+            tiles = tiles.reshape(b, rows * cols, 3, tile, tile)  # row-major tiles
             if rows * cols > 1:
-                thumb = resize_uint8_bicubic_aa(batch, tile, tile)  # [B, 3, S, S]
+                thumb = resize_uint8(batch, tile, tile, "bicubic")  # [B, 3, S, S]
                 tiles = torch.cat([tiles, thumb[:, None]], dim=1)
-            pixels = (tiles.to(torch.float32) - self._mean).div_(self._std).to(self.dtype)
-            for j, i in enumerate(idxs):
-                out[i] = pixels[j]  # [num_tiles, 3, S, S]
-        return out
+            return (tiles.to(torch.float32) - self._mean).div_(self._std).to(self.dtype)
+
+        return preprocess_in_groups(images, key, self.device, run)  # [num_tiles, 3, S, S] each
 
     def process(
         self,
@@ -338,15 +286,10 @@ class InternVLProcessor:
         images: list[torch.Tensor],
         mm_processor_kwargs: dict,
     ) -> ProcessedPrompt:
-        for image in images:
-            if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
-                raise ValueError(
-                    f"images must be uint8 [3, H, W] tensors, got {image.dtype} {list(image.shape)}"
-                )
-        if self.video_token_id is not None and self.video_token_id in prompt_token_ids:
-            raise ValueError("prompt holds video placeholders (<video>); vlmx takes images only")
+        check_image_tensors(images)
+        check_no_video_placeholders(prompt_token_ids, self.video_token_id, "<video>")
         s = self.tile_settings(mm_processor_kwargs)
-        runs = self._find_placeholder_runs(prompt_token_ids)
+        runs = find_token_runs(prompt_token_ids, self.image_token_id)
         if len(runs) != len(images):
             raise ValueError(
                 f"prompt has {len(runs)} image placeholders (<IMG_CONTEXT>) but {len(images)} "
@@ -355,7 +298,9 @@ class InternVLProcessor:
             )
         settings = {"crop": s.crop_to_patches, "min": s.min_patches, "max": s.max_patches}
         mm_hashes = [hash_with_settings(hash_image(image), settings) for image in images]
-        pixel_values = self._cached_preprocess(images, mm_hashes, s)
+        pixel_values = self.cache.get_or_compute(
+            mm_hashes, images, lambda todo: self.preprocess(todo, s)
+        )
 
         token_ids: list[int] = []
         features: list[MMFeature] = []
@@ -391,23 +336,3 @@ class InternVLProcessor:
             cursor = end
         token_ids += prompt_token_ids[cursor:]
         return ProcessedPrompt(prompt_token_ids=token_ids, mm_features=features)
-
-    def _cached_preprocess(
-        self, images: list[torch.Tensor], mm_hashes: list[str], s: TileSettings
-    ) -> list[torch.Tensor]:
-        """pixel_values per image; only images whose hash is in no cache entry are computed."""
-        found = {h: entry for h in mm_hashes if (entry := self.cache.get(h)) is not None}
-        missing = {h: image for h, image in zip(mm_hashes, images, strict=True) if h not in found}
-        if missing:
-            for mm_hash, entry in zip(missing, self.preprocess(list(missing.values()), s)):
-                found[mm_hash] = entry
-                self.cache.put(mm_hash, entry)
-        return [found[h] for h in mm_hashes]
-
-    def _find_placeholder_runs(self, prompt_token_ids: list[int]) -> list[tuple[int, int]]:
-        """(start, end) of each run of consecutive <IMG_CONTEXT> tokens in the prompt."""
-        is_image = torch.tensor(prompt_token_ids, dtype=torch.int64) == self.image_token_id  # [L]
-        edges = torch.nn.functional.pad(is_image.to(torch.int8), (1, 1)).diff()  # [L + 1]
-        starts = (edges == 1).nonzero().flatten().tolist()
-        ends = (edges == -1).nonzero().flatten().tolist()
-        return list(zip(starts, ends, strict=True))

@@ -28,18 +28,17 @@ hub checkpoints: vision_tower.*        multi_modal_projector.*        language_m
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
 from vlmx.layers.activation import get_act_fn
-from vlmx.layers.attention import AttentionMetadata
-from vlmx.layers.decoder import DecoderConfig, DecoderModel, load_weights_into
+from vlmx.layers.decoder import DecoderConfig, DecoderModel
 from vlmx.layers.norm import RMSNorm
 from vlmx.layers.pixtral_vision import Grid2D, PixtralVisionTower
+from vlmx.models.base import VLMBase
 from vlmx.models.loader import text_config
 from vlmx.models.pixtral_processor import PixtralProcessor, check_pixtral_vision
 from vlmx.multimodal.inputs import MMFeature
@@ -118,7 +117,7 @@ class Mistral3Projector(nn.Module):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
-class _PixtralVLM(nn.Module):
+class _PixtralVLM(VLMBase):
     """What both families share: vision tower, Mistral decoder, image-block layout, loading.
 
     `encode_images` reads per image `data["pixel_values"]` ([(h / p) * (w / p), 3 * p * p],
@@ -131,6 +130,7 @@ class _PixtralVLM(nn.Module):
     uses_mrope = False
     chunk_images = True  # causal attention over image tokens: a chunk may end inside one
     merge_size = 1
+    weight_prefixes = _PREFIXES
 
     def __init__(self, hf_config: PretrainedConfig) -> None:
         super().__init__()
@@ -154,19 +154,12 @@ class _PixtralVLM(nn.Module):
             o_bias=False,
             tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
         )
-        self.num_layers = self.config.num_layers
-        self.num_kv_heads = self.config.num_kv_heads
-        self.head_dim = self.config.head_dim
         self.image_token_id = hf_config.image_token_id
         self.vision_tower = PixtralVisionTower(hf_config.vision_config)
         self.vision_tower.resolve_layers(self.feature_layers)  # raises if out of range
         self.multi_modal_projector = self.build_projector(hf_config)
         self.language_model = DecoderModel(self.config)
-        self.lm_head = (
-            None
-            if self.config.tie_word_embeddings
-            else nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=False)
-        )
+        self.lm_head = self.build_lm_head(self.config.tie_word_embeddings)
 
     def build_projector(self, hf_config: PretrainedConfig) -> nn.Module:
         raise NotImplementedError
@@ -174,9 +167,6 @@ class _PixtralVLM(nn.Module):
     def project(self, states: list[torch.Tensor], grids: list[Grid2D]) -> torch.Tensor:
         """Selected hidden states of the tower ([N, D] each) -> [num_image_tokens, hidden]."""
         raise NotImplementedError
-
-    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.language_model.embed_tokens(input_ids)
 
     def encode_images(self, features: list[MMFeature]) -> list[torch.Tensor]:
         """All images through the tower and projector in one call; one block per image."""
@@ -213,51 +203,15 @@ class _PixtralVLM(nn.Module):
         blocks = blocks.masked_scatter(is_image, image_embeds.to(blocks.dtype))
         return list(blocks.split([f.num_embeds for f in features]))
 
-    def forward(
-        self,
-        inputs_embeds: torch.Tensor,  # [T, hidden]
-        positions: torch.Tensor,  # [T] int64
-        kv_caches: list[torch.Tensor],
-        attn_metadata: AttentionMetadata,
-    ) -> torch.Tensor:
-        return self.language_model(inputs_embeds, positions, kv_caches, attn_metadata)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        weight = (
-            self.language_model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        )
-        return F.linear(hidden_states, weight)  # [N, vocab]
-
-    def map_weight_name(self, name: str) -> str | None:
-        if name.endswith(".inv_freq"):  # rotary buffers some checkpoints carry
-            return None
-        for ckpt_prefix, prefix in _PREFIXES:
-            if name.startswith(ckpt_prefix):
-                return prefix + name[len(ckpt_prefix) :]
-        return name  # unknown: reported as unexpected by load_weights_into
-
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        tied_head: list[torch.Tensor] = []
-
-        def stream() -> Iterator[tuple[str, torch.Tensor]]:
-            for name, tensor in weights:
-                if self.lm_head is None and self.map_weight_name(name) == "lm_head.weight":
-                    tied_head.append(tensor)  # decided after the embeddings are loaded
-                    continue
-                yield name, tensor
-
-        load_weights_into(self, stream(), self.map_weight_name)
-        if len(tied_head) > 1:
-            raise ValueError("weight 'lm_head.weight' appears twice in the checkpoint")
-        if not tied_head:
+        if self.lm_head is not None:
+            super().load_weights(weights)
+            return
+        head = self.load_weights_but_head(weights, self)  # tied: decided after the embeddings
+        if head is None:
             return
         embed = self.language_model.embed_tokens.weight
-        if tied_head[0].shape != embed.shape:
-            raise ValueError(
-                f"weight 'lm_head.weight' has shape {tuple(tied_head[0].shape)}, expected "
-                f"{tuple(embed.shape)}"
-            )
-        head = tied_head[0].to(device=embed.device, dtype=embed.dtype)
+        head = head.to(device=embed.device, dtype=embed.dtype)
         if not torch.equal(head, embed):  # an lm_head of its own: untie, as HF does
             self.lm_head = nn.Linear(
                 embed.shape[1], embed.shape[0], bias=False, device=embed.device, dtype=embed.dtype

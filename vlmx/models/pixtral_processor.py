@@ -27,21 +27,26 @@ copy the span as one piece.
 
 from __future__ import annotations
 
-import json
-import logging
 import math
-import os
 
 import torch
 from transformers import AutoTokenizer
 
 from vlmx.config import ModelConfig
 from vlmx.layers.siglip import patchify
-from vlmx.models.qwen2_vl_processor import DEFAULT_CACHE_BYTES, _ByteLRU, resize_uint8_bicubic_aa
+from vlmx.models.processing import (
+    DEFAULT_CACHE_BYTES,
+    ProcessorCache,
+    check_image_tensors,
+    check_processor_flags,
+    normalization_constants,
+    preprocess_in_groups,
+    read_processor_files,
+    reject_unknown_kwargs,
+)
 from vlmx.multimodal.hashing import hash_image, hash_with_settings
 from vlmx.multimodal.inputs import MMFeature, PlaceholderRange, ProcessedPrompt
-
-logger = logging.getLogger(__name__)
+from vlmx.multimodal.resize import resize_uint8
 
 SUPPORTED_KWARGS = ("longest_edge", "size")
 _BICUBIC = 3  # PIL's resampling id, as configs store it
@@ -81,30 +86,6 @@ def image_token_layout(rows: int, cols: int, img: int, brk: int, end: int) -> li
     return layout
 
 
-def _read_json(path: str) -> dict:
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
-
-
-def read_processor_files(model_path: str) -> tuple[dict, dict]:
-    """(image processor dict, processor dict) as transformers finds them.
-
-    transformers 5 `save_pretrained` writes both into processor_config.json (the image processor
-    under "image_processor"); hub checkpoints have preprocessor_config.json for the image processor.
-    """
-    processor = _read_json(os.path.join(model_path, "processor_config.json"))
-    image = processor.pop("image_processor", None)
-    if image is None:
-        image = _read_json(os.path.join(model_path, "preprocessor_config.json"))
-    if not image:
-        logger.warning(
-            "%s has no image processor config; using PixtralImageProcessor's defaults", model_path
-        )
-    return image, processor
-
-
 def _patch_int(value, name: str) -> int:
     """An int patch size from `16` or `{"height": 16, "width": 16}`."""
     if isinstance(value, dict):
@@ -118,12 +99,12 @@ def _patch_int(value, name: str) -> int:
 
 def check_kwargs(longest_edge: int, overrides: dict) -> int:
     """The longest edge for one prompt: the engine-wide value, updated by mm_processor_kwargs."""
-    unknown = sorted(set(overrides) - set(SUPPORTED_KWARGS))
-    if unknown:
-        raise ValueError(
-            f"unknown mm_processor_kwargs {unknown} for Pixtral / Mistral 3; supported: "
-            "longest_edge (int) or size={'longest_edge': int}"
-        )
+    reject_unknown_kwargs(
+        overrides,
+        SUPPORTED_KWARGS,
+        "Pixtral / Mistral 3",
+        "longest_edge (int) or size={'longest_edge': int}",
+    )
     if "size" in overrides:
         size = overrides["size"]
         if not isinstance(size, dict) or set(size) != {"longest_edge"}:
@@ -161,12 +142,8 @@ class PixtralProcessor:
         check_pixtral_vision(hf_config)
         self.device = torch.device(device)
         self.dtype = model_config.dtype
-        image, processor = read_processor_files(model_config.model_path)
-        for key in ("do_resize", "do_rescale", "do_normalize"):
-            if image.get(key) is False:
-                raise ValueError(
-                    f"image processor config sets {key}=false; vlmx supports only true"
-                )
+        image, processor = read_processor_files(model_config.model_path, "PixtralImageProcessor")
+        check_processor_flags(image)
         if image.get("resample", _BICUBIC) != _BICUBIC:
             raise ValueError(
                 f"image processor config has resample={image['resample']}; vlmx supports 3"
@@ -191,12 +168,12 @@ class PixtralProcessor:
         self.longest_edge = check_kwargs(
             size["longest_edge"], model_config.mm_processor_kwargs or {}
         )
-        rescale = float(image.get("rescale_factor", 1 / 255))
-        # NOTE: same ops as HF's _fuse_mean_std_and_rescale_factor, so the float32 constants agree.
-        mean = torch.tensor(image.get("image_mean", _CLIP_MEAN)) * (1.0 / rescale)
-        std = torch.tensor(image.get("image_std", _CLIP_STD)) * (1.0 / rescale)
-        self._mean = mean.view(-1, 1, 1).to(self.device)  # [C, 1, 1]
-        self._std = std.view(-1, 1, 1).to(self.device)  # [C, 1, 1]
+        self._mean, self._std = normalization_constants(
+            image.get("image_mean", _CLIP_MEAN),
+            image.get("image_std", _CLIP_STD),
+            float(image.get("rescale_factor", 1 / 255)),
+            self.device,
+        )
 
         tokenizer = AutoTokenizer.from_pretrained(
             model_config.tokenizer_path, trust_remote_code=model_config.trust_remote_code
@@ -223,7 +200,7 @@ class PixtralProcessor:
             )
         self.image_break_token_id: int = ids["image_break_token"]
         self.image_end_token_id: int = ids["image_end_token"]
-        self.cache = _ByteLRU(cache_bytes)
+        self.cache: ProcessorCache[tuple[torch.Tensor, torch.Tensor]] = ProcessorCache(cache_bytes)
 
     def image_settings(self, mm_processor_kwargs: dict) -> dict:
         """The settings that shape one prompt's images (part of each image's mm_hash)."""
@@ -257,21 +234,22 @@ class PixtralProcessor:
         image_size: [2] int64 on the CPU, the resized (h, w) in pixels.
         Images that share (input size, target size) are resized and normalized in one batch.
         """
-        groups: dict[tuple[int, int, int, int], list[int]] = {}
-        for i, image in enumerate(images):
+
+        def key(image: torch.Tensor) -> tuple[int, ...]:
             height, width = image.shape[-2:]
-            target = resized_size(height, width, longest_edge, self.unit)
-            groups.setdefault((height, width, *target), []).append(i)
-        out: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(images)  # type: ignore[list-item]
-        for (_, _, height, width), idxs in groups.items():
-            batch = torch.stack([images[i].to(self.device) for i in idxs])  # [B, 3, H, W] uint8
-            batch = resize_uint8_bicubic_aa(batch, height, width)  # [B, 3, h, w] uint8
+            return (height, width, *resized_size(height, width, longest_edge, self.unit))
+
+        def run(
+            group: tuple[int, ...], batch: torch.Tensor
+        ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            _, _, height, width = group
+            batch = resize_uint8(batch, height, width, "bicubic")  # [B, 3, h, w] uint8
             pixels = (batch.to(torch.float32) - self._mean).div_(self._std)  # [B, 3, h, w] f32
             patches = patchify(pixels, self.patch_size).to(self.dtype)  # [B, n, 3 * p * p]
             image_size = torch.tensor([height, width])  # [2] int64, CPU
-            for j, i in enumerate(idxs):
-                out[i] = (patches[j], image_size)
-        return out
+            return [(x, image_size) for x in patches]
+
+        return preprocess_in_groups(images, key, self.device, run)
 
     def process(
         self,
@@ -279,14 +257,12 @@ class PixtralProcessor:
         images: list[torch.Tensor],
         mm_processor_kwargs: dict,
     ) -> ProcessedPrompt:
-        for image in images:
-            if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
-                raise ValueError(
-                    f"images must be uint8 [3, H, W] tensors, got {image.dtype} {list(image.shape)}"
-                )
+        check_image_tensors(images)
         kw = self.image_settings(mm_processor_kwargs)
         mm_hashes = [hash_with_settings(hash_image(image), kw) for image in images]
-        outputs = self._cached_preprocess(images, mm_hashes, kw["longest_edge"])
+        outputs = self.cache.get_or_compute(
+            mm_hashes, images, lambda todo: self.preprocess(todo, kw["longest_edge"])
+        )
         layouts = [self.layout(image_size) for _, image_size in outputs]
         spans = self._find_placeholders(prompt_token_ids, layouts)
 
@@ -380,16 +356,3 @@ class PixtralProcessor:
                 in_block = False
             i += 1
         return count
-
-    def _cached_preprocess(
-        self, images: list[torch.Tensor], mm_hashes: list[str], longest_edge: int
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Processor outputs per image; only images whose hash is in no cache entry are computed."""
-        found = {h: entry for h in mm_hashes if (entry := self.cache.get(h)) is not None}
-        missing = {h: image for h, image in zip(mm_hashes, images, strict=True) if h not in found}
-        if missing:
-            computed = self.preprocess(list(missing.values()), longest_edge)
-            for mm_hash, entry in zip(missing, computed, strict=True):
-                found[mm_hash] = entry
-                self.cache.put(mm_hash, entry)
-        return [found[h] for h in mm_hashes]

@@ -12,15 +12,11 @@ hub checkpoints: visual.*         model.{embed_tokens,layers,norm}.*            
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
-from vlmx.layers.attention import AttentionMetadata
-from vlmx.layers.decoder import DecoderConfig, DecoderModel, load_weights_into
+from vlmx.layers.decoder import DecoderConfig, DecoderModel
 from vlmx.layers.rotary import VisionRotaryEmbedding
 from vlmx.layers.vision import (
     Grid,
@@ -30,6 +26,7 @@ from vlmx.layers.vision import (
     vision_cu_seqlens,
     vision_position_ids,
 )
+from vlmx.models.base import VLMBase
 from vlmx.models.loader import text_config
 from vlmx.models.qwen2_vl_processor import Qwen2VLProcessor  # noqa: F401
 from vlmx.multimodal.inputs import MMFeature
@@ -96,7 +93,7 @@ class Qwen2VisionTransformer(nn.Module):
         return self.merger(x)
 
 
-class Qwen2VLForConditionalGeneration(nn.Module):
+class Qwen2VLForConditionalGeneration(VLMBase):
     """The vlmx model interface (`vlmx.models.interface.Model`) for Qwen2-VL.
 
     `encode_images` reads per image `data["pixel_values"]` ([t*h*w, C*tp*p*p], processor order)
@@ -106,6 +103,7 @@ class Qwen2VLForConditionalGeneration(nn.Module):
 
     uses_mrope = True
     chunk_images = True  # causal attention over image tokens: a chunk may end inside one
+    weight_prefixes = _PREFIXES
 
     def __init__(self, hf_config: PretrainedConfig) -> None:
         super().__init__()
@@ -117,23 +115,13 @@ class Qwen2VLForConditionalGeneration(nn.Module):
             tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
             default_mrope_section=DEFAULT_MROPE_SECTION,
         )
-        self.num_layers = self.config.num_layers
-        self.num_kv_heads = self.config.num_kv_heads
-        self.head_dim = self.config.head_dim
         self.merge_size = hf_config.vision_config.spatial_merge_size
         self.visual = self.build_visual(hf_config.vision_config)
         self.language_model = DecoderModel(self.config)
-        self.lm_head = (
-            None
-            if self.config.tie_word_embeddings
-            else nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=False)
-        )
+        self.lm_head = self.build_lm_head(self.config.tie_word_embeddings)
 
     def build_visual(self, vision_config) -> nn.Module:
         return Qwen2VisionTransformer(vision_config)
-
-    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.language_model.embed_tokens(input_ids)
 
     def encode_images(self, features: list[MMFeature]) -> list[torch.Tensor]:
         """All images through the vision tower in one call; one [num_embeds_i, hidden] each."""
@@ -159,31 +147,3 @@ class Qwen2VLForConditionalGeneration(nn.Module):
                 )
         embeds = self.visual(pixel_values, grids)  # [sum(sizes), hidden]
         return list(embeds.split(sizes))
-
-    def forward(
-        self,
-        inputs_embeds: torch.Tensor,  # [T, hidden]
-        positions: torch.Tensor,  # [3, T] int64
-        kv_caches: list[torch.Tensor],
-        attn_metadata: AttentionMetadata,
-    ) -> torch.Tensor:
-        return self.language_model(inputs_embeds, positions, kv_caches, attn_metadata)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        weight = (
-            self.language_model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        )
-        return F.linear(hidden_states, weight)  # [N, vocab]
-
-    def map_weight_name(self, name: str) -> str | None:
-        if name.endswith(".inv_freq"):  # rotary buffers some checkpoints carry
-            return None
-        if name.startswith("lm_head.") and self.lm_head is None:
-            return None
-        for ckpt_prefix, prefix in _PREFIXES:
-            if name.startswith(ckpt_prefix):
-                return prefix + name[len(ckpt_prefix) :]
-        return name  # unknown: reported as unexpected by load_weights_into
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        load_weights_into(self, weights, self.map_weight_name)

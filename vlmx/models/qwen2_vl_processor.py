@@ -14,32 +14,36 @@ with still images (Qwen2.5-VL's time interval applies to videos only).
 
 HF runs it on the CPU by default, where torchvision resizes uint8 with a fixed-point kernel (PIL's
 algorithm, int16 weights); on CUDA torchvision resizes in float32 and rounds, which differs by up
-to ~17 levels at sharp edges. `resize_uint8_bicubic_aa` reproduces the CPU kernel bit for bit on
-any device, so the output equals HF's default whatever the device.
+to ~17 levels at sharp edges. `vlmx.multimodal.resize.resize_uint8` gives the CPU kernel's bits
+on any device, so the output equals HF's default whatever the device.
 """
 
 from __future__ import annotations
 
-import functools
-import json
-import logging
 import math
-import os
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
-from torchvision.transforms.v2 import functional as tvF
 
 from vlmx.config import ModelConfig
+from vlmx.models.processing import (
+    DEFAULT_CACHE_BYTES,
+    ProcessorCache,
+    check_image_tensors,
+    check_no_video_placeholders,
+    check_processor_flags,
+    find_token_runs,
+    normalization_constants,
+    preprocess_in_groups,
+    read_processor_files,
+    reject_unknown_kwargs,
+)
 from vlmx.multimodal.hashing import hash_image, hash_with_settings
 from vlmx.multimodal.inputs import MMFeature, PlaceholderRange, ProcessedPrompt
-
-logger = logging.getLogger(__name__)
+from vlmx.multimodal.resize import resize_uint8
 
 SUPPORTED_KWARGS = ("min_pixels", "max_pixels")
 MAX_ASPECT_RATIO = 200
-DEFAULT_CACHE_BYTES = 512 * 1024**2
 
 _BICUBIC = 3  # PIL's resampling id, as configs store it
 
@@ -87,30 +91,6 @@ def smart_resize(
     return h_bar, w_bar
 
 
-def read_image_settings(model_path: str) -> dict:
-    """The raw image-processor dict of a checkpoint, found as transformers finds it.
-
-    `processor_config.json` with an "image_processor" key (what transformers 5 `save_pretrained`
-    writes) wins over `preprocessor_config.json` (the layout of checkpoints on the hub).
-    """
-    nested = os.path.join(model_path, "processor_config.json")
-    if os.path.isfile(nested):
-        with open(nested) as f:
-            processor = json.load(f)
-        if "image_processor" in processor:
-            return processor["image_processor"]
-    legacy = os.path.join(model_path, "preprocessor_config.json")
-    if os.path.isfile(legacy):
-        with open(legacy) as f:
-            return json.load(f)
-    logger.warning(
-        "%s has no processor_config.json or preprocessor_config.json; using "
-        "Qwen2VLImageProcessor's defaults",
-        model_path,
-    )
-    return {}
-
-
 def _first(*values):
     return next((v for v in values if v is not None), None)
 
@@ -120,9 +100,7 @@ def resolve_image_settings(raw: dict, mm_processor_kwargs: dict) -> ImageSetting
 
     In the file, top-level min_pixels / max_pixels win over `size` (as in HF's `__init__`).
     """
-    for key in ("do_resize", "do_rescale", "do_normalize"):
-        if raw.get(key) is False:
-            raise ValueError(f"image processor config sets {key}=false; vlmx supports only true")
+    check_processor_flags(raw)
     size = raw.get("size") or {}
     min_pixels = _first(raw.get("min_pixels"), size.get("shortest_edge"), size.get("min_pixels"))
     max_pixels = _first(raw.get("max_pixels"), size.get("longest_edge"), size.get("max_pixels"))
@@ -145,12 +123,7 @@ def resolve_image_settings(raw: dict, mm_processor_kwargs: dict) -> ImageSetting
 
 def check_kwargs(base: dict, overrides: dict) -> dict:
     """`base` (min_pixels, max_pixels) updated by `overrides`, validated."""
-    unknown = sorted(set(overrides) - set(SUPPORTED_KWARGS))
-    if unknown:
-        raise ValueError(
-            f"unknown mm_processor_kwargs {unknown} for Qwen2-VL; supported: "
-            f"{', '.join(SUPPORTED_KWARGS)}"
-        )
+    reject_unknown_kwargs(overrides, SUPPORTED_KWARGS, "Qwen2-VL")
     merged = {**base, **overrides}
     for key, value in merged.items():
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -186,106 +159,6 @@ def patchify(images: torch.Tensor, patch: int, merge: int, temporal_patch: int) 
     return x.reshape(b, gh * gw, c * temporal_patch * patch * patch)
 
 
-def _keys_cubic(x: torch.Tensor) -> torch.Tensor:
-    """Keys' cubic with a = -0.5 (PIL's), in torch's evaluation order (`HelperInterpCubic`)."""
-    a = -0.5
-    x = x.abs()
-    near = ((a + 2) * x - (a + 3)) * x * x + 1
-    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
-
-
-@functools.lru_cache(maxsize=256)
-def _aa_taps(
-    in_size: int, out_size: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Fixed-point antialiased bicubic taps of one axis, as torch's CPU uint8 kernel computes them
-    (`_compute_indices_min_size_weights_aa`, `_compute_index_ranges_int16_weights`).
-
-    Returns source indexes [out, taps] int64, int16-range weights [out, taps] int32 (0 past each
-    output's window) and their precision p in bits: out = (sum(src * w) + 2**(p-1)) >> p.
-    """
-    scale = in_size / out_size
-    support = 2.0 * scale if scale >= 1.0 else 2.0
-    inv_scale = 1.0 / scale if scale >= 1.0 else 1.0
-    num_taps = math.ceil(support) * 2 + 1
-    center = scale * (torch.arange(out_size, dtype=torch.float64) + 0.5)  # [out]
-    first = (center - support + 0.5).trunc().clamp(min=0)  # [out] (C++ casts truncate)
-    width = ((center + support + 0.5).trunc().clamp(max=in_size) - first).clamp(0, num_taps)
-    tap = torch.arange(num_taps, dtype=torch.float64)  # [taps]
-    weights = _keys_cubic((tap + first[:, None] - center[:, None] + 0.5) * inv_scale)
-    weights = torch.where(tap < width[:, None], weights, 0.0)  # [out, taps] float64
-    total = torch.zeros(out_size, dtype=torch.float64)
-    for j in range(num_taps):  # NOTE: summed in tap order, as the C++ loop does, for equal bits
-        total = total + weights[:, j]
-    weights = torch.where(total[:, None] != 0, weights / total[:, None], weights)
-    wt_max = weights.max().item()
-    precision = 0
-    while precision < 22 and int(0.5 + wt_max * (1 << (precision + 1))) < (1 << 15):
-        precision += 1
-    scaled = weights * (1 << precision)
-    fixed = torch.where(scaled < 0, (scaled - 0.5).trunc(), (scaled + 0.5).trunc())
-    index = (first[:, None] + tap).clamp(max=in_size - 1).long()  # [out, taps]
-    return index.to(device), fixed.to(device, torch.int32), precision
-
-
-def _resample_axis(x: torch.Tensor, dim: int, out_size: int) -> torch.Tensor:
-    """One fixed-point pass along `dim` of an int32 [B, C, H, W] tensor holding 0..255."""
-    index, weights, precision = _aa_taps(x.shape[dim], out_size, x.device)
-    shape = [1, 1, 1, 1]
-    shape[dim] = out_size
-    acc = torch.full((), 1 << (precision - 1), dtype=torch.int32, device=x.device)
-    for j in range(index.shape[1]):  # NOTE: |acc| < 2**31, as sum(|w|) < 1.3 * 2**22
-        acc = acc + x.index_select(dim, index[:, j]) * weights[:, j].view(shape)
-    return acc.bitwise_right_shift_(precision).clamp_(0, 255)
-
-
-def resize_uint8_bicubic_aa(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """uint8 [B, C, H, W] -> [B, C, height, width], on any device equal to what
-    `tvF.resize(images, [height, width], BICUBIC, antialias=True)` gives on the CPU."""
-    if images.device.type == "cpu":
-        return tvF.resize(images, [height, width], tvF.InterpolationMode.BICUBIC, antialias=True)
-    return _resize_fixed_point(images, height, width)
-
-
-def _resize_fixed_point(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """torch's CPU uint8 kernel in tensor ops: a width pass, then a height pass, each to uint8."""
-    x = images.to(torch.int32)  # [B, C, H, W]
-    if width != x.shape[-1]:
-        x = _resample_axis(x, 3, width)
-    if height != x.shape[-2]:
-        x = _resample_axis(x, 2, height)
-    return x.to(torch.uint8)
-
-
-class _ByteLRU:
-    """Processor outputs by mm_hash, least recently used out first, bounded by tensor bytes."""
-
-    def __init__(self, capacity_bytes: int) -> None:
-        self.capacity_bytes = capacity_bytes
-        self.num_bytes = 0
-        self._entries: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        entry = self._entries.get(key)
-        if entry is not None:
-            self._entries.move_to_end(key)
-        return entry
-
-    def put(self, key: str, entry: tuple[torch.Tensor, torch.Tensor]) -> None:
-        size = sum(t.numel() * t.element_size() for t in entry)
-        if key in self._entries or size > self.capacity_bytes:
-            return
-        while self.num_bytes + size > self.capacity_bytes:
-            _, old = self._entries.popitem(last=False)
-            self.num_bytes -= sum(t.numel() * t.element_size() for t in old)
-        self._entries[key] = entry
-        self.num_bytes += size
-
-
 class Qwen2VLProcessor:
     """The processor of Qwen2-VL and Qwen2.5-VL (see `vlmx.models.interface`).
 
@@ -309,7 +182,8 @@ class Qwen2VLProcessor:
         self.device = torch.device(device)
         self.dtype = model_config.dtype
         self.settings = resolve_image_settings(
-            read_image_settings(model_config.model_path), model_config.mm_processor_kwargs or {}
+            read_processor_files(model_config.model_path, "Qwen2VLImageProcessor")[0],
+            model_config.mm_processor_kwargs or {},
         )
         vision = hf_config.vision_config
         s = self.settings
@@ -322,13 +196,12 @@ class Qwen2VLProcessor:
             )
         self.image_token_id: int = hf_config.image_token_id
         self.video_token_id: int | None = getattr(hf_config, "video_token_id", None)
-        # NOTE: same ops as HF's _fuse_mean_std_and_rescale_factor, so the float32 constants agree.
-        scale = 1.0 / s.rescale_factor
-        self._mean = (torch.tensor(s.image_mean) * scale).view(-1, 1, 1).to(self.device)  # [C,1,1]
-        self._std = (torch.tensor(s.image_std) * scale).view(-1, 1, 1).to(self.device)  # [C,1,1]
+        self._mean, self._std = normalization_constants(
+            s.image_mean, s.image_std, s.rescale_factor, self.device
+        )
         self._merge = s.merge_size
         self._factor = s.patch_size * s.merge_size  # both sides of a resized image divide by it
-        self.cache = _ByteLRU(cache_bytes)
+        self.cache: ProcessorCache[tuple[torch.Tensor, torch.Tensor]] = ProcessorCache(cache_bytes)
 
     def image_settings(self, mm_processor_kwargs: dict) -> dict:
         """min_pixels / max_pixels for one prompt: the engine-wide values, updated by its kwargs."""
@@ -351,22 +224,24 @@ class Qwen2VLProcessor:
         Images that share (input size, target size) are resized and normalized in one batch.
         """
         s = self.settings
-        groups: dict[tuple[int, int, int, int], list[int]] = {}
-        for i, image in enumerate(images):
+
+        def key(image: torch.Tensor) -> tuple[int, ...]:
             height, width = image.shape[-2:]
             target = smart_resize(height, width, self._factor, min_pixels, max_pixels)
-            groups.setdefault((height, width, *target), []).append(i)
-        out: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(images)  # type: ignore[list-item]
-        for (_, _, height, width), idxs in groups.items():
-            batch = torch.stack([images[i].to(self.device) for i in idxs])  # [B, 3, H, W] uint8
-            batch = resize_uint8_bicubic_aa(batch, height, width)  # [B, 3, h, w] uint8
+            return (height, width, *target)
+
+        def run(
+            group: tuple[int, ...], batch: torch.Tensor
+        ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            _, _, height, width = group
+            batch = resize_uint8(batch, height, width, "bicubic")  # [B, 3, h, w] uint8
             pixels = (batch.to(torch.float32) - self._mean).div_(self._std)  # [B, 3, h, w] f32
             patches = patchify(pixels, s.patch_size, s.merge_size, s.temporal_patch_size)
             patches = patches.to(self.dtype)  # [B, gh * gw, 3 * T * p * p]
             grid_thw = torch.tensor([1, height // s.patch_size, width // s.patch_size])  # [3]
-            for j, i in enumerate(idxs):
-                out[i] = (patches[j], grid_thw)
-        return out
+            return [(x, grid_thw) for x in patches]
+
+        return preprocess_in_groups(images, key, self.device, run)
 
     def process(
         self,
@@ -374,17 +249,10 @@ class Qwen2VLProcessor:
         images: list[torch.Tensor],
         mm_processor_kwargs: dict,
     ) -> ProcessedPrompt:
-        for image in images:
-            if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
-                raise ValueError(
-                    f"images must be uint8 [3, H, W] tensors, got {image.dtype} {list(image.shape)}"
-                )
-        if self.video_token_id is not None and self.video_token_id in prompt_token_ids:
-            raise ValueError(
-                "prompt holds video placeholders (<|video_pad|>); vlmx takes images only"
-            )
+        check_image_tensors(images)
+        check_no_video_placeholders(prompt_token_ids, self.video_token_id, "<|video_pad|>")
         kw = self.image_settings(mm_processor_kwargs)
-        runs = self._find_placeholder_runs(prompt_token_ids)
+        runs = find_token_runs(prompt_token_ids, self.image_token_id)
         if len(runs) != len(images):
             raise ValueError(
                 f"prompt has {len(runs)} image placeholders (<|image_pad|>) but {len(images)} "
@@ -392,7 +260,11 @@ class Qwen2VLProcessor:
                 f"prompt per image (llm.chat writes them for you)"
             )
         mm_hashes = [hash_with_settings(hash_image(image), kw) for image in images]
-        outputs = self._cached_preprocess(images, mm_hashes, kw)
+        outputs = self.cache.get_or_compute(
+            mm_hashes,
+            images,
+            lambda todo: self.preprocess(todo, kw["min_pixels"], kw["max_pixels"]),
+        )
 
         token_ids: list[int] = []
         features: list[MMFeature] = []
@@ -437,24 +309,3 @@ class Qwen2VLProcessor:
             mrope_positions=mrope_positions,
             mrope_position_delta=next_pos - len(token_ids),
         )
-
-    def _cached_preprocess(
-        self, images: list[torch.Tensor], mm_hashes: list[str], kw: dict
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Processor outputs per image; only images whose hash is in no cache entry are computed."""
-        found = {h: entry for h in mm_hashes if (entry := self.cache.get(h)) is not None}
-        missing = {h: image for h, image in zip(mm_hashes, images, strict=True) if h not in found}
-        if missing:
-            computed = self.preprocess(list(missing.values()), kw["min_pixels"], kw["max_pixels"])
-            for mm_hash, entry in zip(missing, computed, strict=True):
-                found[mm_hash] = entry
-                self.cache.put(mm_hash, entry)
-        return [found[h] for h in mm_hashes]
-
-    def _find_placeholder_runs(self, prompt_token_ids: list[int]) -> list[tuple[int, int]]:
-        """(start, end) of each run of consecutive image tokens in the prompt."""
-        is_image = torch.tensor(prompt_token_ids, dtype=torch.int64) == self.image_token_id  # [L]
-        edges = torch.nn.functional.pad(is_image.to(torch.int8), (1, 1)).diff()  # [L + 1]
-        starts = (edges == 1).nonzero().flatten().tolist()
-        ends = (edges == -1).nonzero().flatten().tolist()
-        return list(zip(starts, ends, strict=True))

@@ -1,0 +1,123 @@
+"""What every family's model shares: the text half of the model interface around its decoder.
+
+A family's model (see `vlmx.models.interface.Model`) is a vision tower and a projector in front of
+a decoder. Everything past the image embeddings is the same in every family, and lives here:
+
+```
+input_ids --embed_tokens--> [T, hidden] --forward (the decoder)--> [T, hidden]
+  --compute_logits: @ lm_head.weight.T, or @ embed_tokens.weight.T when tied--> [N, vocab]
+```
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmx.layers.attention import AttentionMetadata
+from vlmx.layers.decoder import load_weights_into
+
+
+class VLMBase(nn.Module):
+    """The decoder side of a family's model.
+
+    A family builds its decoder (`layers.decoder.DecoderModel` or `layers.gemma.
+    GemmaDecoderModel`) at the attribute `decoder_name`, its decoder config at `self.config`, and
+    `self.lm_head` with `build_lm_head` (None: the logits use the tied embedding matrix). It
+    declares its checkpoint names in `weight_prefixes` and `skipped_weight_suffixes`.
+    """
+
+    decoder_name = "language_model"
+    # checkpoint prefix -> module prefix, first match wins
+    weight_prefixes: tuple[tuple[str, str], ...] = ()
+    # checkpoint tensors that are no parameters (rotary buffers some checkpoints carry)
+    skipped_weight_suffixes: tuple[str, ...] = (".inv_freq",)
+    lm_head: nn.Linear | None
+
+    @property
+    def decoder(self) -> nn.Module:
+        return getattr(self, self.decoder_name)
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_layers
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.config.num_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.config.head_dim
+
+    def build_lm_head(self, tied: bool) -> nn.Linear | None:
+        if tied:
+            return None
+        return nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=False)
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.decoder.embed_tokens(input_ids)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,  # [T, hidden]
+        positions: torch.Tensor,  # [T] int64, or [3, T] with M-RoPE
+        kv_caches: list[torch.Tensor],
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        return self.decoder(inputs_embeds, positions, kv_caches, attn_metadata)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        head = self.decoder.embed_tokens if self.lm_head is None else self.lm_head
+        return F.linear(hidden_states, head.weight)  # [N, vocab]
+
+    def rename_weight(self, name: str) -> str | None:
+        """A checkpoint name -> the module name it has here (None: skipped). An unknown name
+        comes back as it is, so that `load_weights_into` reports it as unexpected."""
+        if name.endswith(self.skipped_weight_suffixes):
+            return None
+        for ckpt_prefix, prefix in self.weight_prefixes:
+            if name.startswith(ckpt_prefix):
+                return prefix + name[len(ckpt_prefix) :]
+        return name
+
+    def map_weight_name(self, name: str) -> str | None:
+        """`rename_weight`, and lm_head's tensors skipped while it is tied."""
+        mapped = self.rename_weight(name)
+        if mapped is not None and mapped.startswith("lm_head.") and self.lm_head is None:
+            return None
+        return mapped
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        load_weights_into(self, weights, self.map_weight_name)
+
+    def load_weights_but_head(
+        self, weights: Iterable[tuple[str, torch.Tensor]], into: nn.Module
+    ) -> torch.Tensor | None:
+        """Load every checkpoint tensor but lm_head.weight into `into` (this model without an
+        lm_head, or a module holding all its modules but lm_head); return the checkpoint's
+        lm_head.weight, shape-checked, or None when it has none. For families whose config
+        does not settle whether lm_head is tied: they decide once they see the checkpoint."""
+        heads: list[torch.Tensor] = []
+
+        def stream() -> Iterator[tuple[str, torch.Tensor]]:
+            for name, tensor in weights:
+                if self.rename_weight(name) != "lm_head.weight":
+                    yield name, tensor
+                elif heads:
+                    raise ValueError(f"weight {name!r} appears twice in the checkpoint")
+                else:
+                    heads.append(tensor)
+
+        load_weights_into(into, stream(), self.map_weight_name)
+        if not heads:
+            return None
+        expected = tuple(self.decoder.embed_tokens.weight.shape)
+        if tuple(heads[0].shape) != expected:
+            raise ValueError(
+                f"weight 'lm_head.weight' has shape {tuple(heads[0].shape)}, expected {expected}"
+            )
+        return heads[0]

@@ -95,3 +95,15 @@ def test_lanczos_kernel_matches_torch_cpu() -> None:
         x = torch.randint(0, 256, (2, 3, in_h, in_w), dtype=torch.uint8, generator=gen)
         ours = resize_uint8_fixed_point(x, out_h, out_w, "lanczos")
         assert torch.equal(ours, resize_uint8(x, out_h, out_w, "lanczos"))
+
+
+def test_lanczos_without_torch_support_falls_back_to_the_same_result(monkeypatch) -> None:
+    # torch releases before lanczos in `interpolate` (e.g. 2.11): the fixed-point kernel serves.
+    from vlmx.multimodal import resize
+
+    images = torch.randint(0, 256, (2, 3, 37, 53), dtype=torch.uint8)
+    native = resize.resize_uint8(images, 20, 31, "lanczos")
+    monkeypatch.setattr(resize, "_torch_has_lanczos", lambda: False)
+    torch.testing.assert_close(
+        resize.resize_uint8(images, 20, 31, "lanczos"), native, atol=0, rtol=0
+    )

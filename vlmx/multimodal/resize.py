@@ -117,6 +117,18 @@ def resize_uint8_fixed_point(
     return x.to(torch.uint8)
 
 
+@functools.cache
+def _torch_has_lanczos() -> bool:
+    """Whether this torch's `interpolate` has an antialiased lanczos mode (newer releases do;
+    without it the fixed-point kernel gives the same result)."""
+    try:
+        probe = torch.zeros(1, 1, 4, 4, dtype=torch.uint8)
+        torch.nn.functional.interpolate(probe, size=[2, 2], mode="lanczos", antialias=True)
+    except (NotImplementedError, RuntimeError, ValueError):
+        return False
+    return True
+
+
 def resize_uint8(images: torch.Tensor, height: int, width: int, filter: Filter) -> torch.Tensor:
     """uint8 [B, C, H, W] -> [B, C, height, width], antialiased, on any device equal to torch's
     CPU uint8 kernel.
@@ -125,7 +137,7 @@ def resize_uint8(images: torch.Tensor, height: int, width: int, filter: Filter) 
     bilinear; `interpolate` for lanczos, which torchvision lacks); elsewhere it runs
     `resize_uint8_fixed_point`.
     """
-    if images.device.type != "cpu":
+    if images.device.type != "cpu" or (filter == "lanczos" and not _torch_has_lanczos()):
         return resize_uint8_fixed_point(images, height, width, filter)
     if filter == "lanczos":
         return torch.nn.functional.interpolate(

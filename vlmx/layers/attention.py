@@ -190,11 +190,14 @@ def _batched_decode(
     shape = (len(seqs), plan.tables.shape[1] * block_size, num_kv_heads, head_dim)
     key = kv_cache[0, plan.tables].view(shape)[:, : plan.max_len].transpose(1, 2)  # [B, Hkv, L, D]
     value = kv_cache[1, plan.tables].view(shape)[:, : plan.max_len].transpose(1, 2)
-    q = query[plan.row_index].unsqueeze(2)  # [B, heads, 1, D]
-    o = F.scaled_dot_product_attention(
-        q, key, value, attn_mask=plan.mask, scale=scale, enable_gqa=True
-    )
-    out[plan.row_index] = o.squeeze(2)
+    # NOTE: the query heads that share a KV head become that head's queries ([B, Hkv, G, D]),
+    # so no GQA expansion is needed and SDPA's fused masked kernels apply (enable_gqa with a
+    # mask falls back to the slow math path on CUDA).
+    num_heads = query.shape[1]
+    group = num_heads // num_kv_heads
+    q = query[plan.row_index].view(len(seqs), num_kv_heads, group, head_dim)
+    o = F.scaled_dot_product_attention(q, key, value, attn_mask=plan.mask, scale=scale)
+    out[plan.row_index] = o.reshape(len(seqs), num_heads, head_dim)
 
 
 def _masked_paged_attention(

@@ -125,9 +125,16 @@ def test_same_outputs_under_caching_chunking_and_preemption(family_setup, test_i
         for out, base in zip(outputs, baseline):
             assert out.prompt_token_ids == base.prompt_token_ids
             assert out.outputs[0].token_ids == base.outputs[0].token_ids
-            for a, b in zip(out.outputs[0].logprobs, base.outputs[0].logprobs):
-                for token_id in b:
+            for token, a, b in zip(
+                base.outputs[0].token_ids, out.outputs[0].logprobs, base.outputs[0].logprobs
+            ):
+                # The sampled token is in both; the rest of the top-k may swap a near-tie in
+                # bf16 when the batch is laid out differently.
+                assert token in a and token in b
+                for token_id in b.keys() & a.keys():
                     assert abs(a[token_id].logprob - b[token_id].logprob) < ATOL
+                if TEST_DTYPE == "float32":
+                    assert a.keys() == b.keys()
 
     # Prefix caching: a second run of the batch hits the cache for the shared parts; the
     # prompt that differs only in its first image must not reuse the first prompt's KV.

@@ -140,3 +140,18 @@ def test_preprocess_in_groups_batches_by_key_and_keeps_order():
     out = processing.preprocess_in_groups(images, lambda im: tuple(im.shape[-2:]), "cpu", run)
     assert out == list(range(len(images)))
     assert batches == [((2, 3), 2), ((4, 4), 2), ((1, 5), 1)]
+
+
+def test_check_placeholder_count_says_what_to_put_in_the_prompt():
+    from vlmx.models.processing import check_placeholder_count
+
+    check_placeholder_count(2, 2, "<image>")
+    with pytest.raises(ValueError) as e:
+        check_placeholder_count(
+            1, 3, "<|image_pad|>", "<|vision_start|><|image_pad|><|vision_end|>"
+        )
+    assert str(e.value) == (
+        "prompt has 1 image placeholders (<|image_pad|>) but 3 images were given; put one "
+        "<|vision_start|><|image_pad|><|vision_end|> in the prompt per image (llm.chat writes "
+        "them for you)"
+    )

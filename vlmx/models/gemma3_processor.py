@@ -38,6 +38,7 @@ from vlmx.models.processing import (
     DEFAULT_CACHE_BYTES,
     ProcessorCache,
     check_image_tensors,
+    check_placeholder_count,
     check_processor_flags,
     find_token_runs,
     normalization_constants,
@@ -206,12 +207,7 @@ class Gemma3Processor:
                 )
         else:
             num_boi = prompt_token_ids.count(self.boi_id)
-            if num_boi != len(images):
-                raise ValueError(
-                    f"prompt has {num_boi} image placeholders (<start_of_image>) but "
-                    f"{len(images)} images were given; put one <start_of_image> in the prompt "
-                    "per image (llm.chat writes them for you)"
-                )
+            check_placeholder_count(num_boi, len(images), "<start_of_image>")
             token_ids, spans = self._expand(prompt_token_ids, [len(c) - 1 for c in crops])
         features = []
         for (start, end), key, px in zip(spans, flat_keys, pixels, strict=True):

@@ -43,6 +43,7 @@ from vlmx.models.processing import (
     ProcessorCache,
     check_image_tensors,
     check_no_video_placeholders,
+    check_placeholder_count,
     check_processor_flags,
     normalization_constants,
     preprocess_in_groups,
@@ -330,12 +331,7 @@ class Idefics3Processor:
         check_no_video_placeholders(prompt_token_ids, self.video_token_id, "<video>")
         s = self.image_settings(mm_processor_kwargs)
         num_placeholders = self._count_placeholders(prompt_token_ids)
-        if num_placeholders != len(images):
-            raise ValueError(
-                f"prompt has {num_placeholders} image placeholders (<image>) but {len(images)} "
-                f"images were given; put one <image> in the prompt per image (llm.chat writes "
-                f"them for you)"
-            )
+        check_placeholder_count(num_placeholders, len(images), "<image>")
         plans = [plan_image(*image.shape[-2:], s) for image in images]
         mm_hashes = [hash_with_settings(hash_image(image), s.kwargs()) for image in images]
         pixel_values = self.cache.get_or_compute(

@@ -29,6 +29,7 @@ from vlmx.models.processing import (
     ProcessorCache,
     check_image_tensors,
     check_no_video_placeholders,
+    check_placeholder_count,
     check_processor_flags,
     find_token_runs,
     normalization_constants,
@@ -290,12 +291,13 @@ class InternVLProcessor:
         check_no_video_placeholders(prompt_token_ids, self.video_token_id, "<video>")
         s = self.tile_settings(mm_processor_kwargs)
         runs = find_token_runs(prompt_token_ids, self.image_token_id)
-        if len(runs) != len(images):
-            raise ValueError(
-                f"prompt has {len(runs)} image placeholders (<IMG_CONTEXT>) but {len(images)} "
-                f"images were given; put one <IMG_CONTEXT> in the prompt per image (the chat "
-                f"template writes it for an {{'type': 'image'}} part; llm.chat does it for you)"
-            )
+        check_placeholder_count(
+            len(runs),
+            len(images),
+            "<IMG_CONTEXT>",
+            hint="the chat template writes it for an {'type': 'image'} part; llm.chat does it "
+            "for you",
+        )
         settings = {"crop": s.crop_to_patches, "min": s.min_patches, "max": s.max_patches}
         mm_hashes = [hash_with_settings(hash_image(image), settings) for image in images]
         pixel_values = self.cache.get_or_compute(

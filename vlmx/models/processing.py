@@ -182,6 +182,21 @@ def check_no_video_placeholders(
         raise ValueError(f"prompt holds video placeholders ({token_name}); vlmx takes images only")
 
 
+def check_placeholder_count(
+    num_found: int,
+    num_images: int,
+    placeholder: str,
+    example: str | None = None,
+    hint: str = "llm.chat writes them for you",
+) -> None:
+    """One placeholder per image, or a ValueError saying what to put in the prompt."""
+    if num_found != num_images:
+        raise ValueError(
+            f"prompt has {num_found} image placeholders ({placeholder}) but {num_images} images "
+            f"were given; put one {example or placeholder} in the prompt per image ({hint})"
+        )
+
+
 def find_token_runs(prompt_token_ids: list[int], token_id: int) -> list[tuple[int, int]]:
     """(start, end) of each run of consecutive `token_id` tokens in the prompt.
 

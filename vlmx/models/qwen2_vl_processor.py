@@ -31,6 +31,7 @@ from vlmx.models.processing import (
     ProcessorCache,
     check_image_tensors,
     check_no_video_placeholders,
+    check_placeholder_count,
     check_processor_flags,
     find_token_runs,
     normalization_constants,
@@ -253,12 +254,9 @@ class Qwen2VLProcessor:
         check_no_video_placeholders(prompt_token_ids, self.video_token_id, "<|video_pad|>")
         kw = self.image_settings(mm_processor_kwargs)
         runs = find_token_runs(prompt_token_ids, self.image_token_id)
-        if len(runs) != len(images):
-            raise ValueError(
-                f"prompt has {len(runs)} image placeholders (<|image_pad|>) but {len(images)} "
-                f"images were given; put one <|vision_start|><|image_pad|><|vision_end|> in the "
-                f"prompt per image (llm.chat writes them for you)"
-            )
+        check_placeholder_count(
+            len(runs), len(images), "<|image_pad|>", "<|vision_start|><|image_pad|><|vision_end|>"
+        )
         mm_hashes = [hash_with_settings(hash_image(image), kw) for image in images]
         outputs = self.cache.get_or_compute(
             mm_hashes,

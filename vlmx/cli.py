@@ -57,6 +57,14 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--card", choices=sorted(CARDS), default=None, help="default: detected")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None, help="also write the results to this file")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    p.add_argument(
+        "--profile",
+        default=None,
+        metavar="DIR",
+        help="profile the timed run with torch.profiler; write a summary (GPU busy time, top "
+        "kernels and host functions) and a Chrome trace into DIR",
+    )
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -75,7 +83,9 @@ def _bench(args: argparse.Namespace) -> int:
                 max_num_seqs=args.max_num_seqs,
                 card=args.card,
                 output_len=args.output_len,
+                profile_dir=args.profile,
                 device=args.device,
+                enforce_eager=args.enforce_eager,
             ).summary()
         )
         print("RESULT " + json.dumps(results[-1]), flush=True)

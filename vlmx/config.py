@@ -107,6 +107,7 @@ class EngineConfig:
     device: torch.device
     seed: int | None
     max_logprobs: int
+    enforce_eager: bool = False  # True: no CUDA graphs for decode steps
 
 
 def parse_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:

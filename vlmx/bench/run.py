@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
+import os
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -89,6 +92,7 @@ def run_vlmx(
     max_num_seqs: int = 256,
     card: str | None = None,
     output_len: int | None = None,
+    profile_dir: str | None = None,
     **engine_kwargs,
 ) -> BenchResult:
     from vlmx import LLM, SamplingParams
@@ -142,11 +146,15 @@ def run_vlmx(
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    start = time.monotonic()
-    outputs = run(batch)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    wall = time.monotonic() - start
+    with _profiler(profile_dir) as prof:
+        start = time.monotonic()
+        outputs = run(batch)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        wall = time.monotonic() - start
+    extra = {}
+    if prof is not None:
+        extra["gpu_busy_fraction"] = write_profile(prof, profile_dir, wall)
 
     engine = llm.llm_engine
     items = []
@@ -170,8 +178,54 @@ def run_vlmx(
         peak_gpu_gib=_peak_gib(),
         ttft_s=[o.metrics.first_token_time - start for o in outputs],
         floor=floor,
-        extra={"kv_blocks": engine.num_kv_blocks, "preemptions": engine.scheduler.num_preemptions},
+        extra={
+            "kv_blocks": engine.num_kv_blocks,
+            "preemptions": engine.scheduler.num_preemptions,
+            "cuda_graphs": engine.runner.graphs is not None,
+            **extra,
+        },
     )
+
+
+@contextlib.contextmanager
+def _profiler(profile_dir: str | None) -> Iterator[torch.profiler.profile | None]:
+    if profile_dir is None:
+        yield None
+        return
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        yield prof
+
+
+def write_profile(prof: torch.profiler.profile, profile_dir: str, wall_s: float) -> float:
+    """Write `summary.txt` (GPU busy time, top kernels, top host functions) and `trace.json`
+    into `profile_dir`; return the fraction of the wall time some kernel ran on the GPU."""
+    os.makedirs(profile_dir, exist_ok=True)
+    intervals = sorted(
+        (e.time_range.start, e.time_range.end)
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA
+    )
+    busy_us, reach = 0.0, float("-inf")
+    for start, end in intervals:  # union of kernel intervals
+        if end > reach:
+            busy_us += end - max(start, reach)
+            reach = end
+    busy = busy_us / 1e6 / wall_s
+    averages = prof.key_averages()
+    with open(os.path.join(profile_dir, "summary.txt"), "w") as f:
+        f.write(f"wall {wall_s:.2f} s, GPU busy {busy_us / 1e6:.2f} s ({busy:.1%})\n\n")
+        f.write(
+            averages.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70)
+        )
+        f.write("\n")
+        f.write(
+            averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70)
+        )
+    prof.export_chrome_trace(os.path.join(profile_dir, "trace.json"))
+    return round(busy, 3)
 
 
 def run_hf(

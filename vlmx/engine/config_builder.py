@@ -129,6 +129,7 @@ def build_engine_config(args: EngineArgs) -> EngineConfig:
         device=device,
         seed=args.seed,
         max_logprobs=args.max_logprobs,
+        enforce_eager=args.enforce_eager,
     )
 
 

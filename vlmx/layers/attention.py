@@ -1,7 +1,20 @@
 """Attention over a flat varlen batch with a paged KV cache, and varlen attention for vision.
 
-Backends share one interface. `torch` (SDPA, any device) is the reference and the CPU path;
-the CUDA fast path (varlen FlashAttention, Triton paged decode) plugs in behind the same calls.
+Two backends behind one interface. `torch` (SDPA, any device and dtype) is the reference and
+the CPU path that CI runs. The CUDA fast path (bf16 / fp16) is chosen per step by the model
+runner, which then attaches a `FastPlan` to the step's metadata:
+
+```
+single-query sequences (decode)  -> Triton paged-decode kernel, keys read from the cache
+multi-query sequences (prefill)  -> one varlen FlashAttention call over the packed sequences;
+                                    keys = this step's own keys when no sequence has cached
+                                    context, else gathered from the cache by slot
+K/V of the step                  -> Triton KV-store kernel (padding rows, slot -1, skipped)
+```
+
+A step of decodes only touches no host data in any layer, so it can be captured in a CUDA
+graph. Families with bidirectional image spans or sliding windows (Gemma 3) keep the torch
+backend.
 
 KV cache layout, one tensor per layer:
 
@@ -16,9 +29,15 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from vlmx.ops import paged_attention as triton_ops
+from vlmx.ops.varlen import flash_varlen_available, varlen_flash_attention
+
+Rows = slice | torch.Tensor  # the query rows of a group of sequences: a range, or an index
 
 
 @dataclass(slots=True)
@@ -30,6 +49,21 @@ class DecodePlan:
     tables: torch.Tensor  # [B, num_blocks] int64, their block tables (-1 clamped to 0)
     mask: torch.Tensor  # [B, 1, 1, max_len] bool, True = a real key
     max_len: int
+
+
+@dataclass(slots=True)
+class FastPlan:
+    """One step laid out for the CUDA fast path (see the module docstring)."""
+
+    decode_rows: Rows | None  # rows of the single-query sequences; None = there are none
+    decode_block_tables: torch.Tensor | None  # [num_decode, max_blocks] int32
+    decode_seq_lens: torch.Tensor | None  # [num_decode] int32
+    prefill_rows: Rows | None  # rows of the multi-query sequences; None = there are none
+    cu_seq_q: torch.Tensor | None = None  # [num_prefill + 1] int32
+    cu_seq_k: torch.Tensor | None = None  # [num_prefill + 1] int32
+    max_q: int = 0
+    max_k: int = 0
+    key_slots: torch.Tensor | None = None  # [cu_seq_k[-1]] int64; None = the step's own keys
 
 
 @dataclass(slots=True)
@@ -63,6 +97,8 @@ class AttentionMetadata:
     bidirectional_spans_cpu: list[list[tuple[int, int]]] | None = None
     # Built by the first layer that needs it, reused by the others (no host work per layer).
     decode_plan: DecodePlan | None = None
+    # Set by the model runner when the step runs on the CUDA fast path.
+    fast_plan: FastPlan | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -232,6 +268,104 @@ def _masked_paged_attention(
     return out
 
 
+def fast_path_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the CUDA fast path (varlen FlashAttention + Triton kernels) runs here."""
+    return (
+        dtype in (torch.bfloat16, torch.float16)
+        and flash_varlen_available(device)
+        and triton_ops.triton_available(device)
+    )
+
+
+def _rows(indexes: list[int], to_device) -> Rows:
+    """A slice when the rows are one contiguous range (a view, no copy), else an index."""
+    if indexes[-1] - indexes[0] + 1 == len(indexes):
+        return slice(indexes[0], indexes[-1] + 1)
+    return to_device(np.asarray(indexes, dtype=np.int64), torch.long)
+
+
+def build_fast_plan(
+    query_start_loc: list[int],
+    seq_lens: list[int],
+    block_table: np.ndarray,  # [num_seqs, max_blocks] int32 (host)
+    block_size: int,
+    block_tables: torch.Tensor,  # the same table on the device
+    seq_lens_dev: torch.Tensor,  # [num_seqs] int32 on the device
+    to_device,  # (np.ndarray, torch.dtype) -> device tensor
+) -> FastPlan:
+    """Split a step into its decode and prefill sequences and build their device inputs."""
+    num_queries = np.diff(np.asarray(query_start_loc))
+    decode = np.flatnonzero(num_queries == 1).tolist()
+    prefill = np.flatnonzero(num_queries > 1).tolist()
+    plan = FastPlan(None, None, None, None)
+    if decode and not prefill:
+        plan.decode_rows = slice(0, query_start_loc[-1])
+        plan.decode_block_tables, plan.decode_seq_lens = block_tables, seq_lens_dev
+        return plan
+    if decode:
+        rows = [query_start_loc[i] for i in decode]
+        plan.decode_rows = _rows(rows, to_device)
+        plan.decode_block_tables = to_device(block_table[decode], torch.int32)
+        plan.decode_seq_lens = to_device(np.asarray(seq_lens)[decode], torch.int32)
+    if prefill:
+        rows = [r for i in prefill for r in range(query_start_loc[i], query_start_loc[i + 1])]
+        plan.prefill_rows = _rows(rows, to_device)
+        q_lens = num_queries[prefill]
+        k_lens = np.asarray(seq_lens)[prefill]
+        plan.cu_seq_q = to_device(np.concatenate(([0], np.cumsum(q_lens))), torch.int32)
+        plan.cu_seq_k = to_device(np.concatenate(([0], np.cumsum(k_lens))), torch.int32)
+        plan.max_q, plan.max_k = int(q_lens.max()), int(k_lens.max())
+        if (k_lens > q_lens).any():  # cached context: read every key back from the cache
+            slots = []
+            for i, n in zip(prefill, k_lens.tolist()):
+                pos = np.arange(n)
+                slots.append(block_table[i, pos // block_size].astype(np.int64) * block_size)
+                slots[-1] += pos % block_size
+            plan.key_slots = to_device(np.concatenate(slots), torch.long)
+    return plan
+
+
+def paged_attention_fast(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim], already in the cache
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    plan: FastPlan,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of the step's queries over their sequences' keys (CUDA fast path)."""
+    if plan.prefill_rows is None:
+        return triton_ops.paged_decode_attention(
+            query, kv_cache, plan.decode_block_tables, plan.decode_seq_lens, scale
+        )
+    rows = plan.prefill_rows
+    if plan.key_slots is None:
+        k, v = key[rows], value[rows]
+    else:
+        num_kv_heads, head_dim = kv_cache.shape[-2:]
+        k = kv_cache[0].view(-1, num_kv_heads, head_dim).index_select(0, plan.key_slots)
+        v = kv_cache[1].view(-1, num_kv_heads, head_dim).index_select(0, plan.key_slots)
+    o = varlen_flash_attention(
+        query[rows],
+        k,
+        v,
+        plan.cu_seq_q,
+        plan.cu_seq_k,
+        plan.max_q,
+        plan.max_k,
+        causal=True,
+        scale=scale,
+    )
+    if plan.decode_rows is None:
+        return o
+    out = torch.empty_like(query)
+    out[rows] = o
+    out[plan.decode_rows] = triton_ops.paged_decode_attention(
+        query[plan.decode_rows], kv_cache, plan.decode_block_tables, plan.decode_seq_lens, scale
+    )
+    return out
+
+
 class PagedAttention(nn.Module):
     """Decoder self-attention: stores this step's K/V in the paged cache, then attends.
 
@@ -262,6 +396,10 @@ class PagedAttention(nn.Module):
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
+        plan = metadata.fast_plan
+        if plan is not None and self.sliding_window is None:
+            triton_ops.store_kv(key, value, kv_cache, metadata.slot_mapping)
+            return paged_attention_fast(query, key, value, kv_cache, plan, self.scale)
         store_kv(key, value, kv_cache, metadata.slot_mapping)
         return paged_attention_torch(query, kv_cache, metadata, self.scale, self.sliding_window)
 
@@ -288,6 +426,17 @@ def _segment_rows(
     ]
 
 
+@functools.lru_cache(maxsize=16)
+def _device_cu_seqlens(
+    cu_seqlens: tuple[int, ...], device: torch.device
+) -> tuple[torch.Tensor, int]:
+    """Segment boundaries as an int32 device tensor, and the longest segment (memoised, as
+    `_segment_rows`: every layer of a tower calls with the same boundaries)."""
+    cu = torch.tensor(cu_seqlens, dtype=torch.int32)
+    cu = cu.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else cu
+    return cu, int(np.diff(cu_seqlens).max(initial=0))
+
+
 def varlen_attention(
     query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
     key: torch.Tensor,  # [num_tokens, num_heads, head_dim]
@@ -297,9 +446,15 @@ def varlen_attention(
 ) -> torch.Tensor:
     """Full (non-causal) attention inside each segment; segments never see each other.
 
-    Used by vision towers: one segment per image or per attention window. Segments of equal
+    Used by vision towers: one segment per image or per attention window. On CUDA in bf16 /
+    fp16, one varlen FlashAttention call covers every segment; elsewhere segments of equal
     length run as one batched SDPA call (a tower's windows are mostly of one size).
     """
+    if query.dtype in (torch.bfloat16, torch.float16) and flash_varlen_available(query.device):
+        cu, max_len = _device_cu_seqlens(tuple(cu_seqlens), query.device)
+        return varlen_flash_attention(
+            query, key, value, cu, cu, max_len, max_len, causal=False, scale=scale
+        )
     out = torch.empty_like(query)
     num_heads, head_dim = query.shape[1:]
     for length, num_segments, rows in _segment_rows(tuple(cu_seqlens), query.device):

@@ -23,13 +23,14 @@ from vlmx.layers.vision import (
     PatchEmbed,
     PatchMerger,
     VisionBlock,
+    host_to_device,
     vision_cu_seqlens,
     vision_position_ids,
 )
 from vlmx.models.base import VLMBase
 from vlmx.models.loader import text_config
 from vlmx.models.qwen2_vl_processor import Qwen2VLProcessor  # noqa: F401
-from vlmx.multimodal.inputs import MMFeature
+from vlmx.multimodal.inputs import MMFeature, PlaceholderRange
 
 # HF `Qwen2VLRotaryEmbedding` falls back to this when the config names no section.
 DEFAULT_MROPE_SECTION = [16, 24, 24]
@@ -87,7 +88,7 @@ class Qwen2VisionTransformer(nn.Module):
         pos_hw = vision_position_ids(grids, self.merge_size)  # [N, 2] CPU
         cu_seqlens = vision_cu_seqlens(grids)
         x = self.patch_embed(pixel_values)  # [N, embed_dim]
-        cos, sin = self.rotary_pos_emb(pos_hw.to(x.device, non_blocking=True))
+        cos, sin = self.rotary_pos_emb(host_to_device(pos_hw, x.device))
         for block in self.blocks:
             x = block(x, cos, sin, cu_seqlens)
         return self.merger(x)
@@ -122,6 +123,24 @@ class Qwen2VLForConditionalGeneration(VLMBase):
 
     def build_visual(self, vision_config) -> nn.Module:
         return Qwen2VisionTransformer(vision_config)
+
+    def profile_image_features(self, num_embeds: int) -> list[MMFeature]:
+        """Random square images worth `num_embeds` embeddings in all, for memory profiling."""
+        side = 64  # patches per side: 1024 embeddings per image after the 2x2 merge
+        per_image = side * side // self.merge_size**2
+        dim = self.visual.patch_embed.proj.in_features
+        weight = self.language_model.embed_tokens.weight
+        features = []
+        for i in range(max(1, num_embeds // per_image)):
+            pixels = torch.randn(side * side, dim, device=weight.device, dtype=weight.dtype)
+            features.append(
+                MMFeature(
+                    mm_hash=f"profile-{i}",
+                    placeholder=PlaceholderRange(0, per_image),
+                    data={"pixel_values": pixels, "image_grid_thw": torch.tensor([1, side, side])},
+                )
+            )
+        return features
 
     def encode_images(self, features: list[MMFeature]) -> list[torch.Tensor]:
         """All images through the vision tower in one call; one [num_embeds_i, hidden] each."""

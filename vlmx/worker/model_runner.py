@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,8 +24,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from vlmx.config import EngineConfig
 from vlmx.engine.request import Request
 from vlmx.engine.scheduler import SchedulerOutput
-from vlmx.layers.attention import AttentionMetadata
+from vlmx.layers.attention import (
+    AttentionMetadata,
+    PagedAttention,
+    build_fast_plan,
+    fast_path_available,
+)
 from vlmx.outputs import Logprob
+from vlmx.worker.cuda_graph import DecodeGraphs, StagingBuffer
 from vlmx.worker.sampler import Sampler, build_sampling_metadata, logprobs_to_dicts
 
 logger = logging.getLogger(__name__)
@@ -54,6 +61,19 @@ def _to_device(array: np.ndarray | list, dtype: torch.dtype, device: torch.devic
     return host.pin_memory().to(device, non_blocking=True)
 
 
+@dataclass(slots=True)
+class StepInputs:
+    """A scheduled step on the host, before any of it goes to the device."""
+
+    input_ids: list[int]
+    positions: np.ndarray  # [T] int64, or [3, T] for M-RoPE
+    slots: np.ndarray  # [T] int64 KV cache slot of each token
+    block_table: np.ndarray  # [num_seqs, max_blocks] int32, -1 = unused
+    query_start_loc: list[int]
+    seq_lens: list[int]
+    bidirectional_spans: list[list[tuple[int, int]]] | None
+
+
 def _bidirectional_spans(request: Request, start: int, end: int) -> list[tuple[int, int]]:
     """Placeholder spans of `request` that overlap the step's tokens `start:end`."""
     return [
@@ -74,6 +94,29 @@ class ModelRunner:
         self.sampler = Sampler()
         self.kv_caches: list[torch.Tensor] = []
         self.encoder_outputs: dict[str, torch.Tensor] = {}  # mm_hash -> [num_embeds, hidden]
+        # CUDA: varlen FlashAttention + Triton kernels in bf16 / fp16, inputs staged in pinned
+        # memory, decode steps replayed from CUDA graphs (unless enforce_eager).
+        self.fast = fast_path_available(self.device, self.dtype)
+        self.staging = StagingBuffer(self.device) if self.device.type == "cuda" else None
+        self.graphs: DecodeGraphs | None = None
+
+    def _to_device(self, array: np.ndarray | list, dtype: torch.dtype) -> torch.Tensor:
+        if self.staging is None:
+            return _to_device(array, dtype, self.device)
+        return self.staging.to_device(array, dtype)
+
+    def _graphs_supported(self) -> bool:
+        """Decode steps can be captured when every layer attends through the fast path."""
+        return (
+            self.fast
+            and not self.config.enforce_eager
+            and self.model.chunk_images
+            and all(
+                m.sliding_window is None
+                for m in self.model.modules()
+                if isinstance(m, PagedAttention)
+            )
+        )
 
     # -- KV cache -------------------------------------------------------------------------
 
@@ -106,40 +149,59 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _profile_peak_memory(self) -> int:
-        """Peak bytes of a dummy step at the scheduler's largest token budget (weights included)."""
+        """Peak bytes (weights included) of the largest step the scheduler can build: the vision
+        encoder at its per-step budget (families that provide `profile_image_features`), then
+        the decoder at max_num_batched_tokens, holding the encoder's outputs."""
         sched = self.config.scheduler_config
+        torch.cuda.reset_peak_memory_stats(self.device)
+        embeds = []
+        if hasattr(self.model, "profile_image_features"):
+            features = self.model.profile_image_features(sched.encoder_budget)
+            embeds = self.model.encode_images(features)
         num_tokens = min(sched.max_num_batched_tokens, sched.max_model_len)
         num_blocks = math.ceil(num_tokens / self.block_size)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        self.initialize_kv_cache(num_blocks)
-        block_table = torch.arange(num_blocks, dtype=torch.int32, device=self.device)[None]
-        metadata = AttentionMetadata(
-            query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=self.device),
-            seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=self.device),
-            block_tables=block_table,
-            slot_mapping=torch.arange(num_tokens, device=self.device),
-            query_start_loc_cpu=[0, num_tokens],
-            seq_lens_cpu=[num_tokens],
-            block_size=self.block_size,
+        self.initialize_kv_cache(num_blocks, capture_graphs=False)
+        block_table = np.arange(num_blocks, dtype=np.int32)[None]
+        inputs = StepInputs(
+            input_ids=[0] * num_tokens,
+            positions=np.arange(num_tokens)[None].repeat(3, 0)
+            if self.model.uses_mrope
+            else np.arange(num_tokens),
+            slots=np.arange(num_tokens),
+            block_table=block_table,
+            query_start_loc=[0, num_tokens],
+            seq_lens=[num_tokens],
+            bidirectional_spans=None if self.model.chunk_images else [[]],
         )
-        ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
-        positions = torch.arange(num_tokens, device=self.device)
-        if self.model.uses_mrope:
-            positions = positions.expand(3, -1)
-        hidden = self.model(self.model.embed_tokens(ids), positions, self.kv_caches, metadata)
+        self.staging.begin()
+        input_ids, positions, metadata = self._device_inputs(inputs)
+        hidden = self.model(self.model.embed_tokens(input_ids), positions, self.kv_caches, metadata)
         self.model.compute_logits(hidden[-sched.max_num_seqs :])
+        self.staging.end()
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
+        del embeds, hidden
         self.kv_caches = []
         torch.cuda.empty_cache()
         return peak
 
-    def initialize_kv_cache(self, num_blocks: int) -> None:
+    def initialize_kv_cache(self, num_blocks: int, capture_graphs: bool = True) -> None:
         m = self.model
         shape = (2, num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
         self.kv_caches = [
             torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(m.num_layers)
         ]
+        if capture_graphs and self._graphs_supported():
+            sched = self.config.scheduler_config
+            self.graphs = DecodeGraphs(
+                self.model,
+                self.kv_caches,
+                sched.max_num_seqs,
+                math.ceil(sched.max_model_len / self.block_size),
+                self.block_size,
+                self.device,
+            )
+            self.graphs.capture()
 
     # -- one step -------------------------------------------------------------------------
 
@@ -149,6 +211,8 @@ class ModelRunner:
     ) -> tuple[list[int | None], list[dict[int, Logprob] | None]]:
         """Run the step. Returns, per scheduled request, the sampled token (None for a prefill
         chunk short of the prompt's end) and its logprobs {token_id: Logprob} if asked."""
+        if self.staging is not None:
+            self.staging.begin()
         with _sdpa_backends(self.device):
             return self._execute(out, block_ids)
 
@@ -160,10 +224,21 @@ class ModelRunner:
         self._run_encoder(out)
 
         requests, num_scheduled = out.requests, out.num_scheduled_tokens
-        input_ids, positions, metadata = self._prepare_inputs(requests, num_scheduled, block_ids)
-        inputs_embeds = self.model.embed_tokens(input_ids)
-        self._merge_image_embeds(inputs_embeds, requests, num_scheduled)
-        hidden = self.model(inputs_embeds, positions, self.kv_caches, metadata)
+        inputs = self._host_inputs(requests, num_scheduled, block_ids)
+        if self.graphs is not None and self._is_graph_step(requests, num_scheduled):
+            hidden = self.graphs.run(
+                self.staging,
+                inputs.input_ids,
+                inputs.positions,
+                inputs.slots,
+                inputs.block_table,
+                inputs.seq_lens,
+            )
+        else:
+            input_ids, positions, metadata = self._device_inputs(inputs)
+            inputs_embeds = self.model.embed_tokens(input_ids)
+            self._merge_image_embeds(inputs_embeds, requests, num_scheduled)
+            hidden = self.model(inputs_embeds, positions, self.kv_caches, metadata)
 
         sample_rows = [
             i
@@ -173,11 +248,13 @@ class ModelRunner:
         sampled: list[int | None] = [None] * len(requests)
         logprobs: list[dict[int, Logprob] | None] = [None] * len(requests)
         if not sample_rows:
+            if self.staging is not None:
+                self.staging.end()
             return sampled, logprobs
-        last_rows = _to_device(
-            [metadata.query_start_loc_cpu[i + 1] - 1 for i in sample_rows], torch.long, self.device
-        )
-        logits = self.model.compute_logits(hidden[last_rows])
+        if len(sample_rows) < hidden.shape[0]:
+            last = [inputs.query_start_loc[i + 1] - 1 for i in sample_rows]
+            hidden = hidden[self._to_device(last, torch.long)]
+        logits = self.model.compute_logits(hidden)
         rows = [requests[i] for i in sample_rows]
         sampling_metadata = build_sampling_metadata(
             params=[r.sampling_params for r in rows],
@@ -190,6 +267,8 @@ class ModelRunner:
             device=self.device,
         )
         result = self.sampler(logits, sampling_metadata)
+        if self.staging is not None:
+            self.staging.end()
         token_ids = result.sampled_token_ids.tolist()  # the step's one host sync
         row_logprobs = (
             logprobs_to_dicts(result.logprobs, [r.sampling_params.logprobs for r in rows])
@@ -223,9 +302,22 @@ class ModelRunner:
             assert embeds.shape[0] == feature.num_embeds, (embeds.shape, feature.num_embeds)
             self.encoder_outputs[feature.mm_hash] = embeds
 
-    def _prepare_inputs(
+    def _is_graph_step(self, requests: list[Request], num_scheduled: list[int]) -> bool:
+        """One new token per sequence, none of them an image placeholder, within the graphs."""
+        if len(requests) > self.graphs.max_batch_size:
+            return False
+        for request, n in zip(requests, num_scheduled):
+            if n != 1:
+                return False
+            if request.mm_features and (
+                request.num_computed_tokens < request.mm_features[-1].placeholder.end
+            ):
+                return False
+        return True
+
+    def _host_inputs(
         self, requests: list[Request], num_scheduled: list[int], block_ids: list[list[int]]
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    ) -> StepInputs:
         bs = self.block_size
         ids, pos, slots = [], [], []
         query_start_loc, seq_lens = [0], []
@@ -242,26 +334,48 @@ class ModelRunner:
         table = np.full((len(requests), max_blocks), -1, dtype=np.int32)
         for i, blocks in enumerate(block_ids):
             table[i, : len(blocks)] = blocks
-        dev = self.device
-        positions = np.concatenate(pos, axis=-1)  # [3, num_tokens] (M-RoPE) or [num_tokens]
         spans = None
         if not self.model.chunk_images:  # image tokens attend to their whole span
             spans = [
                 _bidirectional_spans(r, r.num_computed_tokens, r.num_computed_tokens + n)
                 for r, n in zip(requests, num_scheduled)
             ]
-        metadata = AttentionMetadata(
-            query_start_loc=_to_device(query_start_loc, torch.int32, dev),
-            seq_lens=_to_device(seq_lens, torch.int32, dev),
-            block_tables=_to_device(table, torch.int32, dev),
-            slot_mapping=_to_device(np.concatenate(slots), torch.int64, dev),
-            query_start_loc_cpu=query_start_loc,
-            seq_lens_cpu=seq_lens,
-            block_size=bs,
-            bidirectional_spans_cpu=spans,
+        return StepInputs(
+            input_ids=ids,
+            positions=np.concatenate(pos, axis=-1),
+            slots=np.concatenate(slots),
+            block_table=table,
+            query_start_loc=query_start_loc,
+            seq_lens=seq_lens,
+            bidirectional_spans=spans,
         )
-        input_ids = _to_device(ids, torch.long, dev)  # [num_tokens]
-        return input_ids, _to_device(positions, torch.long, dev), metadata
+
+    def _device_inputs(
+        self, inputs: StepInputs
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        to_device = self._to_device
+        metadata = AttentionMetadata(
+            query_start_loc=to_device(inputs.query_start_loc, torch.int32),
+            seq_lens=to_device(inputs.seq_lens, torch.int32),
+            block_tables=to_device(inputs.block_table, torch.int32),
+            slot_mapping=to_device(inputs.slots, torch.int64),
+            query_start_loc_cpu=inputs.query_start_loc,
+            seq_lens_cpu=inputs.seq_lens,
+            block_size=self.block_size,
+            bidirectional_spans_cpu=inputs.bidirectional_spans,
+        )
+        if self.fast and inputs.bidirectional_spans is None:
+            metadata.fast_plan = build_fast_plan(
+                inputs.query_start_loc,
+                inputs.seq_lens,
+                inputs.block_table,
+                self.block_size,
+                metadata.block_tables,
+                metadata.seq_lens,
+                to_device,
+            )
+        input_ids = to_device(inputs.input_ids, torch.long)  # [num_tokens]
+        return input_ids, to_device(inputs.positions, torch.long), metadata
 
     @staticmethod
     def _positions(request: Request, start: int, end: int) -> np.ndarray:
@@ -296,5 +410,5 @@ class ModelRunner:
                 rows.append(torch.arange(row + lo - start, row + hi - start))
             row += n
         if chunks:
-            index = _to_device(torch.cat(rows), torch.long, self.device)
+            index = self._to_device(torch.cat(rows), torch.long)
             inputs_embeds.index_copy_(0, index, torch.cat(chunks).to(inputs_embeds.dtype))

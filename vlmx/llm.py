@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -14,10 +16,16 @@ from vlmx.engine.config_builder import engine_args_from_kwargs
 from vlmx.engine.engine import LLMEngine
 from vlmx.lora.request import LORA_UNSUPPORTED, LoRARequest
 from vlmx.multimodal.chat import parse_chat_messages, render_chat, resolve_chat_template
+from vlmx.multimodal.inputs import ProcessedPrompt
 from vlmx.outputs import RequestOutput
 from vlmx.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+# Threads that process prompts ahead of the engine. Much of their work releases the GIL (image
+# decoding, on the image pool of `load_images_concurrently`; torch ops; tokenizers), so a few keep
+# up with the engine; more would compete for the GIL with the thread that steps it.
+PROCESS_THREADS = 4
 
 
 class InvalidPromptsError(ValueError):
@@ -42,6 +50,8 @@ class LLM:
         self.engine_args = args
         self.llm_engine = LLMEngine(args.create_engine_config())
         self._ids = itertools.count()
+        # NOTE: threads start on first use and end once the LLM is garbage collected.
+        self._process_pool = ThreadPoolExecutor(PROCESS_THREADS, thread_name_prefix="vlmx-prompt")
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs) -> LLM:
@@ -151,24 +161,38 @@ class LLM:
     def _run(
         self, prompts: list[Any], params: list[SamplingParams], use_tqdm: bool
     ) -> list[RequestOutput]:
+        """Feed `prompts` to the engine in order as it has room, step it until all are done.
+
+        Prompts are processed (tokenized, images loaded and preprocessed) on `_process_pool`
+        while the engine steps on this thread, at most `max_num_seqs` of them ahead of the engine;
+        each is queued once it and all before it are processed, so requests keep prompt order.
+        """
         engine = self.llm_engine
         outputs: list[RequestOutput | None] = [None] * len(prompts)
         errors: dict[int, str] = {}
         index_of: dict[str, int] = {}
         # Requests are fed as the engine has room, so images are decoded and preprocessed
         # shortly before they are needed rather than all up front.
-        max_waiting = 2 * engine.config.scheduler_config.max_num_seqs
-        next_prompt = 0
+        max_num_seqs = engine.config.scheduler_config.max_num_seqs
+        max_waiting = 2 * max_num_seqs
+        # NOTE: one step finishes at most max_num_seqs requests, so that many processed prompts
+        # refill the engine at once; more ahead would only hold their pixels in memory sooner.
+        ahead = _ProcessAhead(self._process_pool, self._process_prompt, prompts, max_num_seqs)
         bar = tqdm(total=len(prompts), desc="Processed prompts", disable=not use_tqdm)
         try:
-            while next_prompt < len(prompts) or engine.has_unfinished_requests():
-                while next_prompt < len(prompts) and engine.scheduler.num_unfinished < max_waiting:
-                    i, next_prompt = next_prompt, next_prompt + 1
+            while ahead.num_left or engine.has_unfinished_requests():
+                while ahead.num_left and engine.scheduler.num_unfinished < max_waiting:
+                    if not ahead.next_is_done() and engine.has_unfinished_requests():
+                        break  # NOTE: step the engine rather than wait for the next prompt
+                    i, processed = ahead.take()
                     request_id = str(next(self._ids))
                     try:
+                        # NOTE: one message per prompt, chosen as before: the conversation's,
+                        # the request's (as in add_request), then the prompt's.
                         if isinstance(prompts[i], _BadPrompt):
                             raise ValueError(prompts[i].message)
-                        engine.add_request(request_id, prompts[i], params[i])
+                        engine.check_request(request_id, params[i])
+                        engine.add_processed_request(request_id, *processed.result(), params[i])
                     except ValueError as e:
                         errors[i] = str(e)
                         bar.update(1)
@@ -183,6 +207,7 @@ class LLM:
                     outputs[index_of.pop(output.request_id)] = output
                     bar.update(1)
         except BaseException:
+            ahead.cancel()
             for request_id in index_of:
                 engine.abort_request(request_id)
             raise
@@ -191,6 +216,66 @@ class LLM:
         if errors:
             raise InvalidPromptsError(errors, outputs)
         return outputs  # type: ignore[return-value]
+
+    def _process_prompt(self, prompt: Any) -> tuple[str | None, ProcessedPrompt]:
+        """`LLMEngine.process_prompt`, run on `_process_pool`; a `_BadPrompt` raises its error."""
+        if isinstance(prompt, _BadPrompt):
+            raise ValueError(prompt.message)
+        return self.llm_engine.process_prompt(prompt)
+
+
+class _ProcessAhead:
+    """Runs `process` over `prompts` on `pool`, in order, at most `max_ahead` prompts ahead of
+    the ones taken: the futures of prompts submitted but not taken never number more.
+
+    ```
+    prompts:  0 1 2 3 | 4 5 6 | 7 8 9 ...      max_ahead = 3
+              taken     ahead   not submitted
+    ```
+    """
+
+    def __init__(
+        self,
+        pool: ThreadPoolExecutor,
+        process: Callable[[Any], tuple[str | None, ProcessedPrompt]],
+        prompts: list[Any],
+        max_ahead: int,
+    ) -> None:
+        assert max_ahead >= 1, max_ahead
+        self._pool = pool
+        self._process = process
+        self._prompts = prompts
+        self._max_ahead = max_ahead
+        self._ahead: deque[Future[tuple[str | None, ProcessedPrompt]]] = deque()
+        self._num_taken = 0
+        self._submit()
+
+    @property
+    def num_left(self) -> int:
+        """Prompts not taken yet."""
+        return len(self._prompts) - self._num_taken
+
+    def next_is_done(self) -> bool:
+        """Whether the next prompt is processed (or failed), so `take` won't wait for it."""
+        return self._ahead[0].done()
+
+    def take(self) -> tuple[int, Future[tuple[str | None, ProcessedPrompt]]]:
+        """The next prompt's index and its future, which `result()` waits for."""
+        idx, future = self._num_taken, self._ahead.popleft()
+        self._num_taken += 1
+        self._submit()
+        return idx, future
+
+    def cancel(self) -> None:
+        """Cancel the prompts not started; those being processed finish and are dropped."""
+        for future in self._ahead:
+            future.cancel()
+
+    def _submit(self) -> None:
+        num_submitted = self._num_taken + len(self._ahead)
+        while num_submitted < len(self._prompts) and len(self._ahead) < self._max_ahead:
+            self._ahead.append(self._pool.submit(self._process, self._prompts[num_submitted]))
+            num_submitted += 1
 
 
 class _BadPrompt:

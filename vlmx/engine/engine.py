@@ -128,7 +128,10 @@ class LLMEngine:
 
     def process_prompt(self, prompt: Any) -> tuple[str | None, ProcessedPrompt]:
         """A vLLM-style prompt (str, or dict with prompt / prompt_token_ids / multi_modal_data)
-        -> its text and processed form. Raises ValueError naming what is wrong."""
+        -> its text and processed form. Raises ValueError naming what is wrong.
+
+        It reads the engine's state but never changes it, so several threads may run it at once
+        (`LLM` does, ahead of the engine); `add_processed_request` then queues the result."""
         mc = self.config.model_config
         if isinstance(prompt, str):
             prompt = {"prompt": prompt}
@@ -224,8 +227,30 @@ class LLMEngine:
         params: SamplingParams,
         lora_request: LoRARequest | None = None,
     ) -> None:
-        """Validate and queue one request. A bad request raises ValueError and leaves the
-        engine and the other requests as they were."""
+        """Validate, process and queue one request. A bad request raises ValueError and leaves
+        the engine and the other requests as they were."""
+        self.check_request(request_id, params, lora_request)
+        text, processed = self.process_prompt(prompt)
+        self._queue(request_id, text, processed, params)
+
+    def add_processed_request(
+        self,
+        request_id: str,
+        text: str | None,
+        processed: ProcessedPrompt,
+        params: SamplingParams,
+        lora_request: LoRARequest | None = None,
+    ) -> None:
+        """Queue a prompt that `process_prompt` returned (`text`, `processed`), maybe on another
+        thread; the request is checked as `add_request` checks it. Requests are scheduled in the
+        order they are queued."""
+        self.check_request(request_id, params, lora_request)
+        self._queue(request_id, text, processed, params)
+
+    def check_request(
+        self, request_id: str, params: SamplingParams, lora_request: LoRARequest | None = None
+    ) -> None:
+        """Raise ValueError if the request can't be queued, whatever its prompt."""
         if lora_request is not None:
             raise ValueError(LORA_UNSUPPORTED)
         if request_id in self.requests or request_id in self.parents:
@@ -235,7 +260,11 @@ class LLMEngine:
                 f"logprobs={params.logprobs} is over max_logprobs={self.config.max_logprobs}; "
                 "raise max_logprobs when building the LLM"
             )
-        text, processed = self.process_prompt(prompt)
+
+    def _queue(
+        self, request_id: str, text: str | None, processed: ProcessedPrompt, params: SamplingParams
+    ) -> None:
+        """Queue a checked request: one, or `params.n` children that share its prompt."""
         arrival = next(self._arrival)
         if params.n == 1:
             self._add(request_id, text, processed, params, arrival)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Generic, TypeVar
@@ -102,31 +103,38 @@ def normalization_constants(
 
 class ProcessorCache(Generic[Entry]):
     """Processor outputs (a tensor or a tuple of tensors) by mm_hash, least recently used out
-    first, bounded by the bytes of their tensors. An entry larger than the bound is not kept."""
+    first, bounded by the bytes of their tensors. An entry larger than the bound is not kept.
+
+    Safe to use from several threads (the engine processes prompts on a pool): each method holds
+    a lock while it reads or changes the entries; `get_or_compute` computes outside it.
+    """
 
     def __init__(self, capacity_bytes: int) -> None:
         self.capacity_bytes = capacity_bytes
         self.num_bytes = 0
         self._entries: OrderedDict[str, Entry] = OrderedDict()
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def get(self, key: str) -> Entry | None:
-        entry = self._entries.get(key)
-        if entry is not None:
-            self._entries.move_to_end(key)
-        return entry
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+            return entry
 
     def put(self, key: str, entry: Entry) -> None:
         size = _num_bytes(entry)
-        if key in self._entries or size > self.capacity_bytes:
-            return
-        while self.num_bytes + size > self.capacity_bytes:
-            _, old = self._entries.popitem(last=False)
-            self.num_bytes -= _num_bytes(old)
-        self._entries[key] = entry
-        self.num_bytes += size
+        with self._lock:
+            if key in self._entries or size > self.capacity_bytes:
+                return
+            while self.num_bytes + size > self.capacity_bytes:
+                _, old = self._entries.popitem(last=False)
+                self.num_bytes -= _num_bytes(old)
+            self._entries[key] = entry
+            self.num_bytes += size
 
     def get_or_compute(
         self,
@@ -135,7 +143,10 @@ class ProcessorCache(Generic[Entry]):
         compute: Callable[[list[Input]], list[Entry]],
     ) -> list[Entry]:
         """The entry of each key. `compute` gets, in one call, the inputs whose key is in no
-        entry (each key once); its outputs are stored under their keys."""
+        entry (each key once); its outputs are stored under their keys.
+
+        NOTE: two threads that miss the same key both compute it; the first `put` is kept.
+        """
         found = {k: entry for k in keys if (entry := self.get(k)) is not None}
         missing = {k: x for k, x in zip(keys, inputs, strict=True) if k not in found}
         if missing:
@@ -159,10 +170,25 @@ def preprocess_in_groups(
         groups.setdefault(key(image), []).append(i)
     out: list[Output] = [None] * len(images)  # type: ignore[list-item]
     for group_key, idxs in groups.items():
-        batch = torch.stack([images[i].to(device) for i in idxs])  # [B, 3, H, W] uint8
+        batch = _stack_on_device([images[i] for i in idxs], device)  # [B, 3, H, W] uint8
         for i, output in zip(idxs, fn(group_key, batch), strict=True):
             out[i] = output
     return out
+
+
+def _stack_on_device(images: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Same-size images [3, H, W] -> one [B, 3, H, W] batch on `device`.
+
+    NOTE: from the CPU to CUDA through pinned memory, without blocking. A copy from pageable
+    memory waits for all work queued on the stream, the engine's current step included, which
+    would hold each thread that processes prompts to about one image per engine step.
+    """
+    if torch.device(device).type != "cuda" or any(im.device.type != "cpu" for im in images):
+        return torch.stack([image.to(device) for image in images])
+    pinned = torch.empty((len(images), *images[0].shape), dtype=images[0].dtype, pin_memory=True)
+    torch.stack(images, out=pinned)
+    # NOTE: the copy holds the pinned block (torch's host allocator reuses it once it is done).
+    return pinned.to(device, non_blocking=True)
 
 
 def check_image_tensors(images: list[torch.Tensor]) -> None:

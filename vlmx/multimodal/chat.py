@@ -15,8 +15,11 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
+from collections import deque
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -301,30 +304,62 @@ def render_chat(
 # Images
 
 
+# NOTE: one pool for the process, made on first use: a pool per call would start threads for
+# every prompt. Its tasks only load images and never wait on other tasks, so callers that run in
+# a pool of their own (LLM's prompt workers) may wait on them without deadlock.
+_IMAGE_THREADS = 8
+_image_pool: ThreadPoolExecutor | None = None
+_image_pool_lock = threading.Lock()
+
+
+def _shared_image_pool() -> ThreadPoolExecutor:
+    global _image_pool
+    with _image_pool_lock:
+        if _image_pool is None:
+            _image_pool = ThreadPoolExecutor(_IMAGE_THREADS, thread_name_prefix="vlmx-image")
+        return _image_pool
+
+
+def _forget_image_pool() -> None:
+    """In a forked child: the parent's threads are gone (and its lock may be held), start over."""
+    global _image_pool, _image_pool_lock
+    _image_pool, _image_pool_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX only
+    os.register_at_fork(after_in_child=_forget_image_pool)
+
+
 def load_images_concurrently(
-    sources: list, max_workers: int = 8, *, limits: MediaLimits | None = None
+    sources: list, max_workers: int = _IMAGE_THREADS, *, limits: MediaLimits | None = None
 ) -> list[torch.Tensor]:
-    """`load_image` over `sources` in a thread pool; results in the order of `sources`.
+    """`load_image` over `sources`, at most `max_workers` at a time on a thread pool shared by
+    all callers (of `_IMAGE_THREADS` threads); results in the order of `sources`.
 
     The first failure (by index) is raised as a ValueError naming the image's index; images not
-    yet started are cancelled.
+    yet started are cancelled. Must not be called from the shared pool's own threads.
     """
     if max_workers < 1:
         raise ValueError(f"max_workers must be >= 1, got {max_workers}")
     limits = limits or MediaLimits.from_env()
     if len(sources) <= 1 or max_workers == 1:
         return [_load_one(idx, source, limits) for idx, source in enumerate(sources)]
-    pool = ThreadPoolExecutor(
-        max_workers=min(max_workers, len(sources)), thread_name_prefix="vlmx-image"
-    )
-    futures = [pool.submit(_load_one, idx, source, limits) for idx, source in enumerate(sources)]
+    pool = _shared_image_pool()
+    images: list[torch.Tensor] = []
+    in_flight: deque[Future[torch.Tensor]] = deque()
     try:
-        images = [future.result() for future in futures]
+        # NOTE: results are taken in index order, so the first error raised is the first image's.
+        for idx, source in enumerate(sources):
+            if len(in_flight) == max_workers:
+                images.append(in_flight.popleft().result())
+            in_flight.append(pool.submit(_load_one, idx, source, limits))
+        while in_flight:
+            images.append(in_flight.popleft().result())
     except BaseException:
         # NOTE: don't wait for downloads in flight (each is bounded by its own timeout).
-        pool.shutdown(wait=False, cancel_futures=True)
+        for future in in_flight:
+            future.cancel()
         raise
-    pool.shutdown(wait=True)
     return images
 
 

@@ -15,6 +15,7 @@ import binascii
 import io
 import os
 import re
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -31,6 +32,10 @@ _URL_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):")
 _CHUNK_BYTES = 1 << 20
 _USER_AGENT = "vlmx-image-fetch/0.1"
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+# NOTE: a PIL image opened from a file decodes on its first load(), which two threads must not
+# run at once; one image object may be in several prompts that are processed at the same time.
+# Images are spread over a few locks by identity, so different images still decode in parallel.
+_PIL_LOAD_LOCKS = tuple(threading.Lock() for _ in range(64))
 
 
 @dataclass(slots=True, frozen=True)
@@ -391,7 +396,8 @@ def _pil_to_chw_uint8(image: Image.Image, limits: MediaLimits) -> torch.Tensor:
     name = describe_source(image)
     _check_pixels(image.width, image.height, name, limits)
     try:
-        image.load()
+        with _PIL_LOAD_LOCKS[(id(image) >> 4) % len(_PIL_LOAD_LOCKS)]:  # ids are 16-aligned
+            image.load()
     except Exception as e:
         raise ValueError(f"image {name} is truncated or corrupt: {e}") from e
     rgb = to_rgb(image, name)

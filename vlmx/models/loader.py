@@ -97,6 +97,9 @@ def build_model(
         with torch.no_grad():
             for param in model.parameters():
                 param.uniform_(-1e-3, 1e-3)
+        for module in model.modules():  # padding stays zero, as after a real load
+            if hasattr(module, "zero_padding"):
+                module.zero_padding()
     else:
         model.load_weights(iterate_weights(model_path))
     return model.eval()

@@ -15,6 +15,7 @@ from vlmx.layers.vision import (
     PatchEmbed,
     PatchMerger,
     VisionBlock,
+    host_to_device,
     vision_cu_seqlens,
     vision_position_ids,
     window_index,
@@ -67,10 +68,10 @@ class Qwen2_5_VisionTransformer(nn.Module):
         cu_full = vision_cu_seqlens(grids)
 
         device = pixel_values.device
-        patch_idx = patch_idx.to(device, non_blocking=True)
-        restore = restore.to(device, non_blocking=True)
+        patch_idx = host_to_device(patch_idx, device)
+        restore = host_to_device(restore, device)
         x = self.patch_embed(pixel_values)[patch_idx]  # [N, hidden], window order
-        cos, sin = self.rotary_pos_emb(pos_hw.to(device, non_blocking=True))
+        cos, sin = self.rotary_pos_emb(host_to_device(pos_hw, device))
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, cu_full if i in self.fullatt_block_indexes else cu_window)
         return self.merger(x)[restore]

@@ -201,3 +201,20 @@ def test_decode_logprob_tokens(tok):
     entries = {t: Logprob(-1.0, i + 1) for i, t in enumerate(ids)}
     decode_logprob_tokens(tok, entries)
     assert [e.decoded_token for e in entries.values()] == [tok.decode([t]) for t in ids]
+
+
+@pytest.mark.parametrize("spaces", [True, False])
+def test_backend_decode_equals_tokenizer_decode(tok, byte_ids, spaces):
+    """The detokenizer calls the Rust decoder directly; it must give `tokenizer.decode`'s text."""
+    from vlmx.engine.detokenizer import _backend_decoder
+
+    backend = _backend_decoder(tok)
+    assert backend is not None  # a fast tokenizer without clean-up: the shortcut applies
+    rng = random.Random(1)
+    for _ in range(200):
+        ids = random_ids(rng, tok, byte_ids, rng.randint(1, 30))
+        for skip in (True, False):
+            expected = tok.decode(
+                ids, skip_special_tokens=skip, spaces_between_special_tokens=spaces
+            )
+            assert backend(ids, skip_special_tokens=skip) == expected, ids

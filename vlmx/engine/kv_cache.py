@@ -139,6 +139,7 @@ class KVCacheManager:
         self.enable_caching = enable_caching
         self.pool = BlockPool(num_blocks, enable_caching)
         self.req_blocks: dict[str, list[KVBlock]] = {}
+        self.req_block_ids: dict[str, list[int]] = {}  # the ids of req_blocks, kept in step
         self.req_num_cached: dict[str, int] = {}  # full blocks already entered in the cache
 
     @property
@@ -146,7 +147,7 @@ class KVCacheManager:
         return self.pool.num_free_blocks
 
     def block_ids(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self.req_blocks.get(request_id, ())]
+        return self.req_block_ids.get(request_id, [])
 
     def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
         """Longest cached prefix of a request not yet scheduled: (blocks, tokens they hold).
@@ -184,9 +185,10 @@ class KVCacheManager:
                 del self.req_blocks[request.request_id]
             return False
         self.pool.touch(computed_blocks)
-        held.extend(computed_blocks)
-        if num_needed > 0:
-            held.extend(self.pool.allocate(num_needed))
+        new_blocks = computed_blocks + (self.pool.allocate(num_needed) if num_needed > 0 else [])
+        held.extend(new_blocks)
+        ids = self.req_block_ids.setdefault(request.request_id, [])
+        ids.extend(b.block_id for b in new_blocks)
         if self.enable_caching:
             self._cache_full_blocks(request, total)
         return True
@@ -205,13 +207,15 @@ class KVCacheManager:
 
     def free(self, request: Request) -> None:
         blocks = self.req_blocks.pop(request.request_id, [])
+        self.req_block_ids.pop(request.request_id, None)
         self.req_num_cached.pop(request.request_id, None)
         self.pool.free(list(reversed(blocks)))
 
     def check_integrity(self) -> None:
         self.pool.check_integrity()
         refs: dict[int, int] = {}
-        for blocks in self.req_blocks.values():
+        for request_id, blocks in self.req_blocks.items():
+            assert self.req_block_ids[request_id] == [b.block_id for b in blocks], request_id
             for b in blocks:
                 refs[b.block_id] = refs.get(b.block_id, 0) + 1
         for block in self.pool.blocks:

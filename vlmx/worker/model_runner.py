@@ -318,6 +318,8 @@ class ModelRunner:
     def _host_inputs(
         self, requests: list[Request], num_scheduled: list[int], block_ids: list[list[int]]
     ) -> StepInputs:
+        if all(n == 1 for n in num_scheduled):
+            return self._decode_host_inputs(requests, block_ids)
         bs = self.block_size
         ids, pos, slots = [], [], []
         query_start_loc, seq_lens = [0], []
@@ -347,6 +349,36 @@ class ModelRunner:
             block_table=table,
             query_start_loc=query_start_loc,
             seq_lens=seq_lens,
+            bidirectional_spans=spans,
+        )
+
+    def _decode_host_inputs(
+        self, requests: list[Request], block_ids: list[list[int]]
+    ) -> StepInputs:
+        """`_host_inputs` for one token per sequence, on plain ints (no per-sequence arrays:
+        a decode step of 256 sequences would spend milliseconds building small ones)."""
+        bs = self.block_size
+        starts = [r.num_computed_tokens for r in requests]
+        positions: list = starts
+        if self.model.uses_mrope:
+            positions = [
+                [s + r.mrope_position_delta] * 3
+                if s >= r.num_prompt_tokens
+                else r.mrope_positions[:, s].tolist()
+                for r, s in zip(requests, starts)
+            ]
+        width = max(len(b) for b in block_ids)
+        table = np.array([b + [-1] * (width - len(b)) for b in block_ids], dtype=np.int32)
+        spans = None
+        if not self.model.chunk_images:
+            spans = [_bidirectional_spans(r, s, s + 1) for r, s in zip(requests, starts)]
+        return StepInputs(
+            input_ids=[r.all_token_ids[s] for r, s in zip(requests, starts)],
+            positions=np.asarray(positions, dtype=np.int64).T,  # [T] or [3, T]
+            slots=np.asarray([b[s // bs] * bs + s % bs for b, s in zip(block_ids, starts)]),
+            block_table=table,
+            query_start_loc=list(range(len(requests) + 1)),
+            seq_lens=[s + 1 for s in starts],
             bidirectional_spans=spans,
         )
 

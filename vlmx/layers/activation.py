@@ -1,4 +1,8 @@
-"""Activations by their Hugging Face config names, and the fused `act(gate) * up` form."""
+"""Activations by their Hugging Face config names, and the fused `act(gate) * up` form.
+
+`silu_and_mul` runs as one Triton kernel (`vlmx.ops.fused`) where it can (CUDA, Triton), else as
+`silu_and_mul_torch`, the reference the kernel reproduces.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+
+from vlmx.ops import fused
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -31,6 +37,13 @@ def get_act_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x: [..., 2 * d] (gate | up) -> silu(gate) * up: [..., d]."""
+    if fused.can_fuse_silu_and_mul(x):
+        return fused.silu_and_mul(x)
+    return silu_and_mul_torch(x)
+
+
+def silu_and_mul_torch(x: torch.Tensor) -> torch.Tensor:
+    """Reference for `silu_and_mul`: silu rounded to x.dtype, then the product (HF's MLP)."""
     d = x.shape[-1] // 2
     return F.silu(x[..., :d]) * x[..., d:]
 

@@ -174,8 +174,9 @@ class DecoderLayer(nn.Module):
         kv_cache: torch.Tensor,
         attn_metadata: AttentionMetadata,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, attn_metadata)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, attn_metadata)
+        h, x = self.post_attention_layernorm.add_forward(h, x)  # x += attn; h = norm(x)
+        return x + self.mlp(h)
 
 
 class DecoderModel(nn.Module):

@@ -14,12 +14,17 @@ axis:        t (row 0)       | h (row 1)          | w (row 2)
 ```
 
 and the second half of the head repeats the first half.
+
+`apply_rotary` runs as one fused Triton kernel (`vlmx.ops.fused`) where it can (CUDA, Triton),
+else as `apply_rotary_torch`, the reference the kernel reproduces.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from vlmx.ops import fused
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -34,6 +39,13 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     `apply_rotary_pos_emb_vision` upcasts) and tables cast to the model dtype for the decoder (HF
     `apply_rotary_pos_emb` works in the activations' dtype).
     """
+    if fused.can_fuse_rotary(x, cos, sin):
+        return fused.apply_rotary(x, cos, sin)
+    return apply_rotary_torch(x, cos, sin)
+
+
+def apply_rotary_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Reference for `apply_rotary`: each product and the sum rounded to cos.dtype, as HF's."""
     xc = x.to(cos.dtype)
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     return (xc * cos + rotate_half(xc) * sin).to(x.dtype)

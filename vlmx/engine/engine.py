@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import operator
@@ -121,8 +122,14 @@ class LLMEngine:
         self.prompts: dict[str, str | None] = {}
         self.parents: dict[str, list[str]] = {}  # request id -> child ids (n > 1)
         self._arrival = itertools.count()
+        # (detokenizer, token id, stop_terminated) not decoded yet; see `step`
+        self._deferred_tokens: list[tuple[IncrementalDetokenizer, int, bool]] = []
         if config.seed is not None:  # unseeded requests draw from torch's global generator
             torch.manual_seed(config.seed)
+        # NOTE: the model, tokenizer and caches built above are long-lived; moving them out of
+        # the collector's generations keeps its full passes short during generation.
+        gc.collect()
+        gc.freeze()
 
     # -- inputs ---------------------------------------------------------------------------
 
@@ -333,23 +340,37 @@ class LLMEngine:
                 raise RuntimeError("scheduler made no progress; KV cache too small for a request")
             return []
         block_ids = [self.scheduler.kv_cache.block_ids(r.request_id) for r in out.requests]
-        sampled, logprobs = self.runner.execute(out, block_ids)
+        pending = self.runner.launch(out, block_ids)
+        self._detokenize_deferred()  # the last step's tokens, while the GPU runs this step
+        sampled, logprobs = self.runner.collect(pending)
         for request, entry in zip(out.requests, logprobs):
             if entry is not None:
                 self._append_logprobs(request, entry)
         updated = self.scheduler.update_from_output(out, sampled)
         finished = []
         for request in updated:
-            stop = self.detokenizers[request.request_id].update(
-                [request.output_token_ids[-1]],
-                stop_terminated=request.status == RequestStatus.FINISHED_STOPPED,
-            )
-            if stop is not None and not request.status.finished:
-                request.stop_reason = stop
-                self.scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED)
+            detokenizer = self.detokenizers[request.request_id]
+            token = request.output_token_ids[-1]
+            stop_terminated = request.status == RequestStatus.FINISHED_STOPPED
+            if not detokenizer.stop:
+                # NOTE: without stop strings the text cannot end the request, so decoding it
+                # waits for the next step's launch and overlaps that step's GPU work.
+                self._deferred_tokens.append((detokenizer, token, stop_terminated))
+            else:
+                stop = detokenizer.update([token], stop_terminated=stop_terminated)
+                if stop is not None and not request.status.finished:
+                    request.stop_reason = stop
+                    self.scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED)
             if request.status.finished:
                 finished.append(request)
+        if finished:
+            self._detokenize_deferred()
         return self._collect(finished)
+
+    def _detokenize_deferred(self) -> None:
+        for detokenizer, token, stop_terminated in self._deferred_tokens:
+            detokenizer.update([token], stop_terminated=stop_terminated)
+        self._deferred_tokens = []
 
     def _append_logprobs(self, request: Request, entry: dict[int, Logprob]) -> None:
         for token_id, logprob in entry.items():

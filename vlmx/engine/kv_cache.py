@@ -174,6 +174,15 @@ class KVCacheManager:
     ) -> bool:
         """Give `request` blocks for `num_new_tokens` more tokens; False (and no change) if the
         pool is short. `computed_blocks` are prefix-cache hits taken on first scheduling."""
+        held = self.req_blocks.get(request.request_id)
+        if not computed_blocks and held:  # a running request (a decode step, mostly)
+            total = request.num_computed_tokens + num_new_tokens
+            if total <= len(held) * self.block_size:  # room in the blocks it holds
+                if self.enable_caching and total // self.block_size > self.req_num_cached.get(
+                    request.request_id, 0
+                ):
+                    self._cache_full_blocks(request, total)
+                return True
         computed_blocks = computed_blocks or []
         held = self.req_blocks.setdefault(request.request_id, [])
         num_computed = request.num_computed_tokens + len(computed_blocks) * self.block_size

@@ -239,9 +239,10 @@ class Scheduler:
         ):
             if request.status.finished:  # aborted while the step ran
                 continue
+            before = request.num_computed_tokens
             request.num_computed_tokens += num_new
             for feature in request.mm_features:
-                if feature.placeholder.end <= request.num_computed_tokens:
+                if before < feature.placeholder.end <= request.num_computed_tokens:
                     # NOTE: released per span, even if the same image comes again later in
                     # the prompt: holding it across other images could deadlock a full cache.
                     self.encoder_cache.release(feature.mm_hash, request.request_id)

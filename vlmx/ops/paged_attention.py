@@ -300,8 +300,13 @@ def triton_available(device: torch.device | str) -> bool:
         return False
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.is_available()
+        return _cuda_available()
     return device.type == "cpu" and _interpret()
+
+
+@functools.cache
+def _cuda_available() -> bool:
+    return torch.cuda.is_available()
 
 
 def _interpret() -> bool:

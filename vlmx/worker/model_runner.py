@@ -32,7 +32,12 @@ from vlmx.layers.attention import (
 )
 from vlmx.outputs import Logprob
 from vlmx.worker.cuda_graph import DecodeGraphs, StagingBuffer
-from vlmx.worker.sampler import Sampler, build_sampling_metadata, logprobs_to_dicts
+from vlmx.worker.sampler import (
+    Sampler,
+    SamplerOutput,
+    build_sampling_metadata,
+    logprobs_to_dicts,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +77,16 @@ class StepInputs:
     query_start_loc: list[int]
     seq_lens: list[int]
     bidirectional_spans: list[list[tuple[int, int]]] | None
+
+
+@dataclass(slots=True)
+class PendingStep:
+    """A launched step whose sampled tokens are still on the GPU."""
+
+    num_requests: int
+    sample_rows: list[int]  # indexes of the requests that sample a token
+    result: SamplerOutput | None = None
+    num_logprobs: list[int | None] | None = None
 
 
 def _bidirectional_spans(request: Request, start: int, end: int) -> list[tuple[int, int]]:
@@ -211,14 +226,40 @@ class ModelRunner:
     ) -> tuple[list[int | None], list[dict[int, Logprob] | None]]:
         """Run the step. Returns, per scheduled request, the sampled token (None for a prefill
         chunk short of the prompt's end) and its logprobs {token_id: Logprob} if asked."""
+        return self.collect(self.launch(out, block_ids))
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput, block_ids: list[list[int]]) -> PendingStep:
+        """Queue the step's work on the GPU and return without waiting for it; `collect` then
+        reads the sampled tokens. The host may do other work in between."""
         if self.staging is not None:
             self.staging.begin()
         with _sdpa_backends(self.device):
-            return self._execute(out, block_ids)
+            pending = self._launch(out, block_ids)
+        if self.staging is not None:
+            self.staging.end()
+        return pending
 
-    def _execute(
-        self, out: SchedulerOutput, block_ids: list[list[int]]
+    def collect(
+        self, pending: PendingStep
     ) -> tuple[list[int | None], list[dict[int, Logprob] | None]]:
+        sampled: list[int | None] = [None] * pending.num_requests
+        logprobs: list[dict[int, Logprob] | None] = [None] * pending.num_requests
+        if pending.result is None:
+            return sampled, logprobs
+        result = pending.result
+        token_ids = result.sampled_token_ids.tolist()  # the step's one host sync
+        row_logprobs = (
+            logprobs_to_dicts(result.logprobs, pending.num_logprobs)
+            if result.logprobs is not None
+            else [None] * len(pending.sample_rows)
+        )
+        for j, i in enumerate(pending.sample_rows):
+            sampled[i] = token_ids[j]
+            logprobs[i] = row_logprobs[j]
+        return sampled, logprobs
+
+    def _launch(self, out: SchedulerOutput, block_ids: list[list[int]]) -> PendingStep:
         for mm_hash in out.freed_mm_hashes:
             self.encoder_outputs.pop(mm_hash, None)
         self._run_encoder(out)
@@ -245,12 +286,9 @@ class ModelRunner:
             for i, (r, n) in enumerate(zip(requests, num_scheduled))
             if r.num_computed_tokens + n == r.num_tokens
         ]
-        sampled: list[int | None] = [None] * len(requests)
-        logprobs: list[dict[int, Logprob] | None] = [None] * len(requests)
+        pending = PendingStep(len(requests), sample_rows)
         if not sample_rows:
-            if self.staging is not None:
-                self.staging.end()
-            return sampled, logprobs
+            return pending
         if len(sample_rows) < hidden.shape[0]:
             last = [inputs.query_start_loc[i + 1] - 1 for i in sample_rows]
             hidden = hidden[self._to_device(last, torch.long)]
@@ -266,19 +304,9 @@ class ModelRunner:
             vocab_size=logits.shape[-1],
             device=self.device,
         )
-        result = self.sampler(logits, sampling_metadata)
-        if self.staging is not None:
-            self.staging.end()
-        token_ids = result.sampled_token_ids.tolist()  # the step's one host sync
-        row_logprobs = (
-            logprobs_to_dicts(result.logprobs, [r.sampling_params.logprobs for r in rows])
-            if result.logprobs is not None
-            else [None] * len(rows)
-        )
-        for j, i in enumerate(sample_rows):
-            sampled[i] = token_ids[j]
-            logprobs[i] = row_logprobs[j]
-        return sampled, logprobs
+        pending.result = self.sampler(logits, sampling_metadata)
+        pending.num_logprobs = [r.sampling_params.logprobs for r in rows]
+        return pending
 
     def _stop_ids(self, request: Request) -> set[int]:
         params = request.sampling_params

@@ -28,11 +28,11 @@ import importlib.util
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from triton_interpreter import run_interpreter_tests
 
 from vlmx.layers import activation, norm, rotary
 from vlmx.layers.activation import silu_and_mul_torch
@@ -75,19 +75,7 @@ if INTERPRETER and HAS_TRITON:
 
 @pytest.mark.skipif(INTERPRETER or not HAS_TRITON, reason="interpreter run, or no triton")
 def test_interpreter_tests_in_a_subprocess():
-    root = Path(__file__).resolve().parents[1]
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
-        + ["-k", "in_interpreter"],
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
-    assert " passed" in summary and "skipped" not in summary, summary
+    run_interpreter_tests(__file__)
 
 
 # --- helpers ------------------------------------------------------------------------------------

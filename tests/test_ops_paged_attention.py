@@ -16,11 +16,11 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from triton_interpreter import run_interpreter_tests
 
 from vlmx.ops import paged_attention as ops
 
@@ -41,19 +41,7 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
     "interpreter, on the GPU machine, fails to launch grids given as shapes)",
 )
 def test_interpreter_tests_in_a_subprocess():
-    root = Path(__file__).resolve().parents[1]
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
-        + ["-k", "in_interpreter"],
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
-    assert " passed" in summary and "skipped" not in summary, summary
+    run_interpreter_tests(__file__)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,28 @@
+"""Runs a test file's `*_in_interpreter` tests under Triton's CPU interpreter, in a child pytest.
+
+Triton decides at the first import of `triton.language` whether its functions are interpreted,
+so the interpreter cannot be switched on inside a process that imported Triton already.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def run_interpreter_tests(test_file: str) -> None:
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file]
+        + ["-k", "in_interpreter"],
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    assert " passed" in summary and "skipped" not in summary, summary

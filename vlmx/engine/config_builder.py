@@ -19,7 +19,10 @@ from vlmx.models.registry import resolve_architecture
 
 logger = logging.getLogger(__name__)
 
-_DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
+# Token budget of one step when none is given: on CUDA 16384, as vLLM's offline LLM takes on
+# large GPUs (fewer, larger prefill steps: w1-multi 32.3 -> 36.7 images/s on an H200); 8192 on
+# the CPU.
+_DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cuda": 16384, "cpu": 8192}
 # Largest image the encoder cache must hold by default: Qwen2-VL's default max_pixels
 # (12845056) is 16384 merged tokens.
 _DEFAULT_ENCODER_CACHE_SIZE = 16384
@@ -85,9 +88,8 @@ def build_engine_config(args: EngineArgs) -> EngineConfig:
             max_model_len,
             model_max,
         )
-    max_batched = args.max_num_batched_tokens or max(
-        _DEFAULT_MAX_NUM_BATCHED_TOKENS, min(max_model_len, 16384)
-    )
+    default_batched = _DEFAULT_MAX_NUM_BATCHED_TOKENS.get(device.type, 8192)
+    max_batched = args.max_num_batched_tokens or max(default_batched, min(max_model_len, 16384))
     if max_batched < args.max_num_seqs:
         raise ValueError(
             f"max_num_batched_tokens={max_batched} is below max_num_seqs={args.max_num_seqs}; "

@@ -59,6 +59,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     p.add_argument(
+        "--no-async-scheduling",
+        action="store_true",
+        help="read each step's samples before scheduling the next (async is the CUDA default)",
+    )
+    p.add_argument(
         "--profile",
         default=None,
         metavar="DIR",
@@ -86,6 +91,7 @@ def _bench(args: argparse.Namespace) -> int:
                 profile_dir=args.profile,
                 device=args.device,
                 enforce_eager=args.enforce_eager,
+                async_scheduling=False if args.no_async_scheduling else None,
             ).summary()
         )
         print("RESULT " + json.dumps(results[-1]), flush=True)

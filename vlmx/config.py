@@ -53,6 +53,9 @@ class EngineArgs:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     enforce_eager: bool = False
+    # Schedule and launch each step before the previous one's samples reach the host, so the
+    # host's bookkeeping overlaps the GPU (None: on for CUDA, off elsewhere).
+    async_scheduling: bool | None = None
     enable_lora: bool = False
     max_lora_rank: int = 16
     max_loras: int = 1
@@ -108,6 +111,7 @@ class EngineConfig:
     seed: int | None
     max_logprobs: int
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps
+    async_scheduling: bool = False
 
 
 def parse_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:

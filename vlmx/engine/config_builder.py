@@ -132,6 +132,9 @@ def build_engine_config(args: EngineArgs) -> EngineConfig:
         seed=args.seed,
         max_logprobs=args.max_logprobs,
         enforce_eager=args.enforce_eager,
+        async_scheduling=(
+            device.type == "cuda" if args.async_scheduling is None else args.async_scheduling
+        ),
     )
 
 

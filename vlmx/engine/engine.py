@@ -18,7 +18,7 @@ from vlmx.engine.detokenizer import IncrementalDetokenizer
 from vlmx.engine.encoder_cache import EncoderCacheManager
 from vlmx.engine.kv_cache import KVCacheManager
 from vlmx.engine.request import Request, RequestStatus
-from vlmx.engine.scheduler import Scheduler
+from vlmx.engine.scheduler import Scheduler, SchedulerOutput
 from vlmx.lora.request import LORA_UNSUPPORTED, LoRARequest
 from vlmx.models.loader import build_model, text_config
 from vlmx.models.registry import get_processor_class
@@ -26,7 +26,7 @@ from vlmx.multimodal.chat import load_images_concurrently
 from vlmx.multimodal.inputs import ProcessedPrompt
 from vlmx.outputs import CompletionOutput, Logprob, RequestOutput
 from vlmx.sampling_params import SamplingParams
-from vlmx.worker.model_runner import ModelRunner
+from vlmx.worker.model_runner import ModelRunner, PendingStep
 from vlmx.worker.sampler import make_generator
 
 logger = logging.getLogger(__name__)
@@ -124,6 +124,7 @@ class LLMEngine:
         self._arrival = itertools.count()
         # (detokenizer, token id, stop_terminated) not decoded yet; see `step`
         self._deferred_tokens: list[tuple[IncrementalDetokenizer, int, bool]] = []
+        self._inflight: tuple[SchedulerOutput, PendingStep] | None = None  # async scheduling
         if config.seed is not None:  # unseeded requests draw from torch's global generator
             torch.manual_seed(config.seed)
         # NOTE: the model, tokenizer and caches built above are long-lived; moving them out of
@@ -330,23 +331,34 @@ class LLMEngine:
     # -- stepping -------------------------------------------------------------------------
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or self._inflight is not None
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled step; return the outputs of requests that finished in it."""
-        out = self.scheduler.schedule()
-        if out.is_empty:
-            if self.scheduler.has_unfinished_requests():
-                raise RuntimeError("scheduler made no progress; KV cache too small for a request")
-            return []
-        block_ids = [self.scheduler.kv_cache.block_ids(r.request_id) for r in out.requests]
-        pending = self.runner.launch(out, block_ids)
-        self._detokenize_deferred()  # the last step's tokens, while the GPU runs this step
+        """Run one scheduled step; return the outputs of requests that finished in it.
+
+        With async scheduling, the next step is scheduled and launched before this one's
+        samples are read (its inputs take them on the GPU), and runs while the host does this
+        step's bookkeeping; the next call collects it.
+        """
+        if self._inflight is not None:
+            out, pending = self._inflight
+            self._inflight = None
+        else:
+            out = self.scheduler.schedule()
+            if out.is_empty:
+                if self.scheduler.has_unfinished_requests():
+                    raise RuntimeError(
+                        "scheduler made no progress; KV cache too small for a request"
+                    )
+                return []
+            pending = self._launch(out, None)
+        advanced = self._launch_next(out, pending)
+        self._detokenize_deferred()  # the last step's tokens, while the GPU runs
         sampled, logprobs = self.runner.collect(pending)
         for request, entry in zip(out.requests, logprobs):
             if entry is not None:
                 self._append_logprobs(request, entry)
-        updated = self.scheduler.update_from_output(out, sampled)
+        updated = self.scheduler.update_from_output(out, sampled, advanced=advanced)
         finished = []
         for request in updated:
             detokenizer = self.detokenizers[request.request_id]
@@ -366,6 +378,32 @@ class LLMEngine:
         if finished:
             self._detokenize_deferred()
         return self._collect(finished)
+
+    def _launch(self, out: SchedulerOutput, prev: PendingStep | None) -> PendingStep:
+        block_ids = [self.scheduler.kv_cache.block_ids(r.request_id) for r in out.requests]
+        return self.runner.launch(out, block_ids, prev)
+
+    def _launch_next(self, out: SchedulerOutput, pending: PendingStep) -> bool:
+        """Async scheduling: advance past `out` (reserving each sample), schedule and launch the
+        next step. Returns whether `out` was advanced. Not done when a sample feeds host-side
+        logic of the next step: penalties (they read the token ids) and stop strings."""
+        if not self.config.async_scheduling:
+            return False
+        for request in out.requests:
+            params = request.sampling_params
+            detokenizer = self.detokenizers.get(request.request_id)
+            if (
+                params.repetition_penalty != 1.0
+                or params.frequency_penalty != 0.0
+                or params.presence_penalty != 0.0
+                or (detokenizer is not None and detokenizer.stop)
+            ):
+                return False
+        self.scheduler.advance(out)
+        nxt = self.scheduler.schedule()
+        if not nxt.is_empty:
+            self._inflight = (nxt, self._launch(nxt, pending))
+        return True
 
     def _detokenize_deferred(self) -> None:
         for detokenizer, token, stop_terminated in self._deferred_tokens:

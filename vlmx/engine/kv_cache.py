@@ -56,7 +56,8 @@ def block_extra_keys(request: Request, start: int, end: int) -> tuple:
 
 def update_block_hashes(request: Request, block_size: int) -> None:
     """Extend `request.block_hashes` to cover every full block of its current tokens."""
-    num_full = request.num_tokens // block_size
+    # NOTE: a block holding a reserved (not yet sampled) token is hashed once it is filled in.
+    num_full = (request.num_tokens - request.placeholder_pending) // block_size
     for i in range(len(request.block_hashes), num_full):
         start, end = i * block_size, (i + 1) * block_size
         parent = request.block_hashes[-1] if request.block_hashes else None

@@ -12,6 +12,10 @@ from vlmx.multimodal.inputs import MMFeature
 from vlmx.outputs import RequestMetrics
 from vlmx.sampling_params import SamplingParams
 
+# Stands in for a sampled token until the host reads it (never reaches the model: the
+# runner copies the real sample into the input on the GPU).
+PLACEHOLDER_TOKEN_ID = 0
+
 
 class RequestStatus(enum.IntEnum):
     WAITING = enum.auto()
@@ -69,6 +73,8 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     block_hashes: list[bytes] = field(default_factory=list)  # hashes of full blocks, in order
+    # Async scheduling: the last token is reserved for a sample not read from the GPU yet.
+    placeholder_pending: bool = False
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.monotonic()))
 
     def __post_init__(self) -> None:
@@ -91,3 +97,19 @@ class Request:
             self.metrics.first_token_time = time.monotonic()
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+
+    def append_placeholder(self) -> None:
+        """Reserve the next output token before its value is known (async scheduling): the next
+        step can be scheduled, and its input read on the GPU from this step's sample."""
+        assert not self.placeholder_pending, self.request_id
+        self.output_token_ids.append(PLACEHOLDER_TOKEN_ID)
+        self.all_token_ids.append(PLACEHOLDER_TOKEN_ID)
+        self.placeholder_pending = True
+
+    def fill_placeholder(self, token_id: int) -> None:
+        assert self.placeholder_pending, self.request_id
+        if len(self.output_token_ids) == 1:
+            self.metrics.first_token_time = time.monotonic()
+        self.output_token_ids[-1] = token_id
+        self.all_token_ids[-1] = token_id
+        self.placeholder_pending = False

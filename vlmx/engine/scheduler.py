@@ -226,10 +226,41 @@ class Scheduler:
 
     # -- after the step -------------------------------------------------------------------
 
+    def advance(self, output: SchedulerOutput) -> None:
+        """Async scheduling: count a launched step's tokens as computed before its samples are
+        read, and reserve the next token of each request that samples and may go on, so that
+        the next step can be scheduled now. `update_from_output(..., advanced=True)` then fills
+        the reserved tokens in (and finishes requests that stopped)."""
+        for request, num_new in zip(output.requests, output.num_scheduled_tokens):
+            if request.status.finished:
+                continue
+            samples = request.num_computed_tokens + num_new == request.num_tokens
+            self._advance(request, num_new)
+            # NOTE: no reservation when this sample is certainly the last (length limits).
+            if (
+                samples
+                and request.num_output_tokens + 1 < request.max_tokens
+                and request.num_tokens + 1 < self.config.max_model_len
+            ):
+                request.append_placeholder()
+
+    def _advance(self, request: Request, num_new: int) -> None:
+        before = request.num_computed_tokens
+        request.num_computed_tokens += num_new
+        for feature in request.mm_features:
+            if before < feature.placeholder.end <= request.num_computed_tokens:
+                # NOTE: released per span, even if the same image comes again later in the
+                # prompt: holding it across other images could deadlock a full cache.
+                self.encoder_cache.release(feature.mm_hash, request.request_id)
+
     def update_from_output(
-        self, output: SchedulerOutput, sampled_token_ids: list[int | None]
+        self,
+        output: SchedulerOutput,
+        sampled_token_ids: list[int | None],
+        advanced: bool = False,
     ) -> list[Request]:
-        """Advance each scheduled request; append its sampled token where one was drawn.
+        """Advance each scheduled request (unless `advance` did); append its sampled token
+        where one was drawn, or fill in the token `advance` reserved.
 
         Returns the requests that got a token (finished ones included).
         """
@@ -237,18 +268,16 @@ class Scheduler:
         for request, num_new, token_id in zip(
             output.requests, output.num_scheduled_tokens, sampled_token_ids
         ):
-            if request.status.finished:  # aborted while the step ran
+            if request.status.finished:  # aborted (or stopped) while the step ran
                 continue
-            before = request.num_computed_tokens
-            request.num_computed_tokens += num_new
-            for feature in request.mm_features:
-                if before < feature.placeholder.end <= request.num_computed_tokens:
-                    # NOTE: released per span, even if the same image comes again later in
-                    # the prompt: holding it across other images could deadlock a full cache.
-                    self.encoder_cache.release(feature.mm_hash, request.request_id)
+            if not advanced:
+                self._advance(request, num_new)
             if token_id is None:
                 continue  # a prefill chunk that has not reached the end of the prompt
-            request.append_output_token(token_id)
+            if request.placeholder_pending:
+                request.fill_placeholder(token_id)
+            else:
+                request.append_output_token(token_id)
             status = self._check_stop(request, token_id)
             if status is not None:
                 self.finish_request(request, status)

@@ -41,28 +41,37 @@ class StagingBuffer:
     """Pinned host memory reused by every step for its inputs.
 
     `torch.Tensor.pin_memory()` allocates (and registers) new pinned memory per call, which is
-    slow; here each step bump-allocates from one pinned block. `begin` waits until the copies of
-    the last step have left the block before it is written again.
+    slow; here each step bump-allocates from one of two pinned halves, alternating, so that a
+    step can be staged while the one before it still runs (async scheduling). `begin` waits
+    until the copies of the step two back have left the half it reuses.
     """
 
-    def __init__(self, device: torch.device, num_bytes: int = 16 << 20) -> None:
+    def __init__(self, device: torch.device, num_bytes: int = 32 << 20) -> None:
         self.device = device
-        self.buffer = torch.empty(num_bytes, dtype=torch.uint8, pin_memory=True)
+        self.buffers = torch.empty(num_bytes, dtype=torch.uint8, pin_memory=True).chunk(2)
+        self.copies_done: list[torch.cuda.Event | None] = [None, None]
+        self.half = 1
         self.offset = 0
-        self.copies_done: torch.cuda.Event | None = None
+
+    @property
+    def buffer(self) -> torch.Tensor:
+        return self.buffers[self.half]
 
     def begin(self) -> None:
-        if self.copies_done is not None:
-            self.copies_done.synchronize()
-            self.copies_done = None
+        self.half ^= 1
+        event = self.copies_done[self.half]
+        if event is not None:
+            event.synchronize()
+            self.copies_done[self.half] = None
         self.offset = 0
 
     def end(self) -> None:
-        self.copies_done = torch.cuda.Event()
-        self.copies_done.record()
+        event = torch.cuda.Event()
+        event.record()
+        self.copies_done[self.half] = event
 
     def stage(self, array: np.ndarray | list, dtype: torch.dtype) -> torch.Tensor:
-        """A pinned host tensor holding `array` (valid until the next `begin`)."""
+        """A pinned host tensor holding `array` (valid until this half is reused)."""
         host = torch.as_tensor(np.asarray(array), dtype=dtype)
         size = host.numel() * host.element_size()
         start = -(-self.offset // 16) * 16
@@ -164,8 +173,12 @@ class DecodeGraphs:
         slots: np.ndarray,  # [num_seqs]
         block_table: np.ndarray,  # [num_seqs, width] int32
         seq_lens: list[int],
+        patch: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Replay the graph for `len(input_ids)` sequences; returns their hidden states."""
+        """Replay the graph for `len(input_ids)` sequences; returns their hidden states.
+
+        `patch`: (rows, token ids) already on the device that replace those rows' input ids
+        (samples of a step not read by the host yet)."""
         n = len(input_ids)
         bs = self.padded_size(n)
         pad = bs - n
@@ -178,6 +191,8 @@ class DecodeGraphs:
         )
         for dst, array, dtype in copies:
             dst.copy_(staging.stage(array, dtype), non_blocking=True)
+        if patch is not None:
+            self.input_ids.index_copy_(0, *patch)
         self.graphs[bs].replay()
         return self.outputs[bs][:n]
 

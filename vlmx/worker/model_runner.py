@@ -85,6 +85,7 @@ class PendingStep:
 
     num_requests: int
     sample_rows: list[int]  # indexes of the requests that sample a token
+    sample_request_ids: list[str]  # their ids, in the order of the sampled tokens
     result: SamplerOutput | None = None
     num_logprobs: list[int | None] | None = None
 
@@ -229,13 +230,23 @@ class ModelRunner:
         return self.collect(self.launch(out, block_ids))
 
     @torch.inference_mode()
-    def launch(self, out: SchedulerOutput, block_ids: list[list[int]]) -> PendingStep:
+    def launch(
+        self,
+        out: SchedulerOutput,
+        block_ids: list[list[int]],
+        prev: PendingStep | None = None,
+    ) -> PendingStep:
         """Queue the step's work on the GPU and return without waiting for it; `collect` then
-        reads the sampled tokens. The host may do other work in between."""
+        reads the sampled tokens. The host may do other work in between.
+
+        `prev`: the step launched before, not collected yet (async scheduling). A request whose
+        input is a reserved token (`Request.placeholder_pending`) takes prev's sample for it,
+        copied on the GPU.
+        """
         if self.staging is not None:
             self.staging.begin()
         with _sdpa_backends(self.device):
-            pending = self._launch(out, block_ids)
+            pending = self._launch(out, block_ids, prev)
         if self.staging is not None:
             self.staging.end()
         return pending
@@ -259,13 +270,16 @@ class ModelRunner:
             logprobs[i] = row_logprobs[j]
         return sampled, logprobs
 
-    def _launch(self, out: SchedulerOutput, block_ids: list[list[int]]) -> PendingStep:
+    def _launch(
+        self, out: SchedulerOutput, block_ids: list[list[int]], prev: PendingStep | None
+    ) -> PendingStep:
         for mm_hash in out.freed_mm_hashes:
             self.encoder_outputs.pop(mm_hash, None)
         self._run_encoder(out)
 
         requests, num_scheduled = out.requests, out.num_scheduled_tokens
         inputs = self._host_inputs(requests, num_scheduled, block_ids)
+        patch = self._reserved_inputs(requests, inputs.query_start_loc, prev)
         if self.graphs is not None and self._is_graph_step(requests, num_scheduled):
             hidden = self.graphs.run(
                 self.staging,
@@ -274,9 +288,12 @@ class ModelRunner:
                 inputs.slots,
                 inputs.block_table,
                 inputs.seq_lens,
+                patch,
             )
         else:
             input_ids, positions, metadata = self._device_inputs(inputs)
+            if patch is not None:
+                input_ids.index_copy_(0, *patch)
             inputs_embeds = self.model.embed_tokens(input_ids)
             self._merge_image_embeds(inputs_embeds, requests, num_scheduled)
             hidden = self.model(inputs_embeds, positions, self.kv_caches, metadata)
@@ -286,7 +303,9 @@ class ModelRunner:
             for i, (r, n) in enumerate(zip(requests, num_scheduled))
             if r.num_computed_tokens + n == r.num_tokens
         ]
-        pending = PendingStep(len(requests), sample_rows)
+        pending = PendingStep(
+            len(requests), sample_rows, [requests[i].request_id for i in sample_rows]
+        )
         if not sample_rows:
             return pending
         if len(sample_rows) < hidden.shape[0]:
@@ -307,6 +326,26 @@ class ModelRunner:
         pending.result = self.sampler(logits, sampling_metadata)
         pending.num_logprobs = [r.sampling_params.logprobs for r in rows]
         return pending
+
+    def _reserved_inputs(
+        self, requests: list[Request], query_start_loc: list[int], prev: PendingStep | None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rows, token ids on the device) of the inputs that are `prev`'s samples, or None."""
+        rows, sources = [], []
+        position: dict[str, int] | None = None
+        for i, request in enumerate(requests):
+            if request.placeholder_pending:
+                # NOTE: only ever the last token scheduled: a step that reserves one schedules
+                # no request further than it.
+                assert prev is not None and prev.result is not None, request.request_id
+                if position is None:
+                    position = {rid: j for j, rid in enumerate(prev.sample_request_ids)}
+                rows.append(query_start_loc[i + 1] - 1)
+                sources.append(position[request.request_id])
+        if not rows:
+            return None
+        sampled = prev.result.sampled_token_ids
+        return self._to_device(rows, torch.long), sampled[self._to_device(sources, torch.long)]
 
     def _stop_ids(self, request: Request) -> set[int]:
         params = request.sampling_params

@@ -88,6 +88,8 @@ class PendingStep:
     sample_request_ids: list[str]  # their ids, in the order of the sampled tokens
     result: SamplerOutput | None = None
     num_logprobs: list[int | None] | None = None
+    host_tokens: torch.Tensor | None = None  # CUDA: the sampled ids, copied to pinned memory
+    tokens_ready: torch.cuda.Event | None = None  # recorded after that copy
 
 
 def _bidirectional_spans(request: Request, start: int, end: int) -> list[tuple[int, int]]:
@@ -259,7 +261,11 @@ class ModelRunner:
         if pending.result is None:
             return sampled, logprobs
         result = pending.result
-        token_ids = result.sampled_token_ids.tolist()  # the step's one host sync
+        if pending.tokens_ready is not None:
+            pending.tokens_ready.synchronize()  # the step's one host sync
+            token_ids = pending.host_tokens.tolist()
+        else:
+            token_ids = result.sampled_token_ids.tolist()
         row_logprobs = (
             logprobs_to_dicts(result.logprobs, pending.num_logprobs)
             if result.logprobs is not None
@@ -325,6 +331,14 @@ class ModelRunner:
         )
         pending.result = self.sampler(logits, sampling_metadata)
         pending.num_logprobs = [r.sampling_params.logprobs for r in rows]
+        if self.device.type == "cuda":
+            # NOTE: the copy to the host is queued now, behind this step's sampling. Queued at
+            # `collect`, it would wait behind the next step too (launched in between).
+            sampled = pending.result.sampled_token_ids
+            pending.host_tokens = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
+            pending.host_tokens.copy_(sampled, non_blocking=True)
+            pending.tokens_ready = torch.cuda.Event()
+            pending.tokens_ready.record()
         return pending
 
     def _reserved_inputs(

@@ -111,14 +111,18 @@ def store_kv_torch(
     kv_cache[1].view(-1, num_kv_heads, head_dim)[slots] = value[valid]
 
 
-def _check_store_args(
-    key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
-) -> None:
+def _check_kv_cache(kv_cache: torch.Tensor) -> None:
     if kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or not kv_cache.is_contiguous():
         raise ValueError(
             "kv_cache must be a contiguous [2, num_blocks, block_size, num_kv_heads, head_dim] "
             f"tensor, got shape {tuple(kv_cache.shape)}"
         )
+
+
+def _check_store_args(
+    key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    _check_kv_cache(kv_cache)
     expected = (slot_mapping.shape[0], *kv_cache.shape[-2:])
     for name, t in (("key", key), ("value", value)):
         if tuple(t.shape) != expected or t.dtype != kv_cache.dtype:
@@ -265,11 +269,7 @@ def paged_decode_attention_torch(
 def _check_decode_args(
     query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor
 ) -> None:
-    if kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or not kv_cache.is_contiguous():
-        raise ValueError(
-            "kv_cache must be a contiguous [2, num_blocks, block_size, num_kv_heads, head_dim] "
-            f"tensor, got shape {tuple(kv_cache.shape)}"
-        )
+    _check_kv_cache(kv_cache)
     num_kv_heads, head_dim = kv_cache.shape[-2:]
     if query.dim() != 3 or query.shape[2] != head_dim or query.shape[1] % num_kv_heads:
         raise ValueError(

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlmx.device import host_to_device
 from vlmx.ops import paged_attention as triton_ops
 from vlmx.ops.varlen import flash_varlen_available, varlen_flash_attention
 
@@ -432,8 +433,7 @@ def _device_cu_seqlens(
 ) -> tuple[torch.Tensor, int]:
     """Segment boundaries as an int32 device tensor, and the longest segment (memoised, as
     `_segment_rows`: every layer of a tower calls with the same boundaries)."""
-    cu = torch.tensor(cu_seqlens, dtype=torch.int32)
-    cu = cu.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else cu
+    cu = host_to_device(list(cu_seqlens), device, torch.int32)
     return cu, int(np.diff(cu_seqlens).max(initial=0))
 
 

@@ -30,18 +30,6 @@ from vlmx.layers.rotary import apply_rotary
 Grid = tuple[int, int, int]  # (t, h, w) in patches
 
 
-def host_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A CPU index tensor to `device` without waiting for the GPU.
-
-    NOTE: a copy from pageable host memory returns only once the GPU has run everything queued
-    before it, which stalls the host (and then starves the GPU) once per call; from pinned
-    memory the copy is queued like a kernel.
-    """
-    if device.type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
-
-
 class PatchProjection(nn.Linear):
     """A Conv3d with kernel == stride, as a matmul over flattened patches.
 

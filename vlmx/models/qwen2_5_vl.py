@@ -9,13 +9,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vlmx.device import host_to_device
 from vlmx.layers.rotary import VisionRotaryEmbedding
 from vlmx.layers.vision import (
     Grid,
     PatchEmbed,
     PatchMerger,
     VisionBlock,
-    host_to_device,
     vision_cu_seqlens,
     vision_position_ids,
     window_index,

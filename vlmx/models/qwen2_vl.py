@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from vlmx.device import host_to_device
 from vlmx.layers.decoder import DecoderConfig, DecoderModel
 from vlmx.layers.rotary import VisionRotaryEmbedding
 from vlmx.layers.vision import (
@@ -23,7 +24,6 @@ from vlmx.layers.vision import (
     PatchEmbed,
     PatchMerger,
     VisionBlock,
-    host_to_device,
     vision_cu_seqlens,
     vision_position_ids,
 )

@@ -22,6 +22,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vlmx.config import EngineConfig
+from vlmx.device import host_to_device
 from vlmx.engine.request import Request
 from vlmx.engine.scheduler import SchedulerOutput
 from vlmx.layers.attention import (
@@ -56,14 +57,6 @@ def _sdpa_backends(device: torch.device) -> contextlib.AbstractContextManager:
     return sdpa_kernel(
         [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     )
-
-
-def _to_device(array: np.ndarray | list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Host data -> device tensor without waiting for the GPU (pinned, non-blocking copy)."""
-    host = torch.as_tensor(np.asarray(array), dtype=dtype)
-    if device.type != "cuda":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass(slots=True)
@@ -120,7 +113,7 @@ class ModelRunner:
 
     def _to_device(self, array: np.ndarray | list, dtype: torch.dtype) -> torch.Tensor:
         if self.staging is None:
-            return _to_device(array, dtype, self.device)
+            return host_to_device(array, self.device, dtype)
         return self.staging.to_device(array, dtype)
 
     def _graphs_supported(self) -> bool:

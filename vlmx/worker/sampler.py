@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from vlmx.device import host_to_device
 from vlmx.outputs import Logprob
 from vlmx.sampling_params import SamplingParams
 
@@ -87,19 +88,12 @@ def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
     return generator
 
 
-def _to_device(data: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    pin = device.type == "cuda"
-    return torch.tensor(data, dtype=dtype, pin_memory=pin).to(device, non_blocking=pin)
-
-
 def _token_counts(rows: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
     """[B, V] float32: how many times each token id occurs in each row (ids outside V ignored)."""
     lengths = [len(r) for r in rows]
     flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=sum(lengths))
     row_idx = np.repeat(np.arange(len(rows), dtype=np.int64), lengths)
-    host = torch.from_numpy(np.stack([row_idx, flat]))  # [2, num_tokens]
-    pin = device.type == "cuda"
-    row_idx_d, ids = (host.pin_memory() if pin else host).to(device, non_blocking=pin)
+    row_idx_d, ids = host_to_device(np.stack([row_idx, flat]), device)  # [2, num_tokens]
     ids = torch.where((ids < 0) | (ids >= vocab_size), vocab_size, ids)  # -> spare column
     counts = torch.zeros(len(rows), vocab_size + 1, dtype=torch.float32, device=device)
     counts.view(-1).scatter_add_(
@@ -144,7 +138,7 @@ def build_sampling_metadata(
     use_output_counts = [p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params]
 
     # NOTE: one host -> device copy per dtype; the per-row tensors are views of its rows.
-    floats = _to_device(
+    floats = host_to_device(
         [
             [1.0 if g else p.temperature for p, g in zip(params, greedy)],
             [p.top_p for p in params],
@@ -153,8 +147,8 @@ def build_sampling_metadata(
             [p.frequency_penalty for p in params],
             [p.presence_penalty for p in params],
         ],
-        torch.float32,
         device,
+        torch.float32,
     )  # [6, B]
     temperature, top_p, min_p, repetition_penalty, frequency_penalty, presence_penalty = floats
     mask_pairs = [
@@ -165,10 +159,10 @@ def build_sampling_metadata(
         if 0 <= t < vocab_size
     ]
     num_masked = len(mask_pairs)
-    ints = _to_device(
+    ints = host_to_device(
         top_ks + greedy + [i for i, _ in mask_pairs] + [t for _, t in mask_pairs],
-        torch.int64,
         device,
+        torch.int64,
     )  # [2 * B + 2 * num_masked]: top_k | is_greedy | masked rows | masked token ids
     top_k, is_greedy = ints[:num_rows], ints[num_rows : 2 * num_rows].bool()
     min_tokens_rows = ints[2 * num_rows : 2 * num_rows + num_masked]

@@ -18,7 +18,8 @@ from vlmx.layers.attention import (
 )
 from vlmx.ops import paged_attention as triton_ops
 from vlmx.ops.varlen import flash_varlen_available, varlen_flash_attention
-from vlmx.worker.cuda_graph import StagingBuffer, capture_sizes
+from vlmx.worker.cuda_graph import capture_sizes
+from vlmx.worker.input_batch import StagingBuffer
 
 CUDA = torch.cuda.is_available()
 needs_flash = pytest.mark.skipif(

@@ -1,4 +1,4 @@
-"""CUDA graphs for decode steps, and the pinned staging memory that feeds every step.
+"""CUDA graphs for decode steps.
 
 A decode step (one new token per sequence) of a 3B decoder launches several hundred small
 kernels; launched one by one from Python they cost more host time than the GPU needs to run
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from vlmx.layers.attention import AttentionMetadata, FastPlan
+from vlmx.worker.input_batch import StagingBuffer
 
 logger = logging.getLogger(__name__)
 
@@ -35,55 +36,6 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
     sizes = [1, 2, 4, 8, *range(16, 128, 16), *range(128, 1024 + 1, 32)]
     top = next((s for s in sizes if s >= max_num_seqs), max_num_seqs)
     return [s for s in sizes if s < top] + [top]
-
-
-class StagingBuffer:
-    """Pinned host memory reused by every step for its inputs.
-
-    `torch.Tensor.pin_memory()` allocates (and registers) new pinned memory per call, which is
-    slow; here each step bump-allocates from one of two pinned halves, alternating, so that a
-    step can be staged while the one before it still runs (async scheduling). `begin` waits
-    until the copies of the step two back have left the half it reuses.
-    """
-
-    def __init__(self, device: torch.device, num_bytes: int = 32 << 20) -> None:
-        self.device = device
-        self.buffers = torch.empty(num_bytes, dtype=torch.uint8, pin_memory=True).chunk(2)
-        self.copies_done: list[torch.cuda.Event | None] = [None, None]
-        self.half = 1
-        self.offset = 0
-
-    @property
-    def buffer(self) -> torch.Tensor:
-        return self.buffers[self.half]
-
-    def begin(self) -> None:
-        self.half ^= 1
-        event = self.copies_done[self.half]
-        if event is not None:
-            event.synchronize()
-            self.copies_done[self.half] = None
-        self.offset = 0
-
-    def end(self) -> None:
-        event = torch.cuda.Event()
-        event.record()
-        self.copies_done[self.half] = event
-
-    def stage(self, array: np.ndarray | list, dtype: torch.dtype) -> torch.Tensor:
-        """A pinned host tensor holding `array` (valid until this half is reused)."""
-        host = torch.as_tensor(np.asarray(array), dtype=dtype)
-        size = host.numel() * host.element_size()
-        start = -(-self.offset // 16) * 16
-        if start + size > self.buffer.numel():
-            return host.pin_memory()  # an unusually large step: pin just this one
-        self.offset = start + size
-        pinned = self.buffer[start : start + size].view(dtype).view(host.shape)
-        pinned.copy_(host)
-        return pinned
-
-    def to_device(self, array: np.ndarray | list, dtype: torch.dtype) -> torch.Tensor:
-        return self.stage(array, dtype).to(self.device, non_blocking=True)
 
 
 class DecodeGraphs:

@@ -32,7 +32,8 @@ from vlmx.layers.attention import (
     fast_path_available,
 )
 from vlmx.outputs import Logprob
-from vlmx.worker.cuda_graph import DecodeGraphs, StagingBuffer
+from vlmx.worker.cuda_graph import DecodeGraphs
+from vlmx.worker.input_batch import StagingBuffer, StepInputs, block_table
 from vlmx.worker.sampler import (
     Sampler,
     SamplerOutput,
@@ -57,19 +58,6 @@ def _sdpa_backends(device: torch.device) -> contextlib.AbstractContextManager:
     return sdpa_kernel(
         [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     )
-
-
-@dataclass(slots=True)
-class StepInputs:
-    """A scheduled step on the host, before any of it goes to the device."""
-
-    input_ids: list[int]
-    positions: np.ndarray  # [T] int64, or [3, T] for M-RoPE
-    slots: np.ndarray  # [T] int64 KV cache slot of each token
-    block_table: np.ndarray  # [num_seqs, max_blocks] int32, -1 = unused
-    query_start_loc: list[int]
-    seq_lens: list[int]
-    bidirectional_spans: list[list[tuple[int, int]]] | None
 
 
 @dataclass(slots=True)
@@ -406,10 +394,6 @@ class ModelRunner:
             slots.append(np.asarray(blocks, dtype=np.int64)[idx // bs] * bs + idx % bs)
             query_start_loc.append(query_start_loc[-1] + n)
             seq_lens.append(end)
-        max_blocks = max(len(b) for b in block_ids)
-        table = np.full((len(requests), max_blocks), -1, dtype=np.int32)
-        for i, blocks in enumerate(block_ids):
-            table[i, : len(blocks)] = blocks
         spans = None
         if not self.model.chunk_images:  # image tokens attend to their whole span
             spans = [
@@ -420,7 +404,7 @@ class ModelRunner:
             input_ids=ids,
             positions=np.concatenate(pos, axis=-1),
             slots=np.concatenate(slots),
-            block_table=table,
+            block_table=block_table(block_ids),
             query_start_loc=query_start_loc,
             seq_lens=seq_lens,
             bidirectional_spans=spans,
@@ -441,8 +425,6 @@ class ModelRunner:
                 else r.mrope_positions[:, s].tolist()
                 for r, s in zip(requests, starts)
             ]
-        width = max(len(b) for b in block_ids)
-        table = np.array([b + [-1] * (width - len(b)) for b in block_ids], dtype=np.int32)
         spans = None
         if not self.model.chunk_images:
             spans = [_bidirectional_spans(r, s, s + 1) for r, s in zip(requests, starts)]
@@ -450,7 +432,7 @@ class ModelRunner:
             input_ids=[r.all_token_ids[s] for r, s in zip(requests, starts)],
             positions=np.asarray(positions, dtype=np.int64).T,  # [T] or [3, T]
             slots=np.asarray([b[s // bs] * bs + s % bs for b, s in zip(block_ids, starts)]),
-            block_table=table,
+            block_table=block_table(block_ids),
             query_start_loc=list(range(len(requests) + 1)),
             seq_lens=[s + 1 for s in starts],
             bidirectional_spans=spans,

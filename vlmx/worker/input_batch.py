@@ -1,0 +1,82 @@
+"""A step's inputs on the host, and the pinned memory they reach the GPU through.
+
+`StepInputs` is what the model runner builds from the scheduled requests before anything goes
+to the device; `StagingBuffer` is the reusable pinned block every step's inputs are copied
+through (`vlmx.device.host_to_device` pins afresh, which is fine for one-off tensors but slow
+once per step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(slots=True)
+class StepInputs:
+    """A scheduled step on the host, before any of it goes to the device."""
+
+    input_ids: list[int]
+    positions: np.ndarray  # [T] int64, or [3, T] for M-RoPE
+    slots: np.ndarray  # [T] int64 KV cache slot of each token
+    block_table: np.ndarray  # [num_seqs, max_blocks] int32, -1 = unused
+    query_start_loc: list[int]
+    seq_lens: list[int]
+    bidirectional_spans: list[list[tuple[int, int]]] | None
+
+
+def block_table(block_ids: list[list[int]]) -> np.ndarray:
+    """Per-sequence block ids as one [num_seqs, max_blocks] int32 table, -1 past each list."""
+    width = max(len(b) for b in block_ids)
+    return np.array([b + [-1] * (width - len(b)) for b in block_ids], dtype=np.int32)
+
+
+class StagingBuffer:
+    """Pinned host memory reused by every step for its inputs.
+
+    `torch.Tensor.pin_memory()` allocates (and registers) new pinned memory per call, which is
+    slow; here each step bump-allocates from one of two pinned halves, alternating, so that a
+    step can be staged while the one before it still runs (async scheduling). `begin` waits
+    until the copies of the step two back have left the half it reuses.
+    """
+
+    def __init__(self, device: torch.device, num_bytes: int = 32 << 20) -> None:
+        self.device = device
+        self.buffers = torch.empty(num_bytes, dtype=torch.uint8, pin_memory=True).chunk(2)
+        self.copies_done: list[torch.cuda.Event | None] = [None, None]
+        self.half = 1
+        self.offset = 0
+
+    @property
+    def buffer(self) -> torch.Tensor:
+        return self.buffers[self.half]
+
+    def begin(self) -> None:
+        self.half ^= 1
+        event = self.copies_done[self.half]
+        if event is not None:
+            event.synchronize()
+            self.copies_done[self.half] = None
+        self.offset = 0
+
+    def end(self) -> None:
+        event = torch.cuda.Event()
+        event.record()
+        self.copies_done[self.half] = event
+
+    def stage(self, array: np.ndarray | list, dtype: torch.dtype) -> torch.Tensor:
+        """A pinned host tensor holding `array` (valid until this half is reused)."""
+        host = torch.as_tensor(np.asarray(array), dtype=dtype)
+        size = host.numel() * host.element_size()
+        start = -(-self.offset // 16) * 16
+        if start + size > self.buffer.numel():
+            return host.pin_memory()  # an unusually large step: pin just this one
+        self.offset = start + size
+        pinned = self.buffer[start : start + size].view(dtype).view(host.shape)
+        pinned.copy_(host)
+        return pinned
+
+    def to_device(self, array: np.ndarray | list, dtype: torch.dtype) -> torch.Tensor:
+        return self.stage(array, dtype).to(self.device, non_blocking=True)

@@ -121,23 +121,52 @@ class DecoderConfig:
 class DecoderAttention(nn.Module):
     """Matches HF `Qwen2VLAttention` / `LlamaAttention` with q/k/v fused into `qkv_proj`.
 
-    x: [T, hidden] -> qkv [T, (num_heads + 2 * num_kv_heads) * head_dim] -> [T, hidden]
+    x: [T, hidden] -> qkv [T, (num_heads + 2 * num_kv_heads) * head_dim] -> (`norm_qk`) -> RoPE
+    -> paged attention -> o_proj -> [T, hidden]. Families with per-head q/k norms (Gemma 3)
+    subclass it and override `norm_qk`.
     """
 
-    def __init__(self, cfg: DecoderConfig) -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        qkv_bias: bool,
+        o_bias: bool,
+        scale: float,
+        sliding_window: int | None = None,
+    ) -> None:
         super().__init__()
-        self.num_heads = cfg.num_heads
-        self.num_kv_heads = cfg.num_kv_heads
-        self.head_dim = cfg.head_dim
-        self.q_size = cfg.num_heads * cfg.head_dim
-        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.q_size = num_heads * head_dim
+        self.kv_size = num_kv_heads * head_dim
         self.qkv_proj = MergedLinear(
-            cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=cfg.qkv_bias
+            hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=qkv_bias
         )
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.o_proj = nn.Linear(self.q_size, hidden_size, bias=o_bias)
         self.attn = PagedAttention(
-            cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, scale=cfg.head_dim**-0.5
+            num_heads, num_kv_heads, head_dim, scale=scale, sliding_window=sliding_window
         )
+
+    @classmethod
+    def from_config(cls, cfg: DecoderConfig) -> DecoderAttention:
+        return cls(
+            cfg.hidden_size,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            qkv_bias=cfg.qkv_bias,
+            o_bias=cfg.o_bias,
+            scale=cfg.head_dim**-0.5,
+        )
+
+    def norm_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, num_heads, head_dim], k [T, num_kv_heads, head_dim] before RoPE: unchanged."""
+        return q, k
 
     def forward(
         self,
@@ -149,8 +178,11 @@ class DecoderAttention(nn.Module):
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rotary(q.view(num_tokens, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)
+        q, k = self.norm_qk(
+            q.view(num_tokens, self.num_heads, self.head_dim),
+            k.view(num_tokens, self.num_kv_heads, self.head_dim),
+        )
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         out = self.attn(q, k, v, kv_cache, attn_metadata)  # [T, num_heads, head_dim]
         return self.o_proj(out.reshape(num_tokens, self.q_size))
@@ -162,7 +194,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = DecoderAttention(cfg)
+        self.self_attn = DecoderAttention.from_config(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, cfg.mlp_bias)
 

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vlmx.layers.attention import AttentionMetadata, PagedAttention
-from vlmx.layers.mlp import GatedMLP, MergedLinear
-from vlmx.layers.rotary import RotaryEmbedding, apply_rotary
+from vlmx.layers.attention import AttentionMetadata
+from vlmx.layers.decoder import DecoderAttention
+from vlmx.layers.mlp import GatedMLP
+from vlmx.layers.rotary import RotaryEmbedding
 
 
 class GemmaRMSNorm(nn.Module):
@@ -101,51 +102,26 @@ class GemmaConfig:
         )
 
 
-class GemmaAttention(nn.Module):
-    """Matches HF `Gemma3Attention`: [T, hidden] -> [T, hidden].
-
-    qkv [T, (H + 2 * KV) * d] -> q_norm / k_norm per head -> RoPE -> paged attention (sliding
-    window on sliding layers) -> o_proj.
-    """
+class GemmaAttention(DecoderAttention):
+    """Matches HF `Gemma3Attention`: the shared decoder attention with per-head q_norm / k_norm
+    before RoPE, the `query_pre_attn_scalar` scale, and a sliding window on sliding layers."""
 
     def __init__(self, cfg: GemmaConfig, sliding: bool) -> None:
-        super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = (
+        super().__init__(
+            cfg.hidden_size,
             cfg.num_heads,
             cfg.num_kv_heads,
             cfg.head_dim,
-        )
-        self.q_size = cfg.num_heads * cfg.head_dim
-        self.kv_size = cfg.num_kv_heads * cfg.head_dim
-        self.qkv_proj = MergedLinear(
-            cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=cfg.attention_bias
-        )
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.attention_bias)
-        self.q_norm = GemmaRMSNorm(cfg.head_dim, cfg.rms_norm_eps)
-        self.k_norm = GemmaRMSNorm(cfg.head_dim, cfg.rms_norm_eps)
-        self.attn = PagedAttention(
-            cfg.num_heads,
-            cfg.num_kv_heads,
-            cfg.head_dim,
+            qkv_bias=cfg.attention_bias,
+            o_bias=cfg.attention_bias,
             scale=cfg.query_pre_attn_scalar**-0.5,
             sliding_window=cfg.sliding_window if sliding else None,
         )
+        self.q_norm = GemmaRMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.k_norm = GemmaRMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        kv_cache: torch.Tensor,
-        attn_metadata: AttentionMetadata,
-    ) -> torch.Tensor:
-        n = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = self.q_norm(q.view(n, self.num_heads, self.head_dim))
-        k = self.k_norm(k.view(n, self.num_kv_heads, self.head_dim))
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = self.attn(q, k, v.view(n, self.num_kv_heads, self.head_dim), kv_cache, attn_metadata)
-        return self.o_proj(out.reshape(n, self.q_size))
+    def norm_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.q_norm(q), self.k_norm(k)
 
 
 class GemmaDecoderLayer(nn.Module):

@@ -175,6 +175,16 @@ class SamplingParams:
         return self.sampling_type == SamplingType.GREEDY
 
     @property
+    def uses_repetition_penalty(self) -> bool:
+        """Sampling reads the prompt and output ids so far."""
+        return self.repetition_penalty != 1.0
+
+    @property
+    def uses_output_counts(self) -> bool:
+        """Sampling reads how often each id occurs in the output so far."""
+        return self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+    @property
     def stop_buffer_length(self) -> int:
         """Characters a stream holds back so that it never shows the start of a stop string."""
         if self.stop and not self.include_stop_str_in_output:

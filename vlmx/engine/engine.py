@@ -393,9 +393,8 @@ class LLMEngine:
             params = request.sampling_params
             detokenizer = self.detokenizers.get(request.request_id)
             if (
-                params.repetition_penalty != 1.0
-                or params.frequency_penalty != 0.0
-                or params.presence_penalty != 0.0
+                params.uses_repetition_penalty
+                or params.uses_output_counts
                 or (detokenizer is not None and detokenizer.stop)
             ):
                 return False

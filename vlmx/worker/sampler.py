@@ -134,8 +134,8 @@ def build_sampling_metadata(
     random_rows = [i for i in range(num_rows) if not greedy[i]]
     # Greedy params have top_k / top_p / min_p reset to off by SamplingParams.
     top_ks = [min(p.top_k, vocab_size) for p in params]
-    use_repetition = [p.repetition_penalty != 1.0 for p in params]
-    use_output_counts = [p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params]
+    use_repetition = [p.uses_repetition_penalty for p in params]
+    use_output_counts = [p.uses_output_counts for p in params]
 
     # NOTE: one host -> device copy per dtype; the per-row tensors are views of its rows.
     floats = host_to_device(

@@ -291,7 +291,11 @@ class _Kernels(NamedTuple):
 def _kernels() -> _Kernels:
     # NOTE: wrapped on first use, not at import, where Triton may be missing.
     return _Kernels(
-        triton.jit(_rms_norm_kernel), triton.jit(_rotary_kernel), triton.jit(_silu_and_mul_kernel)
+        # NOTE: the row count is not specialised on (== 1, % 16), so that a step's token count
+        # never compiles a new variant mid-run (each compile costs a fraction of a second).
+        triton.jit(_rms_norm_kernel, do_not_specialize=["num_rows"]),
+        triton.jit(_rotary_kernel),
+        triton.jit(_silu_and_mul_kernel),
     )
 
 

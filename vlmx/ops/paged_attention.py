@@ -332,8 +332,13 @@ class _Kernels(NamedTuple):
 @functools.cache
 def _kernels() -> _Kernels:
     # NOTE: wrapped on first use, not at import, where Triton may be missing.
+    # NOTE: the block table's row stride (its width, which changes from step to step in eager
+    # steps) is not specialised on, so that no step compiles a new variant mid-run; the split
+    # counts are all compiled while the decode graphs are captured.
     return _Kernels(
-        triton.jit(_store_kv_kernel), triton.jit(_decode_kernel), triton.jit(_combine_kernel)
+        triton.jit(_store_kv_kernel),
+        triton.jit(_decode_kernel, do_not_specialize=["stride_bt_seq"]),
+        triton.jit(_combine_kernel),
     )
 
 

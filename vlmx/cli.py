@@ -53,7 +53,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-len", type=int, default=None, help="default: the workload's")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--hf-num-prompts", type=int, default=None, help="default: --num-prompts")
-    p.add_argument("--hf-batch-size", type=int, default=32)
+    p.add_argument(
+        "--hf-batch-size",
+        type=int,
+        default=None,
+        help="prompts per transformers generate call (default: the largest that fits)",
+    )
     p.add_argument("--card", choices=sorted(CARDS), default=None, help="default: detected")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None, help="also write the results to this file")

@@ -232,11 +232,16 @@ def run_hf(
     model: str,
     workload: str,
     num_prompts: int,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     output_len: int | None = None,
 ) -> BenchResult:
     """transformers' `generate` on the same prompts and images, `batch_size` prompts at a time
-    (left-padded), random bf16 weights for presets; preprocessing included in the time."""
+    (left-padded), random bf16 weights for presets; preprocessing included in the time.
+
+    batch_size None: the largest that fits. On CUDA the measured run starts at
+    min(num_prompts, 256) prompts a batch and, on out-of-memory, starts again at half (larger
+    batches only ever ran faster here); on the CPU it is min(num_prompts, 32).
+    """
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     path, load_format = resolve_model(model)
@@ -272,20 +277,37 @@ def run_hf(
             num_out += (out.shape[1] - inputs["input_ids"].shape[1]) * len(chunk)
         return num_in, num_out
 
+    fixed = batch_size is not None
+    if batch_size is None:
+        batch_size = min(num_prompts, 256 if device.type == "cuda" else 32)
     run(prompts_for(workload, 2, seed=99)[0])
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.monotonic()
-    num_in, num_out = run(requests)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    while True:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.monotonic()
+        try:
+            num_in, num_out = run(requests)
+        except torch.OutOfMemoryError:
+            if fixed or batch_size == 1:
+                raise
+            out_of_memory = True
+        else:
+            out_of_memory = False
+        if out_of_memory:  # outside the handler, so the failed batch's tensors are freed
+            batch_size //= 2
+            torch.cuda.empty_cache()
+            continue
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        wall = time.monotonic() - start
+        break
     return BenchResult(
         backend="hf",
         workload=workload,
         api="generate",
         num_prompts=num_prompts,
-        wall_s=time.monotonic() - start,
+        wall_s=wall,
         num_images=sum(len(ims) for _, ims in requests),
         input_tokens=num_in,
         output_tokens=num_out,

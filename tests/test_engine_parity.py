@@ -139,10 +139,27 @@ def test_same_outputs_under_caching_chunking_and_preemption(family_setup, test_i
     # Prefix caching: a second run of the batch hits the cache for the shared parts; the
     # prompt that differs only in its first image must not reuse the first prompt's KV.
     llm = _llm(path, enable_prefix_caching=True)
-    check(_generate(llm, batch))
+    first = _generate(llm, batch)
+    check(first)
     second = _generate(llm, batch)
     check(second)
     assert all(o.num_cached_tokens > 0 for o in second)
+    # After the resets nothing is shared with earlier runs: the hits of a first run only (the
+    # batch's prompts share a prefix), every image processed and encoded again, same outputs.
+    engine = llm.llm_engine
+    prompt, images = batch[0]
+    engine.add_request("busy", {"prompt": prompt, "multi_modal_data": {"image": images}}, GREEDY)
+    assert not llm.reset_prefix_cache() and not llm.reset_mm_cache()  # a request is unfinished
+    engine.abort_request("busy")
+    assert llm.reset_prefix_cache() and llm.reset_mm_cache()
+    assert not engine.runner.encoder_outputs and len(engine.processor.cache) == 0
+    third = _generate(llm, batch)
+    check(third)
+    cached = [o.num_cached_tokens for o in third]
+    assert cached == [o.num_cached_tokens for o in first]
+    assert all(c < o.num_cached_tokens for c, o in zip(cached, second))
+    assert len(engine.processor.cache) == len({id(im) for _, ims in batch for im in ims})
+    engine.scheduler.check_integrity()
     fresh = _llm(path, enable_prefix_caching=True, max_num_seqs=1)
     first_two = _generate(fresh, batch[:1]) + _generate(fresh, batch[2:3])
     image_start = first_two[0].prompt_token_ids.index(151655)

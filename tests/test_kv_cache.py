@@ -4,7 +4,9 @@ tokens + image hashes + LoRA. Every test ends with the cache's own integrity che
 from __future__ import annotations
 
 from tests.engine_helpers import PLACEHOLDER_ID, Image, make_request, text
-from vlmx.engine.kv_cache import BlockPool, KVCacheManager, update_block_hashes
+import numpy as np
+
+from vlmx.engine.kv_cache import BlockPool, BlockTable, KVCacheManager, update_block_hashes
 
 BLOCK_SIZE = 4
 
@@ -295,3 +297,34 @@ def test_block_pool_free_order_and_touch():
     assert list(pool.free_queue) == [3, 2, 1, 0]
     assert pool.lookup(b"h0") is blocks[0]
     pool.check_integrity()
+
+
+def test_block_table_rows_grow_release_and_gather():
+    table = BlockTable(num_rows=2, num_cols=2)
+    table.append("a", [5, 6])
+    table.append("b", [7])
+    table.append("a", [8, 9, 10])  # wider than the table: columns grow
+    table.append("c", [11])  # a third row: rows grow
+    step = table.gather(["c", "a", "b"])
+    assert step.dtype == np.int32
+    assert step.tolist() == [[11, -1, -1, -1, -1], [5, 6, 8, 9, 10], [7, -1, -1, -1, -1]]
+    table.append("a", [12])
+    assert step[1].tolist() == [5, 6, 8, 9, 10]  # a step's table is a copy
+    table.release("a")
+    table.append("d", [1])  # reuses a's row, reset to -1 past its blocks
+    assert table.gather(["d"]).tolist() == [[1]]
+    assert table.row("a").tolist() == []
+
+
+def test_manager_block_table_follows_allocations():
+    kv = KVCacheManager(num_blocks=16, block_size=BLOCK_SIZE, enable_caching=False)
+    a, b = make_request("a", [text(9)]), make_request("b", [text(3)])
+    assert kv.allocate_slots(a, 9) and kv.allocate_slots(b, 3)
+    a.num_computed_tokens, b.num_computed_tokens = 9, 3
+    assert kv.block_table(["b", "a"]).tolist() == [
+        kv.block_ids("b") + [-1, -1],
+        kv.block_ids("a"),
+    ]
+    kv.free(a)
+    assert kv.block_table(["b"]).tolist() == [kv.block_ids("b")]
+    kv.check_integrity()

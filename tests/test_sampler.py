@@ -273,6 +273,24 @@ def test_min_tokens_masks_stop_tokens():
     assert not set(many.sampled_token_ids.tolist()) & {eos, stop_id}
 
 
+def test_all_greedy_batch_still_masks_below_min_tokens():
+    """A batch of greedy rows takes the argmax-only metadata unless a row still masks its stop
+    ids, wants logprobs or has a penalty."""
+    eos = 3
+    logits = torch.zeros(2, VOCAB)
+    logits[:, eos] = 10.0
+    logits[:, 7] = 8.0
+    greedy = SamplingParams(temperature=0.0, min_tokens=2)
+    plain = metadata([greedy, greedy], num_output_tokens=[2, 5], stop_token_ids=[{eos}] * 2)
+    assert plain.all_greedy and plain.min_tokens_rows is None and plain.max_num_logprobs is None
+    out = sample(logits, [greedy, greedy], num_output_tokens=[1, 5], stop_token_ids=[{eos}] * 2)
+    assert out.sampled_token_ids.tolist() == [7, eos]
+    with_logprobs = metadata([SamplingParams(temperature=0.0, logprobs=2)] * 2)
+    assert with_logprobs.max_num_logprobs == 2
+    penalised = metadata([SamplingParams(temperature=0.0, repetition_penalty=1.5)] * 2)
+    assert penalised.repetition_penalty is not None
+
+
 def test_logprobs_are_raw_and_include_the_sampled_token():
     gen = torch.Generator().manual_seed(5)
     logits = torch.randn(6, VOCAB, generator=gen)

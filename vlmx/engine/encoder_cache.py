@@ -61,6 +61,14 @@ class EncoderCacheManager:
         for mm_hash in mm_hashes:
             self.release(mm_hash, request_id)
 
+    def clear(self) -> None:
+        """Drop every entry; only when no request holds one (no unfinished requests)."""
+        assert not self.refs, "encoder cache entries are still referenced"
+        self.entries.clear()
+        self.releasable.clear()
+        self.num_used = 0
+        self.freed.clear()
+
     def take_freed(self) -> list[str]:
         freed, self.freed = self.freed, []
         return freed

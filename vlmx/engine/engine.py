@@ -328,6 +328,20 @@ class LLMEngine:
                 self.detokenizers.pop(rid, None)
                 self.prompts.pop(rid, None)
 
+    def reset_prefix_cache(self) -> bool:
+        if self.has_unfinished_requests():
+            return False
+        self.scheduler.kv_cache.pool.reset_cache()
+        return True
+
+    def reset_mm_cache(self) -> bool:
+        if self.has_unfinished_requests():
+            return False
+        self.processor.cache.clear()
+        self.scheduler.encoder_cache.clear()
+        self.runner.encoder_outputs.clear()
+        return True
+
     # -- stepping -------------------------------------------------------------------------
 
     def has_unfinished_requests(self) -> bool:
@@ -380,8 +394,8 @@ class LLMEngine:
         return self._collect(finished)
 
     def _launch(self, out: SchedulerOutput, prev: PendingStep | None) -> PendingStep:
-        block_ids = [self.scheduler.kv_cache.block_ids(r.request_id) for r in out.requests]
-        return self.runner.launch(out, block_ids, prev)
+        table = self.scheduler.kv_cache.block_table([r.request_id for r in out.requests])
+        return self.runner.launch(out, table, prev)
 
     def _launch_next(self, out: SchedulerOutput, pending: PendingStep) -> bool:
         """Async scheduling: advance past `out` (reserving each sample), schedule and launch the

@@ -125,6 +125,11 @@ class ProcessorCache(Generic[Entry]):
                 self._entries.move_to_end(key)
             return entry
 
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.num_bytes = 0
+
     def put(self, key: str, entry: Entry) -> None:
         size = _num_bytes(entry)
         with self._lock:

@@ -11,7 +11,7 @@ def hash_image(image: torch.Tensor) -> str:
     assert image.dtype == torch.uint8, image.dtype
     hasher = blake3.blake3()
     hasher.update(repr(tuple(image.shape)).encode())
-    hasher.update(image.contiguous().cpu().numpy().tobytes())
+    hasher.update(image.contiguous().cpu().numpy())  # NOTE: its buffer, not a copy of it
     return hasher.hexdigest()
 
 

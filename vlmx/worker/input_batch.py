@@ -8,6 +8,7 @@ once per step).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,12 +26,6 @@ class StepInputs:
     query_start_loc: list[int]
     seq_lens: list[int]
     bidirectional_spans: list[list[tuple[int, int]]] | None
-
-
-def block_table(block_ids: list[list[int]]) -> np.ndarray:
-    """Per-sequence block ids as one [num_seqs, max_blocks] int32 table, -1 past each list."""
-    width = max(len(b) for b in block_ids)
-    return np.array([b + [-1] * (width - len(b)) for b in block_ids], dtype=np.int32)
 
 
 class StagingBuffer:
@@ -77,6 +72,17 @@ class StagingBuffer:
         pinned = self.buffer[start : start + size].view(dtype).view(host.shape)
         pinned.copy_(host)
         return pinned
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Uninitialised pinned memory from this half (e.g. for a copy back from the device),
+        valid until the half is reused two steps on."""
+        numel = math.prod(shape)
+        size = numel * torch.empty((), dtype=dtype).element_size()
+        start = -(-self.offset // 16) * 16
+        if start + size > self.buffer.numel():
+            return torch.empty(shape, dtype=dtype, pin_memory=True)
+        self.offset = start + size
+        return self.buffer[start : start + size].view(dtype).view(shape)
 
     def to_device(self, array: np.ndarray | list, dtype: torch.dtype) -> torch.Tensor:
         return self.stage(array, dtype).to(self.device, non_blocking=True)

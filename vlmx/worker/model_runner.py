@@ -33,7 +33,7 @@ from vlmx.layers.attention import (
 )
 from vlmx.outputs import Logprob
 from vlmx.worker.cuda_graph import DecodeGraphs
-from vlmx.worker.input_batch import StagingBuffer, StepInputs, block_table
+from vlmx.worker.input_batch import StagingBuffer, StepInputs
 from vlmx.worker.sampler import (
     Sampler,
     SamplerOutput,
@@ -44,6 +44,7 @@ from vlmx.worker.sampler import (
 logger = logging.getLogger(__name__)
 
 _CPU_KV_BYTES = 4 << 30  # KV cache budget on the CPU, where nothing to profile exists
+_NONE: frozenset[int] = frozenset()  # stop ids of a row past its min_tokens (none masked)
 
 
 def _sdpa_backends(device: torch.device) -> contextlib.AbstractContextManager:
@@ -206,21 +207,24 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(
-        self, out: SchedulerOutput, block_ids: list[list[int]]
+        self, out: SchedulerOutput, block_table: np.ndarray
     ) -> tuple[list[int | None], list[dict[int, Logprob] | None]]:
         """Run the step. Returns, per scheduled request, the sampled token (None for a prefill
         chunk short of the prompt's end) and its logprobs {token_id: Logprob} if asked."""
-        return self.collect(self.launch(out, block_ids))
+        return self.collect(self.launch(out, block_table))
 
     @torch.inference_mode()
     def launch(
         self,
         out: SchedulerOutput,
-        block_ids: list[list[int]],
+        block_table: np.ndarray,
         prev: PendingStep | None = None,
     ) -> PendingStep:
         """Queue the step's work on the GPU and return without waiting for it; `collect` then
         reads the sampled tokens. The host may do other work in between.
+
+        `block_table`: [num requests, blocks] int32, the KV blocks of `out.requests[i]` in row
+        i, -1 past its last (`KVCacheManager.block_table`).
 
         `prev`: the step launched before, not collected yet (async scheduling). A request whose
         input is a reserved token (`Request.placeholder_pending`) takes prev's sample for it,
@@ -229,7 +233,7 @@ class ModelRunner:
         if self.staging is not None:
             self.staging.begin()
         with _sdpa_backends(self.device):
-            pending = self._launch(out, block_ids, prev)
+            pending = self._launch(out, block_table, prev)
         if self.staging is not None:
             self.staging.end()
         return pending
@@ -258,14 +262,14 @@ class ModelRunner:
         return sampled, logprobs
 
     def _launch(
-        self, out: SchedulerOutput, block_ids: list[list[int]], prev: PendingStep | None
+        self, out: SchedulerOutput, block_table: np.ndarray, prev: PendingStep | None
     ) -> PendingStep:
         for mm_hash in out.freed_mm_hashes:
             self.encoder_outputs.pop(mm_hash, None)
         self._run_encoder(out)
 
         requests, num_scheduled = out.requests, out.num_scheduled_tokens
-        inputs = self._host_inputs(requests, num_scheduled, block_ids)
+        inputs = self._host_inputs(requests, num_scheduled, block_table)
         patch = self._reserved_inputs(requests, inputs.query_start_loc, prev)
         if self.graphs is not None and self._is_graph_step(requests, num_scheduled):
             hidden = self.graphs.run(
@@ -305,7 +309,10 @@ class ModelRunner:
             token_ids=[r.all_token_ids for r in rows],
             prompt_lens=[r.num_prompt_tokens for r in rows],
             num_output_tokens=[r.num_output_tokens for r in rows],
-            stop_token_ids=[self._stop_ids(r) for r in rows],
+            stop_token_ids=[
+                self._stop_ids(r) if r.num_output_tokens < r.sampling_params.min_tokens else _NONE
+                for r in rows
+            ],
             generators=[r.generator for r in rows],
             vocab_size=logits.shape[-1],
             device=self.device,
@@ -314,9 +321,11 @@ class ModelRunner:
         pending.num_logprobs = [r.sampling_params.logprobs for r in rows]
         if self.device.type == "cuda":
             # NOTE: the copy to the host is queued now, behind this step's sampling. Queued at
-            # `collect`, it would wait behind the next step too (launched in between).
+            # `collect`, it would wait behind the next step too (launched in between). Its
+            # pinned target is the step's staging half, which `collect` reads before the step
+            # after next reuses it.
             sampled = pending.result.sampled_token_ids
-            pending.host_tokens = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
+            pending.host_tokens = self.staging.empty(tuple(sampled.shape), sampled.dtype)
             pending.host_tokens.copy_(sampled, non_blocking=True)
             pending.tokens_ready = torch.cuda.Event()
             pending.tokens_ready.record()
@@ -378,20 +387,20 @@ class ModelRunner:
         return True
 
     def _host_inputs(
-        self, requests: list[Request], num_scheduled: list[int], block_ids: list[list[int]]
+        self, requests: list[Request], num_scheduled: list[int], table: np.ndarray
     ) -> StepInputs:
         if all(n == 1 for n in num_scheduled):
-            return self._decode_host_inputs(requests, block_ids)
+            return self._decode_host_inputs(requests, table)
         bs = self.block_size
         ids, pos, slots = [], [], []
         query_start_loc, seq_lens = [0], []
         mrope = self.model.uses_mrope
-        for request, n, blocks in zip(requests, num_scheduled, block_ids):
+        for request, n, blocks in zip(requests, num_scheduled, table):
             start, end = request.num_computed_tokens, request.num_computed_tokens + n
             ids.extend(request.all_token_ids[start:end])
             pos.append(self._positions(request, start, end) if mrope else np.arange(start, end))
             idx = np.arange(start, end)
-            slots.append(np.asarray(blocks, dtype=np.int64)[idx // bs] * bs + idx % bs)
+            slots.append(blocks[idx // bs].astype(np.int64) * bs + idx % bs)
             query_start_loc.append(query_start_loc[-1] + n)
             seq_lens.append(end)
         spans = None
@@ -404,35 +413,34 @@ class ModelRunner:
             input_ids=ids,
             positions=np.concatenate(pos, axis=-1),
             slots=np.concatenate(slots),
-            block_table=block_table(block_ids),
+            block_table=table,
             query_start_loc=query_start_loc,
             seq_lens=seq_lens,
             bidirectional_spans=spans,
         )
 
-    def _decode_host_inputs(
-        self, requests: list[Request], block_ids: list[list[int]]
-    ) -> StepInputs:
-        """`_host_inputs` for one token per sequence, on plain ints (no per-sequence arrays:
-        a decode step of 256 sequences would spend milliseconds building small ones)."""
+    def _decode_host_inputs(self, requests: list[Request], table: np.ndarray) -> StepInputs:
+        """`_host_inputs` for one token per sequence, vectorised over the batch (no array per
+        sequence: a decode step of 256 sequences would spend milliseconds building small ones)."""
         bs = self.block_size
+        n = len(requests)
         starts = [r.num_computed_tokens for r in requests]
-        positions: list = starts
-        if self.model.uses_mrope:
-            positions = [
-                [s + r.mrope_position_delta] * 3
-                if s >= r.num_prompt_tokens
-                else r.mrope_positions[:, s].tolist()
-                for r, s in zip(requests, starts)
-            ]
+        starts_np = np.asarray(starts, dtype=np.int64)
+        positions = starts_np
+        if self.model.uses_mrope:  # [3, T]: index + delta, or the prompt's (a 1-token chunk)
+            deltas = np.fromiter((r.mrope_position_delta for r in requests), np.int64, n)
+            positions = np.repeat((starts_np + deltas)[None], 3, axis=0)
+            for i, (r, s) in enumerate(zip(requests, starts)):
+                if s < r.num_prompt_tokens:
+                    positions[:, i] = r.mrope_positions[:, s].numpy()
         spans = None
         if not self.model.chunk_images:
             spans = [_bidirectional_spans(r, s, s + 1) for r, s in zip(requests, starts)]
         return StepInputs(
             input_ids=[r.all_token_ids[s] for r, s in zip(requests, starts)],
-            positions=np.asarray(positions, dtype=np.int64).T,  # [T] or [3, T]
-            slots=np.asarray([b[s // bs] * bs + s % bs for b, s in zip(block_ids, starts)]),
-            block_table=block_table(block_ids),
+            positions=positions,  # [T] or [3, T]
+            slots=table[np.arange(n), starts_np // bs].astype(np.int64) * bs + starts_np % bs,
+            block_table=table,
             query_start_loc=list(range(len(requests) + 1)),
             seq_lens=[s + 1 for s in starts],
             bidirectional_spans=spans,

@@ -21,6 +21,7 @@ same tokens whatever else is in the batch.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,7 +108,7 @@ def build_sampling_metadata(
     token_ids: list[list[int]],
     prompt_lens: list[int],
     num_output_tokens: list[int],
-    stop_token_ids: list[set[int]],
+    stop_token_ids: list[AbstractSet[int]],
     generators: list[torch.Generator | None],
     vocab_size: int,
     device: torch.device | str,
@@ -130,6 +131,15 @@ def build_sampling_metadata(
         == len(generators)
         == num_rows
     )
+    if all(
+        p.is_greedy
+        and p.logprobs is None
+        and not p.uses_repetition_penalty
+        and not p.uses_output_counts
+        and (n >= p.min_tokens or not stop_ids)
+        for p, n, stop_ids in zip(params, num_output_tokens, stop_token_ids)
+    ):
+        return _plain_greedy_metadata(num_rows, device)
     greedy = [p.is_greedy for p in params]
     random_rows = [i for i in range(num_rows) if not greedy[i]]
     # Greedy params have top_k / top_p / min_p reset to off by SamplingParams.
@@ -202,6 +212,38 @@ def build_sampling_metadata(
         min_tokens_token_ids=min_tokens_token_ids if num_masked else None,
         max_num_logprobs=max(requested) if requested else None,
     )
+
+
+_PLAIN_GREEDY: dict[tuple[torch.device, int], SamplingMetadata] = {}
+
+
+def _plain_greedy_metadata(num_rows: int, device: torch.device) -> SamplingMetadata:
+    """Metadata of a batch that only takes the argmax (no penalty, mask or logprobs): the same
+    every step, so built once per batch size (the sampler reads none of its tensors)."""
+    key = (device, num_rows)
+    md = _PLAIN_GREEDY.get(key)
+    if md is None:
+        md = _PLAIN_GREEDY[key] = SamplingMetadata(
+            temperature=torch.ones(num_rows, device=device),
+            is_greedy=torch.ones(num_rows, dtype=torch.bool, device=device),
+            all_greedy=True,
+            all_random=False,
+            top_k=None,
+            max_top_k=0,
+            use_top_k_candidates=False,
+            top_p=None,
+            min_p=None,
+            generators={},
+            repetition_penalty=None,
+            frequency_penalty=None,
+            presence_penalty=None,
+            seen_token_mask=None,
+            output_token_counts=None,
+            min_tokens_rows=None,
+            min_tokens_token_ids=None,
+            max_num_logprobs=None,
+        )
+    return md
 
 
 def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:

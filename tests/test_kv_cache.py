@@ -3,9 +3,9 @@ tokens + image hashes + LoRA. Every test ends with the cache's own integrity che
 
 from __future__ import annotations
 
-from tests.engine_helpers import PLACEHOLDER_ID, Image, make_request, text
 import numpy as np
 
+from tests.engine_helpers import PLACEHOLDER_ID, Image, make_request, text
 from vlmx.engine.kv_cache import BlockPool, BlockTable, KVCacheManager, update_block_hashes
 
 BLOCK_SIZE = 4

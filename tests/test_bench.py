@@ -79,6 +79,11 @@ def test_floor_arithmetic_on_the_3b_preset():
     with_image = workload_floor(model, config, [WorkItem(10, 2, [4096])], 1, "H200")
     assert with_image.flops > floor.flops + 2 * 4096 * 600e6
     assert set(CARDS) == {"H100", "H200"} and isinstance(floor, Floor)
+    # A cached prefix of 4 tokens: 4 fewer decoder tokens, attended to but not recomputed.
+    cached = workload_floor(model, config, [WorkItem(10, 2, [], num_cached_tokens=4)], 1, "H200")
+    attn_cached = text.num_hidden_layers * 2 * q_dim * (100 - 16 + 2 * 2 * 10 + 4)
+    assert cached.flops == pytest.approx(2 * 8 * layer_params + 2 * 2 * head + attn_cached)
+    assert cached.bytes == floor.bytes
 
 
 def test_presets_match_the_published_shapes():
@@ -102,3 +107,4 @@ def test_bench_cli_runs_vlmx_and_hf_on_a_tiny_checkpoint(qwen2_5_vl_hub_ckpt, tm
         # 8 output tokens per request, each (ignore_eos)
         assert result["out_tok_per_s"] == pytest.approx(8 * result["req_per_s"], rel=0.02)
     assert vlmx_result["ttft_median_s"] > 0 and 0 < vlmx_result["floor_ratio"] < 1
+    assert vlmx_result["encoded_images"] == 2 and vlmx_result["cached_prompt_tokens"] >= 0

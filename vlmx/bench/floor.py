@@ -1,10 +1,11 @@
 """The hardware floor of a workload: the time its FLOPs take at the card's dense bf16 rate, or
 its bytes at the card's memory bandwidth, whichever is longer.
 
-FLOPs count every matrix product (2 per multiply-add) of the vision tower on every image, of the
-decoder on every prompt and generated token, attention scores and values included (causal: half
-the square), and the lm_head on sampled positions only. Bytes count what decoding must read each
-step: the decoder's weights once per step and each sequence's KV cache.
+FLOPs count every matrix product (2 per multiply-add) of the vision tower on every image the run
+had to encode, of the decoder on every prompt token not served by the prefix cache and on every
+generated token, attention scores and values included (causal: half the square; a cached prefix
+is attended to, not recomputed), and the lm_head on sampled positions only. Bytes count what
+decoding must read each step: the decoder's weights once per step and each sequence's KV cache.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ class WorkItem:
 
     num_prompt_tokens: int
     num_output_tokens: int
-    image_patches: list[int]  # patches per image before the 2x2 merge
+    image_patches: list[int]  # patches (before the 2x2 merge) of each image encoded for it
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 @dataclass(frozen=True)
@@ -91,10 +93,11 @@ def workload_floor(
             for layer in range(vision.depth):
                 span = n if layer in full_layers or not window else min(window, n)
                 flops += 4 * n * span * vit_dim
-        p, o = item.num_prompt_tokens, item.num_output_tokens
-        flops += 2 * (p + o) * layer_params + 2 * o * head_params
-        # attention: the prompt causally, then each generated token over its context
-        flops += text.num_hidden_layers * 2 * q_dim * (p * p + 2 * o * p + o * o)
+        p, o, c = item.num_prompt_tokens, item.num_output_tokens, item.num_cached_tokens
+        flops += 2 * (p - c + o) * layer_params + 2 * o * head_params
+        # attention: the uncached prompt causally over the whole prefix, then each generated
+        # token over its context
+        flops += text.num_hidden_layers * 2 * q_dim * (p * p - c * c + 2 * o * p + o * o)
         kv_bytes += kv_bytes_per_token * (o * p + o * (o - 1) / 2)
     max_out = max((i.num_output_tokens for i in items), default=0)
     decode_steps = max_out * math.ceil(len(items) / max_num_seqs)

@@ -36,7 +36,7 @@ from transformers import AutoTokenizer
 from vlmx.config import ModelConfig
 from vlmx.models.processing import (
     DEFAULT_CACHE_BYTES,
-    ProcessorCache,
+    ImageProcessorBase,
     check_image_tensors,
     check_placeholder_count,
     check_processor_flags,
@@ -113,10 +113,9 @@ def pan_and_scan_boxes(height: int, width: int, kw: dict) -> list[tuple[int, int
     ]
 
 
-class Gemma3Processor:
+class Gemma3Processor(ImageProcessorBase[torch.Tensor]):
     """The processor of Gemma 3 (see `vlmx.models.interface`)."""
 
-    # How a user makes this family's images cost fewer tokens (quoted in error messages).
     shrink_images_hint = "mm_processor_kwargs={'do_pan_and_scan': False}"
 
     def __init__(
@@ -125,9 +124,8 @@ class Gemma3Processor:
         device: torch.device,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> None:
+        super().__init__(model_config, device, cache_bytes)
         hf = model_config.hf_config
-        self.device = torch.device(device)
-        self.dtype = model_config.dtype
         raw, _ = read_processor_files(model_config.model_path, "Gemma3ImageProcessor")
         check_processor_flags(raw)
         if raw.get("resample", _BILINEAR) != _BILINEAR:
@@ -159,7 +157,6 @@ class Gemma3Processor:
         self._special_ids = {
             i for i, t in self.tokenizer.added_tokens_decoder.items() if t.special
         } | {self.boi_id, self.eoi_id, self.soft_id}
-        self.cache: ProcessorCache[torch.Tensor] = ProcessorCache(cache_bytes)
 
     # -- pixels -----------------------------------------------------------------------------
 

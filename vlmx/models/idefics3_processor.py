@@ -40,7 +40,7 @@ from transformers import AutoTokenizer
 from vlmx.config import ModelConfig
 from vlmx.models.processing import (
     DEFAULT_CACHE_BYTES,
-    ProcessorCache,
+    ImageProcessorBase,
     check_image_tensors,
     check_no_video_placeholders,
     check_placeholder_count,
@@ -50,7 +50,6 @@ from vlmx.models.processing import (
     read_processor_files,
     reject_unknown_kwargs,
 )
-from vlmx.multimodal.hashing import hash_image, hash_with_settings
 from vlmx.multimodal.inputs import MMFeature, PlaceholderRange, ProcessedPrompt
 from vlmx.multimodal.resize import resize_uint8
 
@@ -203,14 +202,13 @@ def plan_image(height: int, width: int, s: ImageSettings) -> ImagePlan:
     return ImagePlan(resized, tiled, 0, 0)
 
 
-class Idefics3Processor:
+class Idefics3Processor(ImageProcessorBase[torch.Tensor]):
     """The processor of Idefics3 and SmolVLM (see `vlmx.models.interface`).
 
     A prompt holds one `<image>` per image (the form vLLM's example and `llm.chat` write), or
     the full layout already (ids from HF's processor); each becomes the layout drawn above.
     """
 
-    # How a user makes this family's images cost fewer tokens (quoted in error messages).
     shrink_images_hint = "mm_processor_kwargs={'size': {'longest_edge': ...}}"
 
     def __init__(
@@ -219,9 +217,8 @@ class Idefics3Processor:
         device: torch.device,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> None:
+        super().__init__(model_config, device, cache_bytes)
         hf_config = model_config.hf_config
-        self.device = torch.device(device)
-        self.dtype = model_config.dtype
         raw, processor = read_processor_files(model_config.model_path)
         self.settings = apply_kwargs(
             resolve_image_settings(raw), model_config.mm_processor_kwargs or {}
@@ -255,7 +252,6 @@ class Idefics3Processor:
         self._mean, self._std = normalization_constants(
             s.image_mean, s.image_std, s.rescale_factor, self.device
         )
-        self.cache: ProcessorCache[torch.Tensor] = ProcessorCache(cache_bytes)
 
     @staticmethod
     def _special_id(tokenizer, token: str) -> int:
@@ -333,9 +329,8 @@ class Idefics3Processor:
         num_placeholders = self._count_placeholders(prompt_token_ids)
         check_placeholder_count(num_placeholders, len(images), "<image>")
         plans = [plan_image(*image.shape[-2:], s) for image in images]
-        mm_hashes = [hash_with_settings(hash_image(image), s.kwargs()) for image in images]
-        pixel_values = self.cache.get_or_compute(
-            mm_hashes, images, lambda todo: self.preprocess(todo, s)
+        mm_hashes, pixel_values = self.cached_preprocess(
+            images, s.kwargs(), lambda todo: self.preprocess(todo, s)
         )
 
         token_ids: list[int] = []

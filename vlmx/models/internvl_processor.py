@@ -26,7 +26,7 @@ import torch
 from vlmx.config import ModelConfig
 from vlmx.models.processing import (
     DEFAULT_CACHE_BYTES,
-    ProcessorCache,
+    ImageProcessorBase,
     check_image_tensors,
     check_no_video_placeholders,
     check_placeholder_count,
@@ -37,7 +37,6 @@ from vlmx.models.processing import (
     read_processor_files,
     reject_unknown_kwargs,
 )
-from vlmx.multimodal.hashing import hash_image, hash_with_settings
 from vlmx.multimodal.inputs import MMFeature, PlaceholderRange, ProcessedPrompt
 from vlmx.multimodal.resize import resize_uint8
 
@@ -169,7 +168,7 @@ def num_tiles(height: int, width: int, s: TileSettings) -> int:
     return cols * rows + (1 if cols * rows > 1 else 0)
 
 
-class InternVLProcessor:
+class InternVLProcessor(ImageProcessorBase[torch.Tensor]):
     """The processor of InternVL's transformers-native checkpoints (`vlmx.models.interface`).
 
     ```
@@ -180,7 +179,6 @@ class InternVLProcessor:
     A prompt that is already expanded (`<img>` + the exact run + `</img>`) is kept as it is.
     """
 
-    # How a user makes this family's images cost fewer tokens (quoted in error messages).
     shrink_images_hint = "mm_processor_kwargs={'max_dynamic_patch': ...}"
 
     def __init__(
@@ -189,9 +187,8 @@ class InternVLProcessor:
         device: torch.device,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> None:
+        super().__init__(model_config, device, cache_bytes)
         hf_config = model_config.hf_config
-        self.device = torch.device(device)
-        self.dtype = model_config.dtype
         raw, processor = read_processor_files(model_config.model_path, "GotOcr2ImageProcessor")
         self.settings = resolve_tile_settings(raw, model_config.mm_processor_kwargs or {})
         vision = hf_config.vision_config
@@ -224,7 +221,6 @@ class InternVLProcessor:
         self._mean, self._std = normalization_constants(
             s.image_mean, s.image_std, s.rescale_factor, self.device
         )
-        self.cache: ProcessorCache[torch.Tensor] = ProcessorCache(cache_bytes)
 
     def _named_token_ids(self, model_config: ModelConfig) -> tuple[int, int, int | None]:
         """Ids of <img>, </img> and <video>, read from the tokenizer as HF's processor does."""
@@ -299,9 +295,8 @@ class InternVLProcessor:
             "for you",
         )
         settings = {"crop": s.crop_to_patches, "min": s.min_patches, "max": s.max_patches}
-        mm_hashes = [hash_with_settings(hash_image(image), settings) for image in images]
-        pixel_values = self.cache.get_or_compute(
-            mm_hashes, images, lambda todo: self.preprocess(todo, s)
+        mm_hashes, pixel_values = self.cached_preprocess(
+            images, settings, lambda todo: self.preprocess(todo, s)
         )
 
         token_ids: list[int] = []

@@ -36,7 +36,7 @@ from vlmx.config import ModelConfig
 from vlmx.layers.siglip import patchify
 from vlmx.models.processing import (
     DEFAULT_CACHE_BYTES,
-    ProcessorCache,
+    ImageProcessorBase,
     check_image_tensors,
     check_processor_flags,
     normalization_constants,
@@ -44,7 +44,6 @@ from vlmx.models.processing import (
     read_processor_files,
     reject_unknown_kwargs,
 )
-from vlmx.multimodal.hashing import hash_image, hash_with_settings
 from vlmx.multimodal.inputs import MMFeature, PlaceholderRange, ProcessedPrompt
 from vlmx.multimodal.resize import resize_uint8
 
@@ -121,7 +120,7 @@ def check_kwargs(longest_edge: int, overrides: dict) -> int:
     return longest_edge
 
 
-class PixtralProcessor:
+class PixtralProcessor(ImageProcessorBase[tuple[torch.Tensor, torch.Tensor]]):
     """The processor of Llava-Pixtral and Mistral 3 (see `vlmx.models.interface`).
 
     A prompt holds one `[IMG]` per image (vLLM's form, and what the chat templates write), which
@@ -129,7 +128,6 @@ class PixtralProcessor:
     HF processor returns), which is kept as it is when it equals the layout of that image.
     """
 
-    # How a user makes this family's images cost fewer tokens (quoted in error messages).
     shrink_images_hint = "mm_processor_kwargs={'longest_edge': ...}"
 
     def __init__(
@@ -138,10 +136,9 @@ class PixtralProcessor:
         device: torch.device,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> None:
+        super().__init__(model_config, device, cache_bytes)
         hf_config = model_config.hf_config
         check_pixtral_vision(hf_config)
-        self.device = torch.device(device)
-        self.dtype = model_config.dtype
         image, processor = read_processor_files(model_config.model_path, "PixtralImageProcessor")
         check_processor_flags(image)
         if image.get("resample", _BICUBIC) != _BICUBIC:
@@ -200,7 +197,6 @@ class PixtralProcessor:
             )
         self.image_break_token_id: int = ids["image_break_token"]
         self.image_end_token_id: int = ids["image_end_token"]
-        self.cache: ProcessorCache[tuple[torch.Tensor, torch.Tensor]] = ProcessorCache(cache_bytes)
 
     def image_settings(self, mm_processor_kwargs: dict) -> dict:
         """The settings that shape one prompt's images (part of each image's mm_hash)."""
@@ -259,9 +255,8 @@ class PixtralProcessor:
     ) -> ProcessedPrompt:
         check_image_tensors(images)
         kw = self.image_settings(mm_processor_kwargs)
-        mm_hashes = [hash_with_settings(hash_image(image), kw) for image in images]
-        outputs = self.cache.get_or_compute(
-            mm_hashes, images, lambda todo: self.preprocess(todo, kw["longest_edge"])
+        mm_hashes, outputs = self.cached_preprocess(
+            images, kw, lambda todo: self.preprocess(todo, kw["longest_edge"])
         )
         layouts = [self.layout(image_size) for _, image_size in outputs]
         spans = self._find_placeholders(prompt_token_ids, layouts)

@@ -18,6 +18,9 @@ from typing import Generic, TypeVar
 
 import torch
 
+from vlmx.config import ModelConfig
+from vlmx.multimodal.hashing import hash_image, hash_with_settings
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_CACHE_BYTES = 512 * 1024**2
@@ -159,6 +162,35 @@ class ProcessorCache(Generic[Entry]):
                 found[key] = entry
                 self.put(key, entry)
         return [found[k] for k in keys]
+
+
+class ImageProcessorBase(Generic[Entry]):
+    """What every family's processor shares: its device and dtype, and a `ProcessorCache` of
+    preprocessed images keyed by content and the settings that shaped them."""
+
+    # How a user makes this family's images cost fewer tokens (quoted in error messages).
+    shrink_images_hint: str
+
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        device: torch.device | str,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+    ) -> None:
+        self.device = torch.device(device)
+        self.dtype = model_config.dtype
+        self.cache: ProcessorCache[Entry] = ProcessorCache(cache_bytes)
+
+    def cached_preprocess(
+        self,
+        images: list[torch.Tensor],
+        settings: dict,
+        preprocess: Callable[[list[torch.Tensor]], list[Entry]],
+    ) -> tuple[list[str], list[Entry]]:
+        """(mm_hashes, outputs): each image's hash with `settings`, and its preprocessed output,
+        from the cache or from one `preprocess` call over the images the cache lacks."""
+        mm_hashes = [hash_with_settings(hash_image(image), settings) for image in images]
+        return mm_hashes, self.cache.get_or_compute(mm_hashes, images, preprocess)
 
 
 def preprocess_in_groups(

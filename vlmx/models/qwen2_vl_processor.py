@@ -28,7 +28,7 @@ import torch
 from vlmx.config import ModelConfig
 from vlmx.models.processing import (
     DEFAULT_CACHE_BYTES,
-    ProcessorCache,
+    ImageProcessorBase,
     check_image_tensors,
     check_no_video_placeholders,
     check_placeholder_count,
@@ -39,7 +39,6 @@ from vlmx.models.processing import (
     read_processor_files,
     reject_unknown_kwargs,
 )
-from vlmx.multimodal.hashing import hash_image, hash_with_settings
 from vlmx.multimodal.inputs import MMFeature, PlaceholderRange, ProcessedPrompt
 from vlmx.multimodal.resize import resize_uint8
 
@@ -160,7 +159,7 @@ def patchify(images: torch.Tensor, patch: int, merge: int, temporal_patch: int) 
     return x.reshape(b, gh * gw, c * temporal_patch * patch * patch)
 
 
-class Qwen2VLProcessor:
+class Qwen2VLProcessor(ImageProcessorBase[tuple[torch.Tensor, torch.Tensor]]):
     """The processor of Qwen2-VL and Qwen2.5-VL (see `vlmx.models.interface`).
 
     ```
@@ -170,7 +169,6 @@ class Qwen2VLProcessor:
     ```
     """
 
-    # How a user makes this family's images cost fewer tokens (quoted in error messages).
     shrink_images_hint = "mm_processor_kwargs={'max_pixels': ...}"
 
     def __init__(
@@ -179,9 +177,8 @@ class Qwen2VLProcessor:
         device: torch.device,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> None:
+        super().__init__(model_config, device, cache_bytes)
         hf_config = model_config.hf_config
-        self.device = torch.device(device)
-        self.dtype = model_config.dtype
         self.settings = resolve_image_settings(
             read_processor_files(model_config.model_path, "Qwen2VLImageProcessor")[0],
             model_config.mm_processor_kwargs or {},
@@ -202,7 +199,6 @@ class Qwen2VLProcessor:
         )
         self._merge = s.merge_size
         self._factor = s.patch_size * s.merge_size  # both sides of a resized image divide by it
-        self.cache: ProcessorCache[tuple[torch.Tensor, torch.Tensor]] = ProcessorCache(cache_bytes)
 
     def image_settings(self, mm_processor_kwargs: dict) -> dict:
         """min_pixels / max_pixels for one prompt: the engine-wide values, updated by its kwargs."""
@@ -257,11 +253,8 @@ class Qwen2VLProcessor:
         check_placeholder_count(
             len(runs), len(images), "<|image_pad|>", "<|vision_start|><|image_pad|><|vision_end|>"
         )
-        mm_hashes = [hash_with_settings(hash_image(image), kw) for image in images]
-        outputs = self.cache.get_or_compute(
-            mm_hashes,
-            images,
-            lambda todo: self.preprocess(todo, kw["min_pixels"], kw["max_pixels"]),
+        mm_hashes, outputs = self.cached_preprocess(
+            images, kw, lambda todo: self.preprocess(todo, kw["min_pixels"], kw["max_pixels"])
         )
 
         token_ids: list[int] = []

@@ -131,6 +131,9 @@ def build_sampling_metadata(
         == len(generators)
         == num_rows
     )
+    # A batch that only takes the argmax (no penalty, mask or logprobs) gets the same metadata
+    # every step: built once per batch size (the sampler reads none of its tensors).
+    plain_key = None
     if all(
         p.is_greedy
         and p.logprobs is None
@@ -139,7 +142,9 @@ def build_sampling_metadata(
         and (n >= p.min_tokens or not stop_ids)
         for p, n, stop_ids in zip(params, num_output_tokens, stop_token_ids)
     ):
-        return _plain_greedy_metadata(num_rows, device)
+        plain_key = (device, num_rows, vocab_size)
+        if plain_key in _PLAIN_GREEDY:
+            return _PLAIN_GREEDY[plain_key]
     greedy = [p.is_greedy for p in params]
     random_rows = [i for i in range(num_rows) if not greedy[i]]
     # Greedy params have top_k / top_p / min_p reset to off by SamplingParams.
@@ -191,7 +196,7 @@ def build_sampling_metadata(
     num_logprobs = [vocab_size if p.logprobs == -1 else p.logprobs for p in params]
     requested = [min(n, vocab_size) for n in num_logprobs if n is not None]
 
-    return SamplingMetadata(
+    metadata = SamplingMetadata(
         temperature=temperature,
         is_greedy=is_greedy,
         all_greedy=not random_rows,
@@ -212,38 +217,13 @@ def build_sampling_metadata(
         min_tokens_token_ids=min_tokens_token_ids if num_masked else None,
         max_num_logprobs=max(requested) if requested else None,
     )
+    if plain_key is not None:
+        _PLAIN_GREEDY[plain_key] = metadata
+    return metadata
 
 
-_PLAIN_GREEDY: dict[tuple[torch.device, int], SamplingMetadata] = {}
-
-
-def _plain_greedy_metadata(num_rows: int, device: torch.device) -> SamplingMetadata:
-    """Metadata of a batch that only takes the argmax (no penalty, mask or logprobs): the same
-    every step, so built once per batch size (the sampler reads none of its tensors)."""
-    key = (device, num_rows)
-    md = _PLAIN_GREEDY.get(key)
-    if md is None:
-        md = _PLAIN_GREEDY[key] = SamplingMetadata(
-            temperature=torch.ones(num_rows, device=device),
-            is_greedy=torch.ones(num_rows, dtype=torch.bool, device=device),
-            all_greedy=True,
-            all_random=False,
-            top_k=None,
-            max_top_k=0,
-            use_top_k_candidates=False,
-            top_p=None,
-            min_p=None,
-            generators={},
-            repetition_penalty=None,
-            frequency_penalty=None,
-            presence_penalty=None,
-            seen_token_mask=None,
-            output_token_counts=None,
-            min_tokens_rows=None,
-            min_tokens_token_ids=None,
-            max_num_logprobs=None,
-        )
-    return md
+# `build_sampling_metadata`'s argmax-only metadata by (device, batch size, vocabulary size).
+_PLAIN_GREEDY: dict[tuple[torch.device, int, int], SamplingMetadata] = {}
 
 
 def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:

@@ -108,3 +108,28 @@ def test_bench_cli_runs_vlmx_and_hf_on_a_tiny_checkpoint(qwen2_5_vl_hub_ckpt, tm
         assert result["out_tok_per_s"] == pytest.approx(8 * result["req_per_s"], rel=0.02)
     assert vlmx_result["ttft_median_s"] > 0 and 0 < vlmx_result["floor_ratio"] < 1
     assert vlmx_result["encoded_images"] == 2 and vlmx_result["cached_prompt_tokens"] >= 0
+
+
+def test_hf_backend_halves_its_batch_on_out_of_memory(qwen2_5_vl_hub_ckpt, monkeypatch):
+    """With no batch size given, a batch that runs out of memory is retried at half the size,
+    and the result names the size that ran; a fixed size never changes."""
+    from transformers import GenerationMixin
+
+    from vlmx.bench.run import run_hf
+
+    real_generate = GenerationMixin.generate
+    sizes = []
+
+    def generate(self, *args, **kwargs):
+        sizes.append(kwargs["input_ids"].shape[0])
+        if sizes[-1] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(GenerationMixin, "generate", generate)
+    result = run_hf(qwen2_5_vl_hub_ckpt, "w2-decode", 8, output_len=2)
+    assert result.extra["batch_size"] == 2 and result.output_tokens == 8 * 2
+    assert sizes[0] == 2  # the 2-prompt warm-up, then 8, then 4, then four batches of 2
+    assert sizes[1:] == [8, 4, 2, 2, 2, 2]
+    with pytest.raises(torch.OutOfMemoryError):
+        run_hf(qwen2_5_vl_hub_ckpt, "w2-decode", 6, batch_size=4, output_len=2)

@@ -98,6 +98,7 @@ def test_bench_cli_runs_vlmx_and_hf_on_a_tiny_checkpoint(qwen2_5_vl_hub_ckpt, tm
     args = ["bench", "--model", qwen2_5_vl_hub_ckpt, "--workload", "w2-decode", "--output-len", "8"]
     args += ["--num-prompts", "2", "--backend", "both", "--hf-batch-size", "2"]
     args += ["--card", "H100", "--device", "cpu", "--json", str(out_file)]
+    args += ["--timeline", str(tmp_path / "steps.tsv"), "--profile", str(tmp_path / "prof")]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert printed.count("RESULT ") == 2 and "vlmx / hf images/s" in printed
@@ -108,6 +109,18 @@ def test_bench_cli_runs_vlmx_and_hf_on_a_tiny_checkpoint(qwen2_5_vl_hub_ckpt, tm
         assert result["out_tok_per_s"] == pytest.approx(8 * result["req_per_s"], rel=0.02)
     assert vlmx_result["ttft_median_s"] > 0 and 0 < vlmx_result["floor_ratio"] < 1
     assert vlmx_result["encoded_images"] == 2 and vlmx_result["cached_prompt_tokens"] >= 0
+    # The timeline: one line per step; 2 prompts of 8 output tokens take at least 8 steps, and
+    # the per-kind summary counts every scheduled token (prompts, then 7 decode tokens each).
+    rows = (tmp_path / "steps.tsv").read_text().splitlines()
+    assert rows[0].split("\t") == ["t_s", "period_ms", "launch_ms", "tokens", "requests", "images"]
+    steps = vlmx_result["steps"]
+    assert len(rows) - 1 == sum(v["steps"] for v in steps.values()) >= 8
+    computed = vlmx_result["input_tokens"] - vlmx_result["cached_prompt_tokens"]
+    scheduled = sum(v["tokens"] for v in steps.values())
+    assert scheduled == computed + 2 * 7 and vlmx_result["output_tokens"] == 2 * 8
+    assert sum(int(r.split("\t")[5]) for r in rows[1:]) == 2  # each prompt's image, once
+    summary = (tmp_path / "prof" / "summary.txt").read_text()
+    assert summary.startswith("wall ") and "GPU busy % per 0.5 s:" in summary
 
 
 def test_hf_backend_halves_its_batch_on_out_of_memory(qwen2_5_vl_hub_ckpt, monkeypatch):

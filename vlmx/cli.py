@@ -69,6 +69,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         help="read each step's samples before scheduling the next (async is the CUDA default)",
     )
     p.add_argument(
+        "--timeline",
+        default=None,
+        metavar="FILE",
+        help="write one line per step of the timed run (time, period, launch time, tokens, "
+        "requests, images) to FILE; the result gains a summary per kind of step",
+    )
+    p.add_argument(
         "--profile",
         default=None,
         metavar="DIR",
@@ -94,6 +101,7 @@ def _bench(args: argparse.Namespace) -> int:
                 card=args.card,
                 output_len=args.output_len,
                 profile_dir=args.profile,
+                timeline_path=args.timeline,
                 device=args.device,
                 enforce_eager=args.enforce_eager,
                 async_scheduling=False if args.no_async_scheduling else None,

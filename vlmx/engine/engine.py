@@ -7,7 +7,9 @@ import itertools
 import logging
 import operator
 import os
+import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -90,6 +92,17 @@ def _token_id_list(raw: Any) -> list[int]:
     return ids
 
 
+@dataclass(frozen=True, slots=True)
+class StepRecord:
+    """One launched step, for `LLMEngine.step_log` (a timeline of a run)."""
+
+    launched_at: float  # time.perf_counter() when the launch began
+    launch_s: float  # host time the launch took (it waits when the GPU's queue is full)
+    num_tokens: int
+    num_requests: int
+    num_images: int  # images scheduled for the vision encoder
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -125,6 +138,7 @@ class LLMEngine:
         # (detokenizer, token id, stop_terminated) not decoded yet; see `step`
         self._deferred_tokens: list[tuple[IncrementalDetokenizer, int, bool]] = []
         self._inflight: tuple[SchedulerOutput, PendingStep] | None = None  # async scheduling
+        self.step_log: list[StepRecord] | None = None  # set to a list to record each step
         if config.seed is not None:  # unseeded requests draw from torch's global generator
             torch.manual_seed(config.seed)
         # NOTE: the model, tokenizer and caches built above are long-lived; moving them out of
@@ -395,7 +409,20 @@ class LLMEngine:
 
     def _launch(self, out: SchedulerOutput, prev: PendingStep | None) -> PendingStep:
         table = self.scheduler.kv_cache.block_table([r.request_id for r in out.requests])
-        return self.runner.launch(out, table, prev)
+        if self.step_log is None:
+            return self.runner.launch(out, table, prev)
+        start = time.perf_counter()
+        pending = self.runner.launch(out, table, prev)
+        self.step_log.append(
+            StepRecord(
+                start,
+                time.perf_counter() - start,
+                out.total_num_scheduled_tokens,
+                len(out.requests),
+                sum(len(v) for v in out.encoder_inputs.values()),
+            )
+        )
+        return pending
 
     def _launch_next(self, out: SchedulerOutput, pending: PendingStep) -> bool:
         """Async scheduling: advance past `out` (reserving each sample), schedule and launch the

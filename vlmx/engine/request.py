@@ -65,6 +65,7 @@ class Request:
     arrival_index: int = 0
 
     all_token_ids: list[int] = field(init=False)
+    mm_end: int = field(init=False)  # where the last image placeholder ends (0: no images)
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list = field(default_factory=list)  # one entry per output token
     cumulative_logprob: float = 0.0
@@ -79,6 +80,7 @@ class Request:
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
+        self.mm_end = max((f.placeholder.end for f in self.mm_features), default=0)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -166,6 +166,8 @@ class Scheduler:
         Images of the chunk that are cached but unreferenced get pinned by the commit, so they
         count against the space that new encodings may take.
         """
+        if num_computed >= request.mm_end:  # every image already consumed (decode steps)
+            return [], num_new, 0
         cache = self.encoder_cache
         to_encode: list[int] = []
         new_hashes: set[str] = set()
@@ -201,6 +203,8 @@ class Scheduler:
     def _commit_encoder(self, request: Request, to_encode: list[int], num_new: int) -> None:
         cache = self.encoder_cache
         start, end = request.num_computed_tokens, request.num_computed_tokens + num_new
+        if start >= request.mm_end:
+            return  # no image left to reference or encode
         # References first, on the cached images this chunk uses, so that the allocations
         # below cannot evict them.
         for feature in request.mm_features:
@@ -247,6 +251,8 @@ class Scheduler:
     def _advance(self, request: Request, num_new: int) -> None:
         before = request.num_computed_tokens
         request.num_computed_tokens += num_new
+        if before >= request.mm_end:
+            return  # no image span left to release
         for feature in request.mm_features:
             if before < feature.placeholder.end <= request.num_computed_tokens:
                 # NOTE: released per span, even if the same image comes again later in the

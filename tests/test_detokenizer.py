@@ -55,19 +55,25 @@ def feed(detok, ids, rng=None):
     return deltas
 
 
+@pytest.mark.parametrize("shared_token_texts", [False, True])
 @pytest.mark.parametrize("skip_special_tokens", [True, False])
-def test_final_text_equals_decode_on_random_ids(tok, byte_ids, skip_special_tokens):
+def test_final_text_equals_decode_on_random_ids(
+    tok, byte_ids, skip_special_tokens, shared_token_texts
+):
     rng = random.Random(0)
     params = SamplingParams(skip_special_tokens=skip_special_tokens)
+    token_texts = {} if shared_token_texts else None  # one cache for every trial, as the engine
     for trial in range(300):
         prompt = random_ids(rng, tok, byte_ids, rng.randint(0, 12))
         output = random_ids(rng, tok, byte_ids, rng.randint(1, 40))
-        detok = IncrementalDetokenizer(tok, params, prompt)
+        detok = IncrementalDetokenizer(tok, params, prompt, token_texts)
         deltas = feed(detok, output, rng if trial % 2 else None)
         expected = tok.decode(output, skip_special_tokens=skip_special_tokens)
         assert detok.output_text == expected, (prompt, output)
         assert "".join(deltas) == expected, (prompt, output)
         assert detok.output_token_ids == output
+    if token_texts is not None:
+        assert token_texts  # the cache was used
 
 
 def test_multibyte_characters_split_across_tokens(tok, byte_ids):

@@ -52,10 +52,18 @@ class IncrementalDetokenizer:
     """Text of one completion, grown token by token, with stop strings checked on the way."""
 
     def __init__(
-        self, tokenizer: Any, params: SamplingParams, prompt_token_ids: list[int] | None
+        self,
+        tokenizer: Any,
+        params: SamplingParams,
+        prompt_token_ids: list[int] | None,
+        token_texts: dict[tuple[int, bool, bool], str] | None = None,
     ) -> None:
+        """token_texts: a cache, shared by the detokenizers of one tokenizer, of each token's
+        text decoded on its own (by id, skip_special_tokens, spaces_between_special_tokens):
+        the window a step commits is most often one token, whose text it then looks up."""
         self.tokenizer = tokenizer
         self._backend_decode = _backend_decoder(tokenizer)
+        self._token_texts = token_texts
         self.detokenize = params.detokenize
         self.skip_special_tokens = params.skip_special_tokens
         self.spaces_between_special_tokens = params.spaces_between_special_tokens
@@ -88,6 +96,16 @@ class IncrementalDetokenizer:
             spaces_between_special_tokens=self.spaces_between_special_tokens,
         )
 
+    def _decode_window(self, start: int, end: int) -> str:
+        """decode(ids[start:end]), from `token_texts` when that is one token."""
+        if end - start != 1 or self._token_texts is None:
+            return self._decode(self._ids[start:end])
+        key = (self._ids[start], self.skip_special_tokens, self.spaces_between_special_tokens)
+        text = self._token_texts.get(key)
+        if text is None:
+            text = self._token_texts[key] = self._decode(self._ids[start:end])
+        return text
+
     @property
     def output_text(self) -> str:
         """The text so far: committed text plus the pending tail (which may end in "\\ufffd")."""
@@ -117,7 +135,7 @@ class IncrementalDetokenizer:
             if len(text) > len(self._prefix_text) and not text.endswith(REPLACEMENT_CHAR):
                 self._text += text[len(self._prefix_text) :]
                 self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
-                self._prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
+                self._prefix_text = self._decode_window(self._prefix_offset, self._read_offset)
 
         if not self.stop or len(self.output_token_ids) <= self.min_tokens:
             return None

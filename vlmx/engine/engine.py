@@ -139,6 +139,7 @@ class LLMEngine:
         self._deferred_tokens: list[tuple[IncrementalDetokenizer, int, bool]] = []
         self._inflight: tuple[SchedulerOutput, PendingStep] | None = None  # async scheduling
         self.step_log: list[StepRecord] | None = None  # set to a list to record each step
+        self._token_texts: dict[tuple[int, bool, bool], str] = {}  # for IncrementalDetokenizer
         if config.seed is not None:  # unseeded requests draw from torch's global generator
             torch.manual_seed(config.seed)
         # NOTE: the model, tokenizer and caches built above are long-lived; moving them out of
@@ -330,7 +331,7 @@ class LLMEngine:
         self.requests[request_id] = request
         self.prompts[request_id] = text
         self.detokenizers[request_id] = IncrementalDetokenizer(
-            self.tokenizer, params, processed.prompt_token_ids
+            self.tokenizer, params, processed.prompt_token_ids, self._token_texts
         )
         self.scheduler.add_request(request)
 

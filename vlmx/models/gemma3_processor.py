@@ -167,7 +167,7 @@ class Gemma3Processor(ImageProcessorBase[torch.Tensor]):
 
         def run(_, batch: torch.Tensor) -> torch.Tensor:  # [B, 3, h, w] uint8
             batch = resize_uint8(batch, self.height, self.width, "bilinear")  # [B, 3, S, S]
-            return ((batch.to(torch.float32) - self._mean) / self._std).to(self.dtype)
+            return self.normalize(batch).to(self.dtype)
 
         return preprocess_in_groups(crops, lambda crop: tuple(crop.shape[-2:]), self.device, run)
 

@@ -313,7 +313,7 @@ class Idefics3Processor(ImageProcessorBase[torch.Tensor]):
                 x = torch.cat([tiles, whole], dim=1)  # [B, rows * cols + 1, 3, M, M]
             else:
                 x = x[:, None]  # [B, 1, 3, M, M]
-            return (x.to(torch.float32) - self._mean).div_(self._std).to(self.dtype)
+            return self.normalize(x).to(self.dtype)
 
         return preprocess_in_groups(images, lambda im: tuple(im.shape[-2:]), self.device, run)
 

@@ -273,7 +273,7 @@ class InternVLProcessor(ImageProcessorBase[torch.Tensor]):
             if rows * cols > 1:
                 thumb = resize_uint8(batch, tile, tile, "bicubic")  # [B, 3, S, S]
                 tiles = torch.cat([tiles, thumb[:, None]], dim=1)
-            return (tiles.to(torch.float32) - self._mean).div_(self._std).to(self.dtype)
+            return self.normalize(tiles).to(self.dtype)
 
         return preprocess_in_groups(images, key, self.device, run)  # [num_tiles, 3, S, S] each
 

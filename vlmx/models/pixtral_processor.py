@@ -240,7 +240,7 @@ class PixtralProcessor(ImageProcessorBase[tuple[torch.Tensor, torch.Tensor]]):
         ) -> list[tuple[torch.Tensor, torch.Tensor]]:
             _, _, height, width = group
             batch = resize_uint8(batch, height, width, "bicubic")  # [B, 3, h, w] uint8
-            pixels = (batch.to(torch.float32) - self._mean).div_(self._std)  # [B, 3, h, w] f32
+            pixels = self.normalize(batch)  # [B, 3, h, w] float32
             patches = patchify(pixels, self.patch_size).to(self.dtype)  # [B, n, 3 * p * p]
             image_size = torch.tensor([height, width])  # [2] int64, CPU
             return [(x, image_size) for x in patches]

@@ -170,6 +170,9 @@ class ImageProcessorBase(Generic[Entry]):
 
     # How a user makes this family's images cost fewer tokens (quoted in error messages).
     shrink_images_hint: str
+    # [C, 1, 1] on the device, from `normalization_constants` (set by each family's constructor)
+    _mean: torch.Tensor
+    _std: torch.Tensor
 
     def __init__(
         self,
@@ -180,6 +183,10 @@ class ImageProcessorBase(Generic[Entry]):
         self.device = torch.device(device)
         self.dtype = model_config.dtype
         self.cache: ProcessorCache[Entry] = ProcessorCache(cache_bytes)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 [..., C, H, W] -> float32, rescaled and normalized in one step."""
+        return (pixels.to(torch.float32) - self._mean).div_(self._std)
 
     def cached_preprocess(
         self,

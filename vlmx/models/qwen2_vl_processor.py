@@ -232,7 +232,7 @@ class Qwen2VLProcessor(ImageProcessorBase[tuple[torch.Tensor, torch.Tensor]]):
         ) -> list[tuple[torch.Tensor, torch.Tensor]]:
             _, _, height, width = group
             batch = resize_uint8(batch, height, width, "bicubic")  # [B, 3, h, w] uint8
-            pixels = (batch.to(torch.float32) - self._mean).div_(self._std)  # [B, 3, h, w] f32
+            pixels = self.normalize(batch)  # [B, 3, h, w] float32
             patches = patchify(pixels, s.patch_size, s.merge_size, s.temporal_patch_size)
             patches = patches.to(self.dtype)  # [B, gh * gw, 3 * T * p * p]
             grid_thw = torch.tensor([1, height // s.patch_size, width // s.patch_size])  # [3]

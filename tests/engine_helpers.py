@@ -1,4 +1,5 @@
-"""Fake requests and a fake model step for the engine's bookkeeping tests (no model, no tensors).
+"""Fake requests and a fake model step for the engine's bookkeeping tests (no model, no tensors),
+and `check_idle` for tests of a real `LLM`.
 
 A prompt is written as segments: lists of text token ids, and `Image(mm_hash, length)` for an
 image, which expands to `length` copies of the one placeholder id that every image shares (as
@@ -241,3 +242,12 @@ class FakeEngine:
 def scheduled(out: SchedulerOutput) -> dict[str, int]:
     """Request id -> tokens scheduled in this step."""
     return {r.request_id: n for r, n in zip(out.requests, out.num_scheduled_tokens)}
+
+
+def check_idle(llm) -> None:
+    """A real `LLM` after a batch: no request, detokenizer or prompt left, caches consistent."""
+    engine = llm.llm_engine
+    engine.scheduler.check_integrity()
+    assert not engine.has_unfinished_requests()
+    assert not engine.requests and not engine.detokenizers and not engine.prompts
+    assert not engine.parents

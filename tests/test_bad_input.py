@@ -30,6 +30,7 @@ import pytest
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
+from tests.engine_helpers import check_idle
 from tests.loopback import serve
 from vlmx import LLM, EngineArgs, InvalidPromptsError, RequestOutput, SamplingParams
 from vlmx.demo.images import structured_image
@@ -397,14 +398,6 @@ def _set_env(monkeypatch, case: Case) -> None:
         monkeypatch.setenv(name, value)
 
 
-def _check_idle(llm: LLM) -> None:
-    engine = llm.llm_engine
-    engine.scheduler.check_integrity()
-    assert not engine.has_unfinished_requests()
-    assert not engine.requests and not engine.detokenizers and not engine.prompts
-    assert not engine.parents
-
-
 # ---------------------------------------------------------------------------------------------
 # Bad prompts
 
@@ -431,11 +424,11 @@ def test_add_request_rejects_and_engine_continues(
     finished += engine.run_until_done()
     token_ids = {o.request_id: o.outputs[0].token_ids for o in finished}
     assert token_ids == {f"{tag}-before": baseline[0], f"{tag}-after": baseline[1]}
-    _check_idle(llm)
+    check_idle(llm)
     # The bad request left nothing behind: its id is free again.
     engine.add_request(f"{tag}-bad", good[1], PARAMS)
     assert [o.outputs[0].token_ids for o in engine.run_until_done()] == [baseline[1]]
-    _check_idle(llm)
+    check_idle(llm)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -457,11 +450,11 @@ def test_generate_reports_bad_prompt_and_runs_the_rest(llm, inputs, baseline, ca
     assert all(isinstance(o, RequestOutput) for o in (error.outputs[0], error.outputs[2]))
     assert error.outputs[0].outputs[0].token_ids == baseline[0]
     assert error.outputs[2].outputs[0].token_ids == baseline[1]
-    _check_idle(llm)
+    check_idle(llm)
 
     again = llm.generate(good, PARAMS, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in again] == baseline
-    _check_idle(llm)
+    check_idle(llm)
 
 
 def test_several_bad_prompts_are_all_reported(llm, inputs, baseline):
@@ -475,7 +468,7 @@ def test_several_bad_prompts_are_all_reported(llm, inputs, baseline):
     for idx in (0, 2, 4):
         assert f"prompt {idx}: " in str(error) and error.outputs[idx] is None
     assert [error.outputs[i].outputs[0].token_ids for i in (1, 3)] == baseline
-    _check_idle(llm)
+    check_idle(llm)
 
 
 @pytest.mark.parametrize(
@@ -517,7 +510,7 @@ def test_chat_unsupported_content_type(llm, inputs, part, causes):
     assert error.outputs[1] is None
     got = [error.outputs[0].outputs[0].token_ids, error.outputs[2].outputs[0].token_ids]
     assert got == [o.outputs[0].token_ids for o in expected]
-    _check_idle(llm)
+    check_idle(llm)
     again = llm.chat(good, PARAMS, use_tqdm=False)
     assert again[0].outputs[0].token_ids == expected[0].outputs[0].token_ids
 

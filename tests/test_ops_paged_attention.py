@@ -13,14 +13,12 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-import subprocess
-import sys
 from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.nn.functional as F
-from triton_interpreter import run_interpreter_tests
+from triton_interpreter import assert_runs_without_triton, run_interpreter_tests
 
 from vlmx.ops import paged_attention as ops
 
@@ -112,6 +110,12 @@ def dense_attention(case: Case) -> torch.Tensor:
     return out
 
 
+def run_kernel(case: Case, out: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    return ops.paged_decode_attention(
+        case.query, case.kv_cache, case.block_tables, case.seq_lens, case.scale, out, **kwargs
+    )
+
+
 def run_reference(case: Case) -> torch.Tensor:
     return ops.paged_decode_attention_torch(
         case.query, case.kv_cache, case.block_tables, case.seq_lens, case.scale
@@ -146,14 +150,7 @@ def test_reference_matches_dense_attention(shape, dtype):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_decode_matches_reference_in_interpreter(shape, num_splits):
     case = make_case(*shape)
-    out = ops.paged_decode_attention(
-        case.query,
-        case.kv_cache,
-        case.block_tables,
-        case.seq_lens,
-        case.scale,
-        num_splits=num_splits,
-    )
+    out = run_kernel(case, num_splits=num_splits)
     assert_close(out, run_reference(case), torch.float32)
     padding = case.seq_lens == 0
     assert torch.equal(out[padding], torch.zeros_like(out[padding]))
@@ -165,14 +162,7 @@ def test_decode_matches_reference_in_interpreter(shape, num_splits):
 )
 def test_decode_half_precision_in_interpreter(dtype, num_splits):
     case = make_case(8, 2, 64, 16, [1, 90, 0, 130], dtype=dtype, seed=1)
-    out = ops.paged_decode_attention(
-        case.query,
-        case.kv_cache,
-        case.block_tables,
-        case.seq_lens,
-        case.scale,
-        num_splits=num_splits,
-    )
+    out = run_kernel(case, num_splits=num_splits)
     assert out.dtype == dtype
     assert_close(out, run_reference(case), dtype)
 
@@ -183,14 +173,7 @@ def test_decode_empty_and_default_splits_in_interpreter():
     case = make_case(4, 4, 64, 16, [3, 129, 0], seed=2)
     expected = run_reference(case)
     for num_splits in (16, None):
-        out = ops.paged_decode_attention(
-            case.query,
-            case.kv_cache,
-            case.block_tables,
-            case.seq_lens,
-            case.scale,
-            num_splits=num_splits,
-        )
+        out = run_kernel(case, num_splits=num_splits)
         assert_close(out, expected, torch.float32)
 
 
@@ -199,9 +182,7 @@ def test_decode_into_a_strided_out_in_interpreter():
     case = make_case(4, 2, 64, 16, [20, 7], seed=3)
     buffer = torch.full((2, 4, 2 * 64), 7.0)
     out = buffer[:, :, 64:]  # [2, 4, 64], strides (512, 128, 1)
-    result = ops.paged_decode_attention(
-        case.query, case.kv_cache, case.block_tables, case.seq_lens, case.scale, out, num_splits=2
-    )
+    result = run_kernel(case, out, num_splits=2)
     assert result is out
     assert_close(out, run_reference(case), torch.float32)
     assert torch.equal(buffer[:, :, :64], torch.full((2, 4, 64), 7.0))
@@ -286,14 +267,10 @@ def test_triton_available_on_cpu_only_under_the_interpreter(monkeypatch):
 
 
 def test_module_imports_without_triton():
-    code = (
-        "import sys; sys.modules['triton'] = None\n"  # makes `import triton` raise ImportError
-        "import torch\n"
+    assert_runs_without_triton(
         "from vlmx.ops import paged_attention as ops\n"
         "assert not ops.triton_available('cpu') and not ops.triton_available('cuda')\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
 
 
 # --- CUDA (compiled kernels; skipped without a GPU) --------------------------------------------
@@ -318,14 +295,7 @@ def test_decode_matches_reference_on_cuda(batch, num_heads, num_kv_heads, head_d
     case = make_case(num_heads, num_kv_heads, head_dim, 16, seq_lens, dtype=dtype, device="cuda")
     expected = run_reference(case)
     for num_splits in (None, 1, 7):
-        out = ops.paged_decode_attention(
-            case.query,
-            case.kv_cache,
-            case.block_tables,
-            case.seq_lens,
-            case.scale,
-            num_splits=num_splits,
-        )
+        out = run_kernel(case, num_splits=num_splits)
         assert_close(out, expected, dtype)
 
 

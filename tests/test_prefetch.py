@@ -26,6 +26,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.engine_helpers import check_idle
 from vlmx import LLM, InvalidPromptsError, RequestOutput, SamplingParams
 from vlmx.demo.images import structured_image
 from vlmx.llm import _ProcessAhead
@@ -64,14 +65,6 @@ def _assert_same(outputs: list[RequestOutput], expected: list[RequestOutput]) ->
                 assert entry.keys() == other_entry.keys()
                 for token_id, logprob in entry.items():
                     assert logprob.logprob == pytest.approx(other_entry[token_id].logprob, abs=1e-4)
-
-
-def _check_idle(llm: LLM) -> None:
-    engine = llm.llm_engine
-    engine.scheduler.check_integrity()
-    assert not engine.has_unfinished_requests()
-    assert not engine.requests and not engine.detokenizers and not engine.prompts
-    assert not engine.parents
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +117,7 @@ def test_outputs_equal_one_request_at_a_time(llm, prompts):
     seeded = SamplingParams(temperature=1.0, seed=11, max_tokens=4, logprobs=2)
     params = [seeded if i % 3 == 2 else GREEDY for i in range(len(prompts))]
     outputs = llm.generate(prompts, params, use_tqdm=False)
-    _check_idle(llm)
+    check_idle(llm)
 
     engine = llm.llm_engine
     expected = []
@@ -135,7 +128,7 @@ def test_outputs_equal_one_request_at_a_time(llm, prompts):
     assert [o.prompt_token_ids for o in outputs] == [o.prompt_token_ids for o in expected]
     request_ids = [int(o.request_id) for o in outputs]  # given in prompt order
     assert request_ids == list(range(request_ids[0], request_ids[0] + len(prompts)))
-    _check_idle(llm)
+    check_idle(llm)
     cache = engine.processor.cache  # filled by several threads, some with the same images
     held = sum(
         sum(t.numel() * t.element_size() for t in entry) for entry in cache._entries.values()
@@ -223,7 +216,7 @@ def test_bad_prompts_are_reported_by_index(llm, prompts, test_images):
     outputs = info.value.outputs
     assert [output is None for output in outputs] == [i in errors for i in range(len(batch))]
     _assert_same([outputs[i] for i in (0, 2, 7)], baseline)
-    _check_idle(llm)
+    check_idle(llm)
     # The LLM works as before afterwards.
     _assert_same(llm.generate(good, GREEDY, use_tqdm=False), baseline)
 
@@ -243,7 +236,7 @@ def test_bad_chat_conversation_is_reported_by_index(llm):
     first, missing, last = info.value.outputs
     assert missing is None
     _assert_same([first], [last])
-    _check_idle(llm)
+    check_idle(llm)
 
 
 def test_interrupt_aborts_requests(llm, prompts):
@@ -277,7 +270,7 @@ def test_interrupt_aborts_requests(llm, prompts):
             llm.generate(many, GREEDY, use_tqdm=False)
         time.sleep(0.2)  # time for any stray worker to pick up more prompts
     assert len(started) <= 2 * MAX_NUM_SEQS + MAX_NUM_SEQS  # the engine's, and those ahead
-    _check_idle(llm)
+    check_idle(llm)
     assert len(llm.generate(prompts[:2], GREEDY, use_tqdm=False)) == 2
 
 
@@ -331,7 +324,7 @@ def test_lookahead_is_bounded(llm):
         outputs = llm.generate([f"{i} + {i} =" for i in range(30)], GREEDY, use_tqdm=False)
     assert len(outputs) == 30 and num_started == num_added == 30
     assert max(num_ahead) == MAX_NUM_SEQS
-    _check_idle(llm)
+    check_idle(llm)
 
 
 def test_cancel_drops_prompts_not_started():

@@ -1,4 +1,5 @@
-"""Runs a test file's `*_in_interpreter` tests under Triton's CPU interpreter, in a child pytest.
+"""Runs a test file's `*_in_interpreter` tests under Triton's CPU interpreter, in a child pytest,
+and code in a child Python where Triton cannot be imported.
 
 Triton decides at the first import of `triton.language` whether its functions are interpreted,
 so the interpreter cannot be switched on inside a process that imported Triton already.
@@ -26,3 +27,10 @@ def run_interpreter_tests(test_file: str) -> None:
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     assert " passed" in summary and "skipped" not in summary, summary
+
+
+def assert_runs_without_triton(code: str) -> None:
+    """Run `code` in a child Python in which `import triton` raises ImportError."""
+    prelude = "import sys; sys.modules['triton'] = None\n"  # makes `import triton` raise
+    result = subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -175,9 +175,12 @@ def run_vlmx(
     for (_, images), out in zip(requests, outputs):
         # NOTE: an image seen before is counted as served by the encoder cache (w3-shared's
         # pool of 16 stays in it); KV from the prefix cache as the engine reports it.
-        new = [im for im in images if _image_key(im) not in encoded]
-        encoded.update(_image_key(im) for im in new)
-        patches = [4 * engine.processor.num_image_tokens(im.height, im.width, {}) for im in new]
+        patches = []
+        for im in images:
+            key = _image_key(im)
+            if key not in encoded:
+                encoded.add(key)
+                patches.append(4 * engine.processor.num_image_tokens(im.height, im.width, {}))
         items.append(
             WorkItem(
                 len(out.prompt_token_ids),

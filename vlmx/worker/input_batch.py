@@ -64,23 +64,17 @@ class StagingBuffer:
     def stage(self, array: np.ndarray | list, dtype: torch.dtype) -> torch.Tensor:
         """A pinned host tensor holding `array` (valid until this half is reused)."""
         host = torch.as_tensor(np.asarray(array), dtype=dtype)
-        size = host.numel() * host.element_size()
-        start = -(-self.offset // 16) * 16
-        if start + size > self.buffer.numel():
-            return host.pin_memory()  # an unusually large step: pin just this one
-        self.offset = start + size
-        pinned = self.buffer[start : start + size].view(dtype).view(host.shape)
+        pinned = self.empty(tuple(host.shape), dtype)
         pinned.copy_(host)
         return pinned
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """Uninitialised pinned memory from this half (e.g. for a copy back from the device),
         valid until the half is reused two steps on."""
-        numel = math.prod(shape)
-        size = numel * torch.empty((), dtype=dtype).element_size()
+        size = math.prod(shape) * dtype.itemsize
         start = -(-self.offset // 16) * 16
         if start + size > self.buffer.numel():
-            return torch.empty(shape, dtype=dtype, pin_memory=True)
+            return torch.empty(shape, dtype=dtype, pin_memory=True)  # unusually large: its own
         self.offset = start + size
         return self.buffer[start : start + size].view(dtype).view(shape)
 

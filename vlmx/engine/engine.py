@@ -410,19 +410,18 @@ class LLMEngine:
 
     def _launch(self, out: SchedulerOutput, prev: PendingStep | None) -> PendingStep:
         table = self.scheduler.kv_cache.block_table([r.request_id for r in out.requests])
-        if self.step_log is None:
-            return self.runner.launch(out, table, prev)
         start = time.perf_counter()
         pending = self.runner.launch(out, table, prev)
-        self.step_log.append(
-            StepRecord(
-                start,
-                time.perf_counter() - start,
-                out.total_num_scheduled_tokens,
-                len(out.requests),
-                sum(len(v) for v in out.encoder_inputs.values()),
+        if self.step_log is not None:
+            self.step_log.append(
+                StepRecord(
+                    start,
+                    time.perf_counter() - start,
+                    out.total_num_scheduled_tokens,
+                    len(out.requests),
+                    sum(len(v) for v in out.encoder_inputs.values()),
+                )
             )
-        )
         return pending
 
     def _launch_next(self, out: SchedulerOutput, pending: PendingStep) -> bool:

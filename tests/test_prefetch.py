@@ -1,7 +1,7 @@
 """`LLM.generate` / `chat` process prompts on worker threads, ahead of the engine.
 
 ```
-worker threads:  process_prompt(0) process_prompt(1) ...      at most max_num_seqs ahead
+worker threads:  process_prompt(0) process_prompt(1) ...      a bounded number ahead
 main thread:     add_processed_request(0), step(), add_processed_request(1), step(), ...
 ```
 
@@ -28,6 +28,7 @@ from PIL import Image
 
 from tests.engine_helpers import check_idle
 from vlmx import LLM, InvalidPromptsError, RequestOutput, SamplingParams
+from vlmx import llm as llm_module
 from vlmx.demo.images import structured_image
 from vlmx.llm import _ProcessAhead
 from vlmx.models.processing import ProcessorCache
@@ -278,9 +279,13 @@ def test_interrupt_aborts_requests(llm, prompts):
 # Lookahead
 
 
-def test_lookahead_is_bounded(llm):
+@pytest.mark.parametrize("process_ahead", [None, 1])
+def test_lookahead_is_bounded(llm, monkeypatch, process_ahead):
     """With a slow engine and fast processing, the workers run ahead of the engine by exactly
-    max_num_seqs prompts, never more."""
+    min(max_num_seqs, PROCESS_AHEAD) prompts, never more."""
+    if process_ahead is not None:
+        monkeypatch.setattr(llm_module, "PROCESS_AHEAD", process_ahead)
+    expected = min(MAX_NUM_SEQS, llm_module.PROCESS_AHEAD)
     engine = llm.llm_engine
     lock = threading.Lock()
     num_started = 0
@@ -323,7 +328,35 @@ def test_lookahead_is_bounded(llm):
     ):
         outputs = llm.generate([f"{i} + {i} =" for i in range(30)], GREEDY, use_tqdm=False)
     assert len(outputs) == 30 and num_started == num_added == 30
-    assert max(num_ahead) == MAX_NUM_SEQS
+    assert max(num_ahead) == expected
+    check_idle(llm)
+
+
+def test_first_step_waits_for_a_full_step(llm):
+    """With nothing running, the engine does not step on the first processed prompt while more
+    are coming: it waits until the queued prompts fill a step (here: until the queue is full,
+    2 * max_num_seqs requests, as the prompts are short)."""
+    engine = llm.llm_engine
+    queued_at_step: list[int] = []
+
+    def slow(process_prompt: Callable) -> Callable:
+        def process(prompt):
+            time.sleep(0.01)
+            return process_prompt(prompt)
+
+        return process
+
+    def record(step: Callable) -> Callable:
+        def record_step():
+            queued_at_step.append(engine.scheduler.num_unfinished)
+            return step()
+
+        return record_step
+
+    with _wrapped(engine, "process_prompt", slow), _wrapped(engine, "step", record):
+        outputs = llm.generate([f"{i} + {i} =" for i in range(8)], GREEDY, use_tqdm=False)
+    assert len(outputs) == 8
+    assert queued_at_step[0] == 2 * MAX_NUM_SEQS
     check_idle(llm)
 
 

@@ -61,6 +61,20 @@ def test_max_num_seqs_bounds_the_batch_and_freed_seats_are_refilled():
     scheduler.check_integrity()
 
 
+def test_would_fill_step_once_waiting_prompts_fill_the_budget_or_one_runs():
+    scheduler = make_scheduler(max_num_batched_tokens=16)
+    engine = FakeEngine(scheduler)
+    assert not scheduler.would_fill_step()
+    engine.add(make_request("r0", [text(10, start=100)], params=greedy(4)))
+    assert not scheduler.would_fill_step()  # 10 of 16 tokens
+    engine.add(make_request("r1", [text(6, start=200)], params=greedy(4)))
+    assert scheduler.would_fill_step()  # 16 of 16
+    engine.step()
+    engine.step()
+    assert not scheduler.waiting and scheduler.running
+    assert scheduler.would_fill_step()  # running requests need their next step
+
+
 def test_token_budget_bounds_each_step_and_chunks_prefills():
     scheduler = make_scheduler(max_num_batched_tokens=16)
     engine = FakeEngine(scheduler)

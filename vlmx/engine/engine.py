@@ -362,6 +362,12 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests() or self._inflight is not None
 
+    def should_step(self) -> bool:
+        """Whether stepping now beats waiting for more requests to be added: a step is in
+        flight or some request is running, or the waiting ones fill a step's token budget.
+        (A first step of one short prompt would leave the GPU mostly idle for its length.)"""
+        return self._inflight is not None or self.scheduler.would_fill_step()
+
     def step(self) -> list[RequestOutput]:
         """Run one scheduled step; return the outputs of requests that finished in it.
 

@@ -76,6 +76,18 @@ class Scheduler:
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
 
+    def would_fill_step(self) -> bool:
+        """Whether stepping now beats waiting for more requests: some request is running (it
+        needs its next step), or the waiting ones have prompt tokens for a full step."""
+        if self.running:
+            return True
+        budget = self.config.max_num_batched_tokens
+        for request in self.waiting:
+            budget -= request.num_tokens - request.num_computed_tokens
+            if budget <= 0:
+                return True
+        return False
+
     # -- scheduling ---------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:

@@ -244,3 +244,41 @@ def test_decode_graphs_match_eager_steps(qwen2_5_vl_ckpt, test_images):
             tokens, eager_out.outputs[0].logprobs, graph_out.outputs[0].logprobs
         ):
             assert abs(a[token_id].logprob - b[token_id].logprob) < 1e-2
+
+
+def test_padded_logits_rows_sample_each_request_from_its_own_row(qwen2_5_vl_ckpt, test_images):
+    """On CUDA the LM head reads rows padded to a captured size (a few GEMM shapes, warmed up
+    at start). Each request must still sample from its own last token: three prompts run
+    together with padded rows (forced here on the CPU, float32) give the tokens and logprobs
+    each gives alone, both in the step that gathers the prompts' last tokens (3 -> 4 rows) and
+    in the steps where every row decodes."""
+    from vlmx import LLM, SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=5, logprobs=3, ignore_eos=True)
+    prompts = [
+        {
+            "prompt": "<|vision_start|><|image_pad|><|vision_end|>" * len(images) + text,
+            "multi_modal_data": {"image": images},
+        }
+        for images, text in (
+            (test_images[:1], "Describe."),
+            (test_images[1:3], "Compare these two pictures, please."),
+            (test_images[2:4], "Count the shapes"),
+        )
+    ]
+    llm = LLM(model=qwen2_5_vl_ckpt, device="cpu", max_model_len=2048, enable_prefix_caching=False)
+    runner = llm.llm_engine.runner
+    assert runner.logits_sizes is None  # the CPU: unpadded
+    alone = [llm.generate([prompt], params, use_tqdm=False)[0] for prompt in prompts]
+    runner.logits_sizes = [4, 8]
+    heads = []
+    head = runner.model.compute_logits
+    runner.model.compute_logits = lambda hidden: heads.append(hidden.shape[0]) or head(hidden)
+    together = llm.generate(prompts, params, use_tqdm=False)
+    assert heads == [4] * params.max_tokens  # each step samples all three
+    for a, b in zip(alone, together):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for step_a, step_b in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert step_a.keys() == step_b.keys()
+            for token_id in step_a:
+                assert abs(step_a[token_id].logprob - step_b[token_id].logprob) < 1e-4

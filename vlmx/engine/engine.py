@@ -118,6 +118,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, config, self.eos_token_ids)
         num_blocks = self.runner.determine_num_blocks()
         self.runner.initialize_kv_cache(num_blocks)
+        self.runner.warm_up()
         sc = config.scheduler_config
         self.scheduler = Scheduler(
             sc,

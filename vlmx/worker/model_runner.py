@@ -12,6 +12,7 @@ the rows of their placeholder tokens.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import logging
 import math
@@ -32,7 +33,7 @@ from vlmx.layers.attention import (
     fast_path_available,
 )
 from vlmx.outputs import Logprob
-from vlmx.worker.cuda_graph import DecodeGraphs
+from vlmx.worker.cuda_graph import DecodeGraphs, capture_sizes
 from vlmx.worker.input_batch import StagingBuffer, StepInputs
 from vlmx.worker.sampler import (
     Sampler,
@@ -99,6 +100,12 @@ class ModelRunner:
         self.fast = fast_path_available(self.device, self.dtype)
         self.staging = StagingBuffer(self.device) if self.device.type == "cuda" else None
         self.graphs: DecodeGraphs | None = None
+        # CUDA: the LM head runs on rows padded to one of these counts (see `_logits_input`).
+        self.logits_sizes = (
+            capture_sizes(config.scheduler_config.max_num_seqs)
+            if self.device.type == "cuda"
+            else None
+        )
 
     def _to_device(self, array: np.ndarray | list, dtype: torch.dtype) -> torch.Tensor:
         if self.staging is None:
@@ -299,10 +306,8 @@ class ModelRunner:
         )
         if not sample_rows:
             return pending
-        if len(sample_rows) < hidden.shape[0]:
-            last = [inputs.query_start_loc[i + 1] - 1 for i in sample_rows]
-            hidden = hidden[self._to_device(last, torch.long)]
-        logits = self.model.compute_logits(hidden)
+        hidden = self._logits_input(hidden, sample_rows, inputs.query_start_loc)
+        logits = self.model.compute_logits(hidden)[: len(sample_rows)]
         rows = [requests[i] for i in sample_rows]
         sampling_metadata = build_sampling_metadata(
             params=[r.sampling_params for r in rows],
@@ -330,6 +335,48 @@ class ModelRunner:
             pending.tokens_ready = torch.cuda.Event()
             pending.tokens_ready.record()
         return pending
+
+    def _logits_input(
+        self, hidden: torch.Tensor, sample_rows: list[int], query_start_loc: list[int]
+    ) -> torch.Tensor:
+        """The hidden states the LM head reads: each sampled request's last token, in order.
+
+        CUDA: padded (repeating the last row) to a size of `logits_sizes`, so that the head's
+        GEMM meets a few shapes, all warmed up at start (`warm_up`). A shape cuBLAS meets for
+        the first time costs it milliseconds of host time, with the GIL held; one per step
+        (the number of sampled rows changes often) slowed the first run of a process by 15%.
+        """
+        n = len(sample_rows)
+        size = n if self.logits_sizes is None else self._logits_size(n)
+        if n == hidden.shape[0] == size:
+            return hidden
+        if n == hidden.shape[0]:  # every row samples (decode): pad with zeros
+            return torch.nn.functional.pad(hidden, (0, 0, 0, size - n))
+        last = [query_start_loc[i + 1] - 1 for i in sample_rows]
+        last += last[-1:] * (size - n)
+        return hidden[self._to_device(last, torch.long)]
+
+    def _logits_size(self, num_rows: int) -> int:
+        sizes = self.logits_sizes
+        i = bisect.bisect_left(sizes, num_rows)
+        return sizes[i] if i < len(sizes) else num_rows
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """CUDA: run the LM head at every size of `logits_sizes`, so that cuBLAS chooses (and
+        loads) its kernels now, not inside the first steps of a run."""
+        if self.logits_sizes is None:
+            return
+        head = self.model.compute_logits
+        hidden = torch.zeros(
+            self.logits_sizes[-1],
+            self.model.config.hidden_size,
+            device=self.device,
+            dtype=self.dtype,
+        )
+        for size in self.logits_sizes:
+            head(hidden[:size])
+        torch.cuda.synchronize(self.device)
 
     def _reserved_inputs(
         self, requests: list[Request], query_start_loc: list[int], prev: PendingStep | None

@@ -101,7 +101,7 @@ def test_bench_cli_runs_vlmx_and_hf_on_a_tiny_checkpoint(qwen2_5_vl_hub_ckpt, tm
     args += ["--timeline", str(tmp_path / "steps.tsv"), "--profile", str(tmp_path / "prof")]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert printed.count("RESULT ") == 2 and "vlmx / hf images/s" in printed
+    assert printed.count("RESULT ") == 2 and "vlmx / hf images/s (w2-decode)" in printed
     vlmx_result, hf_result = json.loads(out_file.read_text())
     for result in (vlmx_result, hf_result):
         assert result["prompts"] == 2 and result["img_per_s"] > 0
@@ -121,6 +121,42 @@ def test_bench_cli_runs_vlmx_and_hf_on_a_tiny_checkpoint(qwen2_5_vl_hub_ckpt, tm
     assert sum(int(r.split("\t")[5]) for r in rows[1:]) == 2  # each prompt's image, once
     summary = (tmp_path / "prof" / "summary.txt").read_text()
     assert summary.startswith("wall ") and "GPU busy % per 0.5 s:" in summary
+
+
+def test_bench_runs_workloads_apis_and_repeats_on_one_engine(
+    qwen2_5_vl_hub_ckpt, tmp_path, capsys, monkeypatch
+):
+    """Two workloads x two apis x two runs: one engine built, eight results, each run after
+    its own cache reset (a repeat computes what the first did: the same cached prompt tokens
+    and encoded images), and one timeline file per run."""
+    from vlmx.bench import run as bench_run
+
+    built = []
+    build_llm = bench_run.build_llm
+    monkeypatch.setattr(
+        bench_run, "build_llm", lambda *a, **k: built.append(a) or build_llm(*a, **k)
+    )
+    out_file = tmp_path / "results.json"
+    args = ["bench", "--model", qwen2_5_vl_hub_ckpt, "--workload", "w2-decode", "w3-shared"]
+    args += ["--api", "generate", "chat", "--runs", "2", "--output-len", "2"]
+    args += ["--num-prompts", "3", "--card", "H100", "--device", "cpu"]
+    args += ["--json", str(out_file), "--timeline", str(tmp_path / "steps.tsv")]
+    assert main(args) == 0
+    assert capsys.readouterr().out.count("RESULT ") == 8
+    assert len(built) == 1 and built[0][1] == 2  # one engine, 2 images a prompt (w3-shared)
+    results = json.loads(out_file.read_text())
+    keys = [(r["workload"], r["api"], r["run"]) for r in results]
+    assert keys == [
+        (w, a, n) for w in ("w2-decode", "w3-shared") for a in ("generate", "chat") for n in (1, 2)
+    ]
+    for first, second in zip(results[::2], results[1::2]):
+        for key in ("input_tokens", "output_tokens", "cached_prompt_tokens", "encoded_images"):
+            assert first[key] == second[key], (first["workload"], first["api"], key)
+    assert all(r["output_tokens"] == 3 * 2 for r in results)
+    timelines = sorted(p.name for p in tmp_path.glob("steps.*.tsv"))
+    assert timelines == sorted(f"steps.{w}-{a}-{n}.tsv" for w, a, n in keys)
+    assert main(args[:-2] + ["--runs", "0"]) == 2
+    assert "--runs must be at least 1" in capsys.readouterr().err
 
 
 def test_hf_backend_halves_its_batch_on_out_of_memory(qwen2_5_vl_hub_ckpt, monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
@@ -46,9 +47,21 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         f"Presets (real-size configs, random weights): {', '.join(sorted(PRESETS))}.",
     )
     p.add_argument("--model", required=True, help="checkpoint folder, hub id or preset name")
-    p.add_argument("--workload", choices=sorted(WORKLOADS), default="w1-multi")
+    p.add_argument(
+        "--workload",
+        choices=sorted(WORKLOADS),
+        nargs="+",
+        default=["w1-multi"],
+        help="one or more; vlmx runs them all on one engine (caches reset before each run)",
+    )
     p.add_argument("--backend", choices=["vlmx", "hf", "both"], default="vlmx")
-    p.add_argument("--api", choices=["generate", "chat"], default="generate")
+    p.add_argument("--api", choices=["generate", "chat"], nargs="+", default=["generate"])
+    p.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        help="timed runs of each workload and api (vlmx), each after its own warm-up",
+    )
     p.add_argument("--num-prompts", type=int, default=256)
     p.add_argument("--output-len", type=int, default=None, help="default: the workload's")
     p.add_argument("--max-num-seqs", type=int, default=256)
@@ -73,54 +86,90 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         default=None,
         metavar="FILE",
         help="write one line per step of the timed run (time, period, launch time, tokens, "
-        "requests, images) to FILE; the result gains a summary per kind of step",
+        "requests, images) to FILE; the result gains a summary per kind of step. With several "
+        "runs, FILE gains each run's workload, api and number before its extension",
     )
     p.add_argument(
         "--profile",
         default=None,
         metavar="DIR",
         help="profile the timed run with torch.profiler; write a summary (GPU busy time, top "
-        "kernels and host functions) and a Chrome trace into DIR",
+        "kernels and host functions) and a Chrome trace into DIR (per run, as for --timeline)",
     )
 
 
 def _bench(args: argparse.Namespace) -> int:
+    import gc
     import json
 
-    from vlmx.bench.run import run_hf, run_vlmx
+    import torch
 
+    from vlmx.bench.run import build_llm, run_hf, run_vlmx
+    from vlmx.bench.workloads import WORKLOADS
+
+    if args.runs < 1:
+        raise ValueError(f"--runs must be at least 1, got {args.runs}")
     results = []
+
+    def report(result: dict) -> None:
+        results.append(result)
+        print("RESULT " + json.dumps(result), flush=True)
+
     if args.backend in ("vlmx", "both"):
-        results.append(
-            run_vlmx(
-                args.model,
-                args.workload,
-                args.num_prompts,
-                api=args.api,
-                max_num_seqs=args.max_num_seqs,
-                card=args.card,
-                output_len=args.output_len,
-                profile_dir=args.profile,
-                timeline_path=args.timeline,
-                device=args.device,
-                enforce_eager=args.enforce_eager,
-                async_scheduling=False if args.no_async_scheduling else None,
-            ).summary()
+        llm = build_llm(
+            args.model,
+            max(WORKLOADS[w].images_per_prompt for w in args.workload),
+            args.max_num_seqs,
+            device=args.device,
+            enforce_eager=args.enforce_eager,
+            async_scheduling=False if args.no_async_scheduling else None,
         )
-        print("RESULT " + json.dumps(results[-1]), flush=True)
+        many = len(args.workload) * len(args.api) * args.runs > 1
+        for workload in args.workload:
+            for api in args.api:
+                for run in range(1, args.runs + 1):
+                    tag = f"{workload}-{api}-{run}"
+                    result = run_vlmx(
+                        args.model,
+                        workload,
+                        args.num_prompts,
+                        api=api,
+                        card=args.card,
+                        output_len=args.output_len,
+                        profile_dir=_per_run(args.profile, tag, many),
+                        timeline_path=_per_run(args.timeline, tag, many),
+                        llm=llm,
+                    ).summary()
+                    report({**result, "run": run} if args.runs > 1 else result)
+        del llm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     if args.backend in ("hf", "both"):
         n = args.hf_num_prompts or args.num_prompts
-        results.append(
-            run_hf(args.model, args.workload, n, args.hf_batch_size, args.output_len).summary()
-        )
-        print("RESULT " + json.dumps(results[-1]), flush=True)
-    if len(results) == 2:
-        ratio = results[0]["img_per_s"] / max(results[1]["img_per_s"], 1e-9)
-        print(f"vlmx / hf images/s: {ratio:.2f}x")
+        for workload in args.workload:
+            hf = run_hf(args.model, workload, n, args.hf_batch_size, args.output_len).summary()
+            report(hf)
+            ours = [
+                r
+                for r in results
+                if r["backend"] == "vlmx" and r["workload"] == workload and r["api"] == "generate"
+            ]
+            if ours:
+                ratio = ours[0]["img_per_s"] / max(hf["img_per_s"], 1e-9)
+                print(f"vlmx / hf images/s ({workload}): {ratio:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
     return 0
+
+
+def _per_run(path: str | None, tag: str, many: bool) -> str | None:
+    """`path` for the only run; with several, `tag` inserted before its extension."""
+    if path is None or not many:
+        return path
+    root, ext = os.path.splitext(path)
+    return f"{root}.{tag}{ext}"
 
 
 def _generate(args: argparse.Namespace) -> int:

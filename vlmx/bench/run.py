@@ -92,6 +92,22 @@ def _peak_gib() -> float | None:
     return round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
 
+def build_llm(model: str, images_per_prompt: int, max_num_seqs: int = 256, **engine_kwargs):
+    """The `LLM` the bench measures (one may serve several workloads and runs)."""
+    from vlmx import LLM
+
+    path, load_format = resolve_model(model)
+    return LLM(
+        model=path,
+        load_format=load_format,
+        max_model_len=8192,
+        max_num_seqs=max_num_seqs,
+        limit_mm_per_prompt={"image": images_per_prompt},
+        seed=0,
+        **engine_kwargs,
+    )
+
+
 def run_vlmx(
     model: str,
     workload: str,
@@ -102,21 +118,22 @@ def run_vlmx(
     output_len: int | None = None,
     profile_dir: str | None = None,
     timeline_path: str | None = None,
+    llm=None,
     **engine_kwargs,
 ) -> BenchResult:
-    from vlmx import LLM, SamplingParams
+    """One timed run of `workload`, after a 4-prompt warm-up on other images.
 
-    path, load_format = resolve_model(model)
-    k = WORKLOADS[workload].images_per_prompt
-    llm = LLM(
-        model=path,
-        load_format=load_format,
-        max_model_len=8192,
-        max_num_seqs=max_num_seqs,
-        limit_mm_per_prompt={"image": k},
-        seed=0,
-        **engine_kwargs,
-    )
+    `llm`: an LLM from `build_llm` to reuse. Its prefix and image caches are reset first, so
+    the run computes what it would in a fresh process (which may still pay first-use costs
+    that a later run does not). None builds one from `model` and `engine_kwargs`."""
+    from vlmx import SamplingParams
+
+    if llm is None:
+        k = WORKLOADS[workload].images_per_prompt
+        llm = build_llm(model, k, max_num_seqs, **engine_kwargs)
+    elif not (llm.reset_prefix_cache() and llm.reset_mm_cache()):
+        raise RuntimeError("the LLM has unfinished requests; it cannot be reused for a run")
+    max_num_seqs = llm.llm_engine.config.scheduler_config.max_num_seqs
     requests, out_len = prompts_for(workload, num_prompts)
     out_len = output_len or out_len
     params = SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True)

@@ -108,6 +108,9 @@ def test_bench_cli_runs_vlmx_and_hf_on_a_tiny_checkpoint(qwen2_5_vl_hub_ckpt, tm
         # 8 output tokens per request, each (ignore_eos)
         assert result["out_tok_per_s"] == pytest.approx(8 * result["req_per_s"], rel=0.02)
     assert vlmx_result["ttft_median_s"] > 0 and 0 < vlmx_result["floor_ratio"] < 1
+    assert (vlmx_result["floor_tflop_per_s"], vlmx_result["floor_tb_per_s"]) == (790, 3.0)
+    assert "w2-decode / generate / vlmx, 2 prompts in " in printed
+    assert "(H100 at 790 TFLOP/s, 3 TB/s)" in printed
     assert vlmx_result["encoded_images"] == 2 and vlmx_result["cached_prompt_tokens"] >= 0
     # The timeline: one line per step; 2 prompts of 8 output tokens take at least 8 steps, and
     # the per-kind summary counts every scheduled token (prompts, then 7 decode tokens each).

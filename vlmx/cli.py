@@ -104,7 +104,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     import torch
 
-    from vlmx.bench.run import build_llm, run_hf, run_vlmx
+    from vlmx.bench.run import build_llm, describe, run_hf, run_vlmx
     from vlmx.bench.workloads import WORKLOADS
 
     if args.runs < 1:
@@ -113,6 +113,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     def report(result: dict) -> None:
         results.append(result)
+        print(describe(result))
         print("RESULT " + json.dumps(result), flush=True)
 
     if args.backend in ("vlmx", "both"):

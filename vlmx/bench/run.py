@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import blake3
 import torch
 
-from vlmx.bench.floor import Floor, WorkItem, detect_card, workload_floor
+from vlmx.bench.floor import CARDS, Floor, WorkItem, detect_card, workload_floor
 from vlmx.bench.presets import PRESETS, preset_path
 from vlmx.bench.workloads import WORKLOADS, prompts_for, qwen_chat_prompt
 
@@ -60,8 +60,34 @@ class BenchResult:
             out["floor_memory_s"] = _sig(f.memory_s)
             out["floor_ratio"] = _sig(f.seconds / self.wall_s)
             out["floor_card"] = f.card
+            flops_rate, bytes_rate = CARDS[f.card]
+            out["floor_tflop_per_s"] = _sig(flops_rate / 1e12)  # dense bf16
+            out["floor_tb_per_s"] = _sig(bytes_rate / 1e12)
         out.update(self.extra)
         return out
+
+
+def describe(result: dict) -> str:
+    """A `BenchResult.summary()` as one line for people."""
+    run = f" run {result['run']}" if "run" in result else ""
+    parts = [
+        f"{result['workload']} / {result['api']} / {result['backend']}{run}, "
+        f"{result['prompts']} prompts in {result['wall_s']} s: {result['img_per_s']} images/s",
+        f"{result['req_per_s']} req/s",
+        f"{result['in_tok_per_s']:,.0f} in tok/s",
+        f"{result['out_tok_per_s']:,.0f} out tok/s",
+    ]
+    if "ttft_median_s" in result:
+        parts.append(f"TTFT median {result['ttft_median_s']} s, p90 {result['ttft_p90_s']} s")
+    if result.get("peak_gpu_gib") is not None:
+        parts.append(f"peak {result['peak_gpu_gib']} GiB")
+    if "floor_s" in result:
+        parts.append(
+            f"floor {result['floor_s']} s ({result['floor_card']} at "
+            f"{result['floor_tflop_per_s']:g} TFLOP/s, {result['floor_tb_per_s']:g} TB/s): "
+            f"{result['floor_ratio']} of it"
+        )
+    return "; ".join(parts)
 
 
 def _sig(x: float) -> float:

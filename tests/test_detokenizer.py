@@ -76,6 +76,53 @@ def test_final_text_equals_decode_on_random_ids(
         assert token_texts  # the cache was used
 
 
+@pytest.mark.parametrize("include_stop_str", [False, True])
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_whole_text_equals_the_windows_text(tok, byte_ids, skip_special_tokens, include_stop_str):
+    """A completion read only at its end (the engine's) keeps ids and decodes them at once: the
+    same text as the windows build, on random ids (split characters, special tokens) and
+    stop-terminated ends; with stop strings the windows stay (they are checked every step)."""
+    rng = random.Random(2)
+    params = SamplingParams(
+        skip_special_tokens=skip_special_tokens, include_stop_str_in_output=include_stop_str
+    )
+    for trial in range(200):
+        prompt = random_ids(rng, tok, byte_ids, rng.randint(0, 12))
+        output = random_ids(rng, tok, byte_ids, rng.randint(1, 40))
+        whole = IncrementalDetokenizer(tok, params, prompt, whole_text=True)
+        windows = IncrementalDetokenizer(tok, params, prompt)
+        stop_terminated = trial % 3 == 0
+        for i, token_id in enumerate(output):
+            last = stop_terminated and i == len(output) - 1
+            assert whole.update([token_id], stop_terminated=last) is None
+            windows.update([token_id], stop_terminated=last)
+            if i == len(output) // 2:
+                assert whole.output_text == windows.output_text  # read mid-way too
+        assert whole._text_ids is not None  # decoded at once, not by windows
+        assert whole.output_text == windows.output_text, (prompt, output)
+        assert whole.output_token_ids == output
+    with_stop = SamplingParams(stop=["x"])
+    assert IncrementalDetokenizer(tok, with_stop, [], whole_text=True)._text_ids is None
+    with pytest.raises(AssertionError, match="does not stream"):
+        IncrementalDetokenizer(tok, params, [], whole_text=True).get_next_delta()
+
+
+def test_whole_text_needs_a_byte_level_decoder():
+    """A tokenizer whose decoder is not byte-level (here a SentencePiece-style Metaspace one)
+    keeps the windows: its text of a completion need not be the text of its ids decoded alone."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({"▁a": 0, "▁b": 1, "[UNK]": 2}, "[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+    detok = IncrementalDetokenizer(tokenizer, SamplingParams(), [0], whole_text=True)
+    assert detok._text_ids is None
+    detok.update([1, 0])
+    assert detok.output_text == " b a"  # the prompt's "a" keeps the output's first space
+
+
 def test_multibyte_characters_split_across_tokens(tok, byte_ids):
     text = "a中文😀b"
     ids = split_bytes(text, byte_ids)

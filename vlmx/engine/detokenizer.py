@@ -17,6 +17,11 @@ the start of a decode).
 
 Invariant (byte-level BPE tokenizers such as Qwen's): with no stop string, `output_text` equals
 `tokenizer.decode(output_ids, skip_special_tokens=..., spaces_between_special_tokens=...)`.
+
+So a completion that is not streamed and has no stop string to look for (`whole_text=True`)
+skips the windows for such tokenizers: `update` only keeps the ids, and `output_text` is one
+decode of them. A decode step of 256 sequences otherwise spends over a millisecond of host time
+in 256 window decodes.
 """
 
 from __future__ import annotations
@@ -48,6 +53,19 @@ def _backend_decoder(tokenizer: Any):
     return None
 
 
+def _decodes_bytewise(tokenizer: Any) -> bool:
+    """Whether the tokenizer's text of ids is the concatenation of their bytes (a byte-level
+    decoder behind the Rust decode `_backend_decoder` calls), so that decoding a completion at
+    once gives the text its windows would have built."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    decoder = getattr(backend, "decoder", None)
+    return (
+        _backend_decoder(tokenizer) is not None
+        and type(decoder).__module__.startswith("tokenizers")
+        and type(decoder).__name__ == "ByteLevel"
+    )
+
+
 class IncrementalDetokenizer:
     """Text of one completion, grown token by token, with stop strings checked on the way."""
 
@@ -57,10 +75,15 @@ class IncrementalDetokenizer:
         params: SamplingParams,
         prompt_token_ids: list[int] | None,
         token_texts: dict[tuple[int, bool, bool], str] | None = None,
+        whole_text: bool = False,
     ) -> None:
         """token_texts: a cache, shared by the detokenizers of one tokenizer, of each token's
         text decoded on its own (by id, skip_special_tokens, spaces_between_special_tokens):
-        the window a step commits is most often one token, whose text it then looks up."""
+        the window a step commits is most often one token, whose text it then looks up.
+
+        whole_text: the text is only read once the completion ends (no streaming); with no
+        stop strings and a byte-level tokenizer it is then decoded at once (module docstring).
+        """
         self.tokenizer = tokenizer
         self._backend_decode = _backend_decoder(tokenizer)
         self._token_texts = token_texts
@@ -74,6 +97,12 @@ class IncrementalDetokenizer:
 
         self.output_token_ids: list[int] = []
         self.stop_string: str | None = None  # the stop string that ended the text, if any
+        # whole-text mode: the ids whose text counts (a stop-terminating last id may not)
+        self._text_ids: list[int] | None = None
+        if whole_text and self.detokenize and not self.stop and _decodes_bytewise(tokenizer):
+            self._text_ids = []
+            self._whole: str | None = None  # their text, once decoded
+            return
 
         context = list(prompt_token_ids[-NUM_CONTEXT_TOKENS:]) if prompt_token_ids else []
         # NOTE: a context that does not decode to whole characters would merge its bytes with
@@ -109,6 +138,10 @@ class IncrementalDetokenizer:
     @property
     def output_text(self) -> str:
         """The text so far: committed text plus the pending tail (which may end in "\\ufffd")."""
+        if self._text_ids is not None:
+            if self._whole is None:
+                self._whole = self._decode(self._text_ids)
+            return self._whole
         if self.stop_string is not None or self._read_offset == len(self._ids):
             return self._text
         return self._text + self._decode(self._ids[self._prefix_offset :])[len(self._prefix_text) :]
@@ -127,6 +160,10 @@ class IncrementalDetokenizer:
             return None
         if stop_terminated and not self.include_stop_str_in_output:
             new_token_ids = new_token_ids[:-1]
+        if self._text_ids is not None:
+            self._text_ids += new_token_ids
+            self._whole = None
+            return None
 
         num_chars_before = len(self._text)
         for token_id in new_token_ids:
@@ -158,6 +195,7 @@ class IncrementalDetokenizer:
         `len(longest stop string) - 1` characters, so that a stream never shows text that a
         later token completes into a stop string to be cut.
         """
+        assert self._text_ids is None, "a whole-text detokenizer does not stream"
         if finished or self.stop_string is not None:
             text, end = self.output_text, len(self.output_text)
         else:

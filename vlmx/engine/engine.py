@@ -332,7 +332,11 @@ class LLMEngine:
         self.requests[request_id] = request
         self.prompts[request_id] = text
         self.detokenizers[request_id] = IncrementalDetokenizer(
-            self.tokenizer, params, processed.prompt_token_ids, self._token_texts
+            self.tokenizer,
+            params,
+            processed.prompt_token_ids,
+            self._token_texts,
+            whole_text=True,  # NOTE: the text is read when the request finishes, not streamed
         )
         self.scheduler.add_request(request)
 

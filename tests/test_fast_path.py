@@ -282,3 +282,34 @@ def test_padded_logits_rows_sample_each_request_from_its_own_row(qwen2_5_vl_ckpt
             assert step_a.keys() == step_b.keys()
             for token_id in step_a:
                 assert abs(step_a[token_id].logprob - step_b[token_id].logprob) < 1e-4
+
+
+@needs_flash
+def test_lm_head_meets_only_warmed_up_sizes(qwen2_5_vl_ckpt, test_images):
+    """CUDA: `warm_up` runs the LM head at every padded size, and a run (prompts finishing at
+    different steps, so the number of sampled rows changes) uses no other size."""
+    from vlmx import LLM, SamplingParams
+
+    llm = LLM(model=qwen2_5_vl_ckpt, dtype="bfloat16", device="cuda", max_model_len=2048)
+    runner = llm.llm_engine.runner
+    sizes = runner.logits_sizes
+    assert sizes == capture_sizes(llm.llm_engine.config.scheduler_config.max_num_seqs)
+    head = runner.model.compute_logits
+    seen = []
+    runner.model.compute_logits = lambda hidden: seen.append(hidden.shape[0]) or head(hidden)
+    runner.warm_up()
+    assert seen == sizes
+    seen.clear()
+    prompts = [
+        {
+            "prompt": "<|vision_start|><|image_pad|><|vision_end|>" + f"Describe {i}.",
+            "multi_modal_data": {"image": [test_images[i % len(test_images)]]},
+        }
+        for i in range(5)
+    ]
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=2 + 3 * i, ignore_eos=True) for i in range(5)
+    ]
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [2 + 3 * i for i in range(5)]
+    assert seen and set(seen) <= set(sizes)

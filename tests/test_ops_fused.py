@@ -24,13 +24,17 @@ What the interpreter cannot check, and how the tests deal with it:
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import numpy as np
 import pytest
 import torch
-from triton_interpreter import assert_runs_without_triton, run_interpreter_tests
+from triton_interpreter import (
+    CUDA,
+    HAS_TRITON,
+    INTERPRETER,
+    assert_runs_without_triton,
+    in_interpreter,
+    run_interpreter_tests,
+)
 
 from vlmx.layers import activation, norm, rotary
 from vlmx.layers.activation import silu_and_mul_torch
@@ -38,13 +42,6 @@ from vlmx.layers.norm import add_rms_norm_torch, rms_norm_torch
 from vlmx.layers.rotary import apply_rotary_torch
 from vlmx.ops import fused
 
-INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-in_interpreter = pytest.mark.skipif(
-    not (INTERPRETER and HAS_TRITON),
-    reason="needs triton imported under TRITON_INTERPRET=1: test_interpreter_tests_in_a_subprocess",
-)
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 HALF_DTYPES = [torch.bfloat16, torch.float16]
 ALL_DTYPES = [torch.float32, *HALF_DTYPES]
 EPS = 1e-6

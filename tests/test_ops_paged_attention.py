@@ -10,25 +10,23 @@ see the variable. The references are checked against dense attention over the un
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.nn.functional as F
-from triton_interpreter import assert_runs_without_triton, run_interpreter_tests
+from triton_interpreter import (
+    CUDA,
+    HAS_TRITON,
+    INTERPRETER,
+    assert_runs_without_triton,
+    in_interpreter,
+    run_interpreter_tests,
+)
 
 from vlmx.ops import paged_attention as ops
 
-INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-in_interpreter = pytest.mark.skipif(
-    not (INTERPRETER and HAS_TRITON),
-    reason="needs triton imported under TRITON_INTERPRET=1: test_interpreter_tests_in_a_subprocess",
-)
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 
 

@@ -7,10 +7,24 @@ so the interpreter cannot be switched on inside a process that imported Triton a
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
+
+# Markers of the kernel test files: this process runs under the interpreter (the child pytest),
+# Triton is installed, a GPU is present.
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+in_interpreter = pytest.mark.skipif(
+    not (INTERPRETER and HAS_TRITON),
+    reason="needs triton imported under TRITON_INTERPRET=1: test_interpreter_tests_in_a_subprocess",
+)
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def run_interpreter_tests(test_file: str) -> None:

@@ -18,7 +18,7 @@ from vlmx.layers.attention import (
 )
 from vlmx.ops import paged_attention as triton_ops
 from vlmx.ops.varlen import flash_varlen_available, varlen_flash_attention
-from vlmx.worker.cuda_graph import capture_sizes
+from vlmx.worker.cuda_graph import capture_sizes, round_up_to_size
 from vlmx.worker.input_batch import StagingBuffer
 
 CUDA = torch.cuda.is_available()
@@ -129,6 +129,7 @@ def test_capture_sizes_cover_max_num_seqs():
     assert capture_sizes(100)[-1] == 112  # padded up to the next captured size
     sizes = capture_sizes(256)
     assert sizes == sorted(set(sizes))
+    assert [round_up_to_size(sizes, n) for n in (1, 3, 17, 256, 300)] == [1, 4, 32, 256, 300]
 
 
 @needs_flash

@@ -38,6 +38,12 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
     return [s for s in sizes if s < top] + [top]
 
 
+def round_up_to_size(sizes: list[int], n: int) -> int:
+    """The smallest of the ascending `sizes` that holds `n` (`n` itself past the largest)."""
+    i = bisect.bisect_left(sizes, n)
+    return sizes[i] if i < len(sizes) else n
+
+
 class DecodeGraphs:
     """The decoder's forward for decode steps, captured at padded batch sizes."""
 
@@ -115,7 +121,7 @@ class DecodeGraphs:
         )
 
     def padded_size(self, num_seqs: int) -> int:
-        return self.sizes[bisect.bisect_left(self.sizes, num_seqs)]
+        return round_up_to_size(self.sizes, num_seqs)
 
     def run(
         self,

@@ -12,7 +12,6 @@ the rows of their placeholder tokens.
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import logging
 import math
@@ -33,7 +32,7 @@ from vlmx.layers.attention import (
     fast_path_available,
 )
 from vlmx.outputs import Logprob
-from vlmx.worker.cuda_graph import DecodeGraphs, capture_sizes
+from vlmx.worker.cuda_graph import DecodeGraphs, capture_sizes, round_up_to_size
 from vlmx.worker.input_batch import StagingBuffer, StepInputs
 from vlmx.worker.sampler import (
     Sampler,
@@ -347,7 +346,7 @@ class ModelRunner:
         (the number of sampled rows changes often) slowed the first run of a process by 15%.
         """
         n = len(sample_rows)
-        size = n if self.logits_sizes is None else self._logits_size(n)
+        size = n if self.logits_sizes is None else round_up_to_size(self.logits_sizes, n)
         if n == hidden.shape[0] == size:
             return hidden
         if n == hidden.shape[0]:  # every row samples (decode): pad with zeros
@@ -355,11 +354,6 @@ class ModelRunner:
         last = [query_start_loc[i + 1] - 1 for i in sample_rows]
         last += last[-1:] * (size - n)
         return hidden[self._to_device(last, torch.long)]
-
-    def _logits_size(self, num_rows: int) -> int:
-        sizes = self.logits_sizes
-        i = bisect.bisect_left(sizes, num_rows)
-        return sizes[i] if i < len(sizes) else num_rows
 
     @torch.inference_mode()
     def warm_up(self) -> None:

@@ -30,8 +30,8 @@ PROCESS_THREADS = 2
 # Prompts processed ahead of the ones the engine has taken. Enough for the engine's next steps
 # (a 16,384-token step takes 8 to 10 prompts of one or two images); more only front-loads the
 # threads' work onto the first seconds, when the engine thread needs the GIL most. Measured on
-# an H200 (Qwen2.5-VL-3B, 256 prompts): 24 ahead against 256 gave w3-shared 3.3 s against 4.0 s
-# and random-mm 7.45 s against 7.55 s.
+# an H200 (Qwen2.5-VL-3B, 256 prompts, later runs in one process): 24 ahead against 256 gave
+# w3-shared 3.3 s against 4.0 s and random-mm 7.45 s against 7.55 s.
 PROCESS_AHEAD = 24
 
 

@@ -330,6 +330,31 @@ def test_layers_take_the_fused_path_in_interpreter(monkeypatch):
     assert len(calls) == 4
 
 
+@in_interpreter
+def test_vision_attention_rotates_q_and_k_in_place_in_interpreter(monkeypatch):
+    """The vision attention rotates q and k inside its qkv output in one launch, and attends
+    over the strided views; the result equals rotating copies of them on the torch path."""
+    from vlmx.layers.vision import VisionAttention
+
+    gen = torch.Generator().manual_seed(6)
+    attn = VisionAttention(64, 4).to(torch.bfloat16)
+    with torch.no_grad():
+        for param in attn.parameters():
+            param.copy_(0.2 * torch.randn(param.shape, generator=gen))
+    x = torch.randn(21, 64, generator=gen).to(torch.bfloat16)
+    cos, sin = rotary_tables(21, 16, torch.float32, gen)
+    calls = []
+    real = fused.apply_rotary
+    monkeypatch.setattr(fused, "apply_rotary", lambda *a, **k: calls.append(k) or real(*a, **k))
+    with torch.no_grad():
+        in_place = attn(x, cos, sin, [0, 9, 21])
+        assert len(calls) == 1 and "out" in calls[0]
+        monkeypatch.setattr(fused, "can_fuse_rotary", lambda *a: False)
+        apart = attn(x, cos, sin, [0, 9, 21])
+    assert len(calls) == 1
+    assert torch.equal(in_place, apart)
+
+
 def test_layers_use_torch_without_a_device(monkeypatch):
     """CPU tensors outside the interpreter never reach a kernel."""
 

@@ -20,6 +20,7 @@ from transformers import Qwen2VLImageProcessor
 
 from vlmx.demo.configs import tiny_qwen_vl_config
 from vlmx.layers.attention import AttentionMetadata
+from vlmx.layers.vision import VisionBlock, run_vision_blocks
 from vlmx.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from vlmx.models.qwen2_vl import Qwen2VLForConditionalGeneration
 from vlmx.multimodal.inputs import MMFeature, PlaceholderRange
@@ -323,3 +324,27 @@ def test_untied_lm_head_is_loaded() -> None:
         Qwen2VLForConditionalGeneration(config).load_weights(
             (k, v) for k, v in hf.state_dict().items() if k != "lm_head.weight"
         )
+
+
+@pytest.mark.parametrize("norm, gated", [("rms_norm", True), ("layer_norm", False)])
+def test_vision_blocks_fuse_adds_into_norms_without_changing_the_result(norm, gated) -> None:
+    """`run_vision_blocks` defers each residual add into the norm after it; the output equals
+    HF's block loop (`x = x + attn(norm1(x))`, `x = x + mlp(norm2(x))`) bit for bit."""
+    gen = torch.Generator().manual_seed(7)
+    blocks = torch.nn.ModuleList(
+        VisionBlock(32, 2, 48, "silu" if gated else "quick_gelu", norm=norm, gated_mlp=gated)
+        for _ in range(3)
+    ).to(torch.bfloat16)
+    with torch.no_grad():
+        for param in blocks.parameters():
+            param.copy_(0.3 * torch.randn(param.shape, generator=gen))
+    x = torch.randn(13, 32, generator=gen).to(torch.bfloat16)
+    cos, sin = (t.expand(13, 16).float() for t in (torch.rand(1, 16), torch.rand(1, 16)))
+    cu_of = [[0, 5, 13], [0, 13], [0, 5, 13]]
+    with torch.no_grad():
+        expected = x
+        for i, block in enumerate(blocks):
+            expected = expected + block.attn(block.norm1(expected), cos, sin, cu_of[i])
+            expected = expected + block.mlp(block.norm2(expected))
+        got = run_vision_blocks(blocks, x, cos, sin, lambda i: cu_of[i])
+    assert torch.equal(got, expected)

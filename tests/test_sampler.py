@@ -81,6 +81,21 @@ def test_greedy_is_argmax(dtype):
     assert out.logprobs is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_argmax_only_batch_reads_the_logits_as_they_are(dtype, monkeypatch):
+    """An argmax-only batch takes the argmax of the half-precision logits (no float32 copy);
+    ties (common at 16 bits) go to the first maximum, as the float32 argmax's."""
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randint(-3, 4, (64, VOCAB), generator=gen).to(dtype)  # many tied maxima
+    expected = logits.float().argmax(-1)
+    monkeypatch.setattr(
+        torch.Tensor, "float", lambda self: pytest.fail("the logits were copied to float32")
+    )
+    out = sample(logits, [SamplingParams(temperature=0.0)] * 64)
+    assert torch.equal(out.sampled_token_ids, expected)
+    assert out.logprobs is None
+
+
 def test_input_logits_not_modified():
     logits = torch.randn(4, VOCAB)
     before = logits.clone()

@@ -18,14 +18,17 @@ patch) and return CPU tensors that the caller moves to the device in one copy.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vlmx.layers.attention import varlen_attention
 from vlmx.layers.mlp import MLP, GatedMLP
-from vlmx.layers.norm import make_norm
+from vlmx.layers.norm import RMSNorm, make_norm
 from vlmx.layers.rotary import apply_rotary
+from vlmx.ops import fused
 
 Grid = tuple[int, int, int]  # (t, h, w) in patches
 
@@ -78,10 +81,17 @@ class VisionAttention(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: list[int]
     ) -> torch.Tensor:
         n = x.shape[0]
-        q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
-        out = varlen_attention(q, k, v.contiguous(), cu_seqlens, scale=self.scale)
+        qkv = self.qkv(x).view(n, 3, self.num_heads, self.head_dim)
+        qk = qkv[:, :2].reshape(n, 2 * self.num_heads, self.head_dim)  # a view: q's heads, k's
+        if fused.can_fuse_rotary(qk, cos, sin):
+            fused.apply_rotary(qk, cos, sin, out=qk)  # q and k in place, one launch
+            q, k, v = qkv.unbind(1)
+        else:
+            q, k, v = qkv.unbind(1)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # NOTE: q, k, v may be strided views of qkv (rows 3 * dim apart); both attention paths
+        # read them so (FlashAttention takes row strides; the SDPA path gathers rows).
+        out = varlen_attention(q, k, v, cu_seqlens, scale=self.scale)
         return self.proj(out.reshape(n, -1))
 
 
@@ -115,8 +125,51 @@ class VisionBlock(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: list[int]
     ) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cos, sin, cu_seqlens)
-        return x + self.mlp(self.norm2(x))
+        x, delta = self.forward_deferred(x, None, cos, sin, cu_seqlens)
+        return x + delta
+
+    def forward_deferred(
+        self,
+        x: torch.Tensor,
+        delta: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cu_seqlens: list[int],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block on `x + delta` (delta: the block before's MLP output, None for none),
+        returning `(its input, its MLP output)` with that sum still to take, so that each
+        residual add happens inside the norm after it (`run_vision_blocks`)."""
+        h, x = _add_norm(self.norm1, delta, x)
+        h, x = _add_norm(self.norm2, self.attn(h, cos, sin, cu_seqlens), x)
+        return x, self.mlp(h)
+
+
+def _add_norm(
+    norm: nn.Module, delta: torch.Tensor | None, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(norm(x + delta), x + delta)`, the sum rounded to x's dtype as HF's `x = x + delta`;
+    RMSNorm does both in one pass where its kernel runs."""
+    if delta is None:
+        return norm(x), x
+    if isinstance(norm, RMSNorm):
+        return norm.add_forward(delta, x)
+    x = x + delta
+    return norm(x), x
+
+
+def run_vision_blocks(
+    blocks: nn.ModuleList,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cu_seqlens_of: Callable[[int], list[int]],
+) -> torch.Tensor:
+    """`x` through `VisionBlock`s, block i attending inside `cu_seqlens_of(i)`; each residual
+    add is fused into the norm that follows it (two passes over x fewer per block)."""
+    delta = None
+    for i, block in enumerate(blocks):
+        x, delta = block.forward_deferred(x, delta, cos, sin, cu_seqlens_of(i))
+    return x if delta is None else x + delta
 
 
 class PatchMerger(nn.Module):

@@ -16,6 +16,7 @@ from vlmx.layers.vision import (
     PatchEmbed,
     PatchMerger,
     VisionBlock,
+    run_vision_blocks,
     vision_cu_seqlens,
     vision_position_ids,
     window_index,
@@ -72,8 +73,13 @@ class Qwen2_5_VisionTransformer(nn.Module):
         restore = host_to_device(restore, device)
         x = self.patch_embed(pixel_values)[patch_idx]  # [N, hidden], window order
         cos, sin = self.rotary_pos_emb(host_to_device(pos_hw, device))
-        for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, cu_full if i in self.fullatt_block_indexes else cu_window)
+        x = run_vision_blocks(
+            self.blocks,
+            x,
+            cos,
+            sin,
+            lambda i: cu_full if i in self.fullatt_block_indexes else cu_window,
+        )
         return self.merger(x)[restore]
 
 

@@ -24,6 +24,7 @@ from vlmx.layers.vision import (
     PatchEmbed,
     PatchMerger,
     VisionBlock,
+    run_vision_blocks,
     vision_cu_seqlens,
     vision_position_ids,
 )
@@ -89,8 +90,7 @@ class Qwen2VisionTransformer(nn.Module):
         cu_seqlens = vision_cu_seqlens(grids)
         x = self.patch_embed(pixel_values)  # [N, embed_dim]
         cos, sin = self.rotary_pos_emb(host_to_device(pos_hw, x.device))
-        for block in self.blocks:
-            x = block(x, cos, sin, cu_seqlens)
+        x = run_vision_blocks(self.blocks, x, cos, sin, lambda i: cu_seqlens)
         return self.merger(x)
 
 

@@ -222,6 +222,16 @@ def build_sampling_metadata(
     return metadata
 
 
+def _argmax_only(md: SamplingMetadata) -> bool:
+    """Whether nothing but the argmax is asked: no logprobs, penalties or min_tokens mask."""
+    return (
+        md.max_num_logprobs is None
+        and md.repetition_penalty is None
+        and md.output_token_counts is None
+        and md.min_tokens_rows is None
+    )
+
+
 # `build_sampling_metadata`'s argmax-only metadata by (device, batch size, vocabulary size).
 _PLAIN_GREEDY: dict[tuple[torch.device, int, int], SamplingMetadata] = {}
 
@@ -313,6 +323,11 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
         assert logits.dim() == 2, logits.shape
+        if md.all_greedy and _argmax_only(md):
+            # NOTE: widening to float32 is exact and keeps the order, so the argmax of the
+            # logits as computed is the float32 copy's (first maximum on ties, as there) without
+            # writing that copy: [B, vocab] float32, a tenth of a millisecond at 256 rows.
+            return SamplerOutput(sampled_token_ids=logits.argmax(dim=-1), logprobs=None)
         logits = logits.float()  # NOTE: no copy if already float32: nothing below is in place
         raw_logprobs = None
         if md.max_num_logprobs is not None:

@@ -20,6 +20,7 @@ from tests.hf_reference import (
     compare_with_reference,
 )
 from vlmx import LLM, SamplingParams
+from vlmx.multimodal.media import DATA_URL_CACHE, load_image
 
 QUESTION = "What is the content of each image?"
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, logprobs=3)
@@ -151,8 +152,13 @@ def test_same_outputs_under_caching_chunking_and_preemption(family_setup, test_i
     engine.add_request("busy", {"prompt": prompt, "multi_modal_data": {"image": images}}, GREEDY)
     assert not llm.reset_prefix_cache() and not llm.reset_mm_cache()  # a request is unfinished
     engine.abort_request("busy")
+    buffer = io.BytesIO()
+    images[0].save(buffer, format="PNG")
+    load_image("data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode())
+    assert len(DATA_URL_CACHE) > 0
     assert llm.reset_prefix_cache() and llm.reset_mm_cache()
     assert not engine.runner.encoder_outputs and len(engine.processor.cache) == 0
+    assert len(DATA_URL_CACHE) == 0
     third = _generate(llm, batch)
     check(third)
     cached = [o.num_cached_tokens for o in third]

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from tests.loopback import serve
-from vlmx.multimodal import MediaLimits, fetch_image, load_image
+from vlmx.multimodal import MediaLimits, fetch_image, load_image, media
 from vlmx.multimodal.media import image_from_bytes
 
 
@@ -229,6 +229,43 @@ def test_data_url():
 def test_data_url_errors(url, cause):
     with pytest.raises(ValueError, match=cause):
         fetch_image(url)
+
+
+def test_repeated_data_url_is_decoded_once(monkeypatch):
+    """load_image decodes a data URL it has seen once; each caller gets its own tensor."""
+    cache = media.DataURLCache()
+    monkeypatch.setattr(media, "DATA_URL_CACHE", cache)
+    decodes = []
+    real = media.fetch_image
+    monkeypatch.setattr(media, "fetch_image", lambda url, **k: decodes.append(url) or real(url, **k))
+    url = _data_url(PNG)
+    first = load_image(url)
+    first.zero_()  # the caller's own: the next load is unaffected
+    again = load_image("".join(url))  # equal text, another string object
+    assert len(decodes) == 1
+    assert torch.equal(again, torch.from_numpy(NOISE).permute(2, 0, 1))
+    assert load_image(_data_url(JPEG, "image/jpeg")).shape == (3, 64, 64)
+    assert len(decodes) == 2
+
+
+def test_data_url_cache_is_bounded_and_keyed_by_limits(monkeypatch):
+    png, jpeg = _data_url(PNG), _data_url(JPEG, "image/jpeg")
+    one_image = NOISE.size + len(png)
+    cache = media.DataURLCache(max_bytes=one_image + 64 * 64 * 3 + len(jpeg) - 1)
+    monkeypatch.setattr(media, "DATA_URL_CACHE", cache)
+    load_image(png)
+    load_image(jpeg)  # over the bound with both: the least recently used (png) goes
+    assert [url for url, _ in cache._entries] == [jpeg]
+    assert cache._bytes <= cache.max_bytes
+    # read under stricter limits, a cached image is checked again, not served
+    load_image(jpeg)
+    with pytest.raises(ValueError, match="pixels"):
+        load_image(jpeg, limits=MediaLimits(max_pixels=100))
+    # a failure is not cached
+    for _ in range(2):
+        with pytest.raises(ValueError, match="invalid base64"):
+            load_image("data:image/png;base64,abc")
+    assert [url for url, _ in cache._entries] == [jpeg]
 
 
 def test_data_url_byte_limit():

@@ -76,8 +76,9 @@ class LLM:
         return self.llm_engine.reset_prefix_cache()
 
     def reset_mm_cache(self) -> bool:
-        """Forget the processed images and the vision encoder's cached outputs (as vLLM's
-        `LLM.reset_mm_cache`). False, and nothing forgotten, while requests are unfinished."""
+        """Forget the decoded data URLs, the processed images and the vision encoder's cached
+        outputs (as vLLM's `LLM.reset_mm_cache`). False, and nothing forgotten, while requests
+        are unfinished."""
         return self.llm_engine.reset_mm_cache()
 
     def get_default_sampling_params(self) -> SamplingParams:

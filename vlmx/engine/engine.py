@@ -26,6 +26,7 @@ from vlmx.models.loader import build_model, text_config
 from vlmx.models.registry import get_processor_class
 from vlmx.multimodal.chat import load_images_concurrently
 from vlmx.multimodal.inputs import ProcessedPrompt
+from vlmx.multimodal.media import DATA_URL_CACHE
 from vlmx.outputs import CompletionOutput, Logprob, RequestOutput
 from vlmx.sampling_params import SamplingParams
 from vlmx.worker.model_runner import ModelRunner, PendingStep
@@ -358,6 +359,7 @@ class LLMEngine:
         if self.has_unfinished_requests():
             return False
         self.processor.cache.clear()
+        DATA_URL_CACHE.clear()
         self.scheduler.encoder_cache.clear()
         self.runner.encoder_outputs.clear()
         return True

@@ -20,6 +20,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -406,16 +407,68 @@ def _pil_to_chw_uint8(image: Image.Image, limits: MediaLimits) -> torch.Tensor:
     return torch.from_numpy(chw)
 
 
+class DataURLCache:
+    """Decoded images of base64 data URLs, keyed by the URL's text (and the limits it was read
+    under), least recently used dropped past `max_bytes` (pixels plus key text).
+
+    A data URL carries its image, so equal text decodes to equal pixels: a chat resends the
+    same data URLs every turn, and a batch may repeat one. Decoding a 1024x768 JPEG data URL
+    costs about 8 ms of CPU, part of it with the GIL held; a hit costs a copy. Thread-safe.
+    """
+
+    def __init__(self, max_bytes: int = 256 << 20) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[tuple[str, MediaLimits], torch.Tensor] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def load(self, url: str, limits: MediaLimits) -> torch.Tensor:
+        """`url`'s image as load_image returns it: a tensor of the caller's own (a copy)."""
+        key = (url, limits)
+        with self._lock:
+            cached = self._entries.get(key)
+            if cached is not None:
+                self._entries.move_to_end(key)
+        if cached is not None:
+            return cached.clone()
+        image = _pil_to_chw_uint8(fetch_image(url, limits=limits), limits)
+        size = image.nbytes + len(url)
+        if size <= self.max_bytes:
+            with self._lock:
+                if key not in self._entries:
+                    self._entries[key] = image.clone()
+                    self._bytes += size
+                while self._bytes > self.max_bytes:
+                    (old_url, _), old = self._entries.popitem(last=False)
+                    self._bytes -= old.nbytes + len(old_url)
+        return image
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
+
+
+# The process's cache, used by `load_image` (`LLM.reset_mm_cache` clears it).
+DATA_URL_CACHE = DataURLCache()
+
+
 def load_image(item: Any, *, limits: MediaLimits | None = None) -> torch.Tensor:
-    """Load one image as a uint8 [3, H, W] contiguous CPU tensor.
+    """Load one image as a uint8 [3, H, W] contiguous CPU tensor (the caller's own).
 
     Accepts a PIL image, a string (http(s) / data / file URL or path, via `fetch_image`), a torch
-    tensor [3, H, W] (uint8, or float in [0, 1]) or a numpy array [H, W, 3] uint8.
+    tensor [3, H, W] (uint8, or float in [0, 1]) or a numpy array [H, W, 3] uint8. Data URLs
+    seen before come from `DataURLCache` without decoding them again.
     """
     limits = limits or MediaLimits.from_env()
     if isinstance(item, Image.Image):
         return _pil_to_chw_uint8(item, limits)
     if isinstance(item, str):
+        if item[:5].lower() == "data:":
+            return DATA_URL_CACHE.load(item, limits)
         return _pil_to_chw_uint8(fetch_image(item, limits=limits), limits)
     if isinstance(item, torch.Tensor):
         return _tensor_to_chw_uint8(item, limits)

@@ -237,7 +237,7 @@ def test_repeated_data_url_is_decoded_once(monkeypatch):
     monkeypatch.setattr(media, "DATA_URL_CACHE", cache)
     decodes = []
     real = media.fetch_image
-    monkeypatch.setattr(media, "fetch_image", lambda url, **k: decodes.append(url) or real(url, **k))
+    monkeypatch.setattr(media, "fetch_image", lambda u, **k: decodes.append(u) or real(u, **k))
     url = _data_url(PNG)
     first = load_image(url)
     first.zero_()  # the caller's own: the next load is unaffected

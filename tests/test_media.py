@@ -250,22 +250,28 @@ def test_repeated_data_url_is_decoded_once(monkeypatch):
 
 def test_data_url_cache_is_bounded_and_keyed_by_limits(monkeypatch):
     png, jpeg = _data_url(PNG), _data_url(JPEG, "image/jpeg")
-    one_image = NOISE.size + len(png)
-    cache = media.DataURLCache(max_bytes=one_image + 64 * 64 * 3 + len(jpeg) - 1)
+    cache = media.DataURLCache(max_bytes=NOISE.size + 64 * 64 * 3 - 1)  # not both images
     monkeypatch.setattr(media, "DATA_URL_CACHE", cache)
+    decodes = []
+    real = media.fetch_image
+    monkeypatch.setattr(media, "fetch_image", lambda u, **k: decodes.append(u) or real(u, **k))
     load_image(png)
     load_image(jpeg)  # over the bound with both: the least recently used (png) goes
-    assert [url for url, _ in cache._entries] == [jpeg]
-    assert cache._bytes <= cache.max_bytes
-    # read under stricter limits, a cached image is checked again, not served
+    assert len(cache) == 1 and cache.images.num_bytes <= cache.images.capacity_bytes
     load_image(jpeg)
+    assert decodes == [png, jpeg]  # jpeg kept
+    # read under stricter limits, a cached image is checked again, not served
     with pytest.raises(ValueError, match="pixels"):
         load_image(jpeg, limits=MediaLimits(max_pixels=100))
     # a failure is not cached
     for _ in range(2):
         with pytest.raises(ValueError, match="invalid base64"):
             load_image("data:image/png;base64,abc")
-    assert [url for url, _ in cache._entries] == [jpeg]
+    assert len(cache) == 1
+    load_image(jpeg)
+    assert decodes.count(jpeg) == 2  # once, and once under the stricter limits
+    load_image(png)
+    assert decodes.count(png) == 2  # evicted before, decoded again
 
 
 def test_data_url_byte_limit():

@@ -31,8 +31,8 @@ from vlmx import LLM, InvalidPromptsError, RequestOutput, SamplingParams
 from vlmx import llm as llm_module
 from vlmx.demo.images import structured_image
 from vlmx.llm import _ProcessAhead
-from vlmx.models.processing import ProcessorCache
 from vlmx.multimodal import chat as chat_module
+from vlmx.multimodal.cache import TensorCache
 from vlmx.multimodal.chat import load_images_concurrently
 
 PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -387,7 +387,7 @@ def test_processor_cache_is_thread_safe():
     """Threads that get and put in a small cache at once (switching as often as Python allows)
     keep it consistent. Without its lock, evictions race: KeyError on an empty dict."""
     entries = {f"k{i}": torch.zeros(16) for i in range(12)}  # 64 bytes each
-    cache: ProcessorCache[torch.Tensor] = ProcessorCache(capacity_bytes=4 * 64)
+    cache: TensorCache[torch.Tensor] = TensorCache(capacity_bytes=4 * 64)
     errors: list[Exception] = []
     barrier = threading.Barrier(8)
 

@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from vlmx.models import processing
-from vlmx.models.processing import ProcessorCache
+from vlmx.multimodal.cache import TensorCache
 
 
 def _entry(num_floats: int) -> torch.Tensor:
     return torch.zeros(num_floats, dtype=torch.float32)  # 4 bytes a value
 
 
-def _check_bytes(cache: ProcessorCache) -> None:
+def _check_bytes(cache: TensorCache) -> None:
     """The cache's own account equals the bytes of what it holds, within its bound."""
     held = 0
     for entry in cache._entries.values():
@@ -25,7 +25,7 @@ def _check_bytes(cache: ProcessorCache) -> None:
 
 
 def test_cache_evicts_least_recently_used_by_bytes():
-    cache: ProcessorCache[torch.Tensor] = ProcessorCache(capacity_bytes=100)
+    cache: TensorCache[torch.Tensor] = TensorCache(capacity_bytes=100)
     for key in "abc":
         cache.put(key, _entry(10))  # 40 bytes each: c evicts a
     assert len(cache) == 2 and cache.get("a") is None
@@ -36,7 +36,7 @@ def test_cache_evicts_least_recently_used_by_bytes():
 
 
 def test_cache_holds_tuples_and_skips_oversized_entries():
-    cache: ProcessorCache[tuple[torch.Tensor, ...]] = ProcessorCache(capacity_bytes=100)
+    cache: TensorCache[tuple[torch.Tensor, ...]] = TensorCache(capacity_bytes=100)
     pair = (_entry(10), torch.zeros(3, dtype=torch.int64))  # 40 + 24 bytes
     cache.put("a", pair)
     assert cache.num_bytes == 64 and cache.get("a") is pair
@@ -48,7 +48,7 @@ def test_cache_holds_tuples_and_skips_oversized_entries():
 
 
 def test_get_or_compute_computes_each_missing_key_once():
-    cache: ProcessorCache[torch.Tensor] = ProcessorCache(capacity_bytes=1000)
+    cache: TensorCache[torch.Tensor] = TensorCache(capacity_bytes=1000)
     calls: list[list[int]] = []
 
     def compute(inputs: list[int]) -> list[torch.Tensor]:
@@ -64,7 +64,7 @@ def test_get_or_compute_computes_each_missing_key_once():
 
 
 def test_get_or_compute_returns_entries_too_big_to_keep():
-    cache: ProcessorCache[torch.Tensor] = ProcessorCache(capacity_bytes=4)
+    cache: TensorCache[torch.Tensor] = TensorCache(capacity_bytes=4)
     out = cache.get_or_compute(["a"], [0], lambda xs: [_entry(8) for _ in xs])
     assert out[0].numel() == 8 and len(cache) == 0
 

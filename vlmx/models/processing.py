@@ -3,7 +3,7 @@ input checks and placeholder runs.
 
 Each family's processor (see `vlmx.models.interface`) turns uint8 [3, H, W] CPU images into
 encoder inputs on the model's device. Images are keyed by `mm_hash` (content + settings), so a
-repeated image is computed once and then served from `ProcessorCache` until it is evicted.
+repeated image is computed once and then served from a `TensorCache` until it is evicted.
 """
 
 from __future__ import annotations
@@ -11,28 +11,20 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Generic, TypeVar
 
 import torch
 
 from vlmx.config import ModelConfig
+from vlmx.multimodal.cache import Entry, TensorCache
 from vlmx.multimodal.hashing import hash_image, hash_with_settings
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CACHE_BYTES = 512 * 1024**2
 
-Entry = TypeVar("Entry", torch.Tensor, tuple[torch.Tensor, ...])
-Input = TypeVar("Input")
 Output = TypeVar("Output")
-
-
-def _num_bytes(entry: torch.Tensor | tuple[torch.Tensor, ...]) -> int:
-    tensors = (entry,) if isinstance(entry, torch.Tensor) else entry
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def read_processor_files(model_path: str, defaults_name: str | None = None) -> tuple[dict, dict]:
@@ -104,68 +96,8 @@ def normalization_constants(
     return mean, std
 
 
-class ProcessorCache(Generic[Entry]):
-    """Processor outputs (a tensor or a tuple of tensors) by mm_hash, least recently used out
-    first, bounded by the bytes of their tensors. An entry larger than the bound is not kept.
-
-    Safe to use from several threads (the engine processes prompts on a pool): each method holds
-    a lock while it reads or changes the entries; `get_or_compute` computes outside it.
-    """
-
-    def __init__(self, capacity_bytes: int) -> None:
-        self.capacity_bytes = capacity_bytes
-        self.num_bytes = 0
-        self._entries: OrderedDict[str, Entry] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, key: str) -> Entry | None:
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None:
-                self._entries.move_to_end(key)
-            return entry
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self.num_bytes = 0
-
-    def put(self, key: str, entry: Entry) -> None:
-        size = _num_bytes(entry)
-        with self._lock:
-            if key in self._entries or size > self.capacity_bytes:
-                return
-            while self.num_bytes + size > self.capacity_bytes:
-                _, old = self._entries.popitem(last=False)
-                self.num_bytes -= _num_bytes(old)
-            self._entries[key] = entry
-            self.num_bytes += size
-
-    def get_or_compute(
-        self,
-        keys: list[str],
-        inputs: list[Input],
-        compute: Callable[[list[Input]], list[Entry]],
-    ) -> list[Entry]:
-        """The entry of each key. `compute` gets, in one call, the inputs whose key is in no
-        entry (each key once); its outputs are stored under their keys.
-
-        NOTE: two threads that miss the same key both compute it; the first `put` is kept.
-        """
-        found = {k: entry for k in keys if (entry := self.get(k)) is not None}
-        missing = {k: x for k, x in zip(keys, inputs, strict=True) if k not in found}
-        if missing:
-            for key, entry in zip(missing, compute(list(missing.values())), strict=True):
-                found[key] = entry
-                self.put(key, entry)
-        return [found[k] for k in keys]
-
-
 class ImageProcessorBase(Generic[Entry]):
-    """What every family's processor shares: its device and dtype, and a `ProcessorCache` of
+    """What every family's processor shares: its device and dtype, and a `TensorCache` of
     preprocessed images keyed by content and the settings that shaped them."""
 
     # How a user makes this family's images cost fewer tokens (quoted in error messages).
@@ -182,7 +114,7 @@ class ImageProcessorBase(Generic[Entry]):
     ) -> None:
         self.device = torch.device(device)
         self.dtype = model_config.dtype
-        self.cache: ProcessorCache[Entry] = ProcessorCache(cache_bytes)
+        self.cache: TensorCache[Entry] = TensorCache(cache_bytes)
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 [..., C, H, W] -> float32, rescaled and normalized in one step."""

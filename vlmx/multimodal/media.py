@@ -20,14 +20,16 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import blake3
 import numpy as np
 import torch
 from PIL import Image
+
+from vlmx.multimodal.cache import TensorCache
 
 _URL_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):")
 _CHUNK_BYTES = 1 << 20
@@ -408,48 +410,33 @@ def _pil_to_chw_uint8(image: Image.Image, limits: MediaLimits) -> torch.Tensor:
 
 
 class DataURLCache:
-    """Decoded images of base64 data URLs, keyed by the URL's text (and the limits it was read
-    under), least recently used dropped past `max_bytes` (pixels plus key text).
+    """Decoded images of base64 data URLs, keyed by a blake3 digest of the URL's text and the
+    limits it was read under, in a `TensorCache` of `max_bytes` (least recently used dropped).
 
     A data URL carries its image, so equal text decodes to equal pixels: a chat resends the
     same data URLs every turn, and a batch may repeat one. Decoding a 1024x768 JPEG data URL
-    costs about 8 ms of CPU, part of it with the GIL held; a hit costs a copy. Thread-safe.
+    costs about 8 ms of CPU, part of it with the GIL held; a hit costs a digest and a copy.
+    Thread-safe.
     """
 
     def __init__(self, max_bytes: int = 256 << 20) -> None:
-        self.max_bytes = max_bytes
-        self._entries: OrderedDict[tuple[str, MediaLimits], torch.Tensor] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
+        self.images: TensorCache[torch.Tensor] = TensorCache(max_bytes)
 
     def load(self, url: str, limits: MediaLimits) -> torch.Tensor:
         """`url`'s image as load_image returns it: a tensor of the caller's own (a copy)."""
-        key = (url, limits)
-        with self._lock:
-            cached = self._entries.get(key)
-            if cached is not None:
-                self._entries.move_to_end(key)
+        key = f"{blake3.blake3(url.encode()).hexdigest()} {limits}"
+        cached = self.images.get(key)
         if cached is not None:
             return cached.clone()
         image = _pil_to_chw_uint8(fetch_image(url, limits=limits), limits)
-        size = image.nbytes + len(url)
-        if size <= self.max_bytes:
-            with self._lock:
-                if key not in self._entries:
-                    self._entries[key] = image.clone()
-                    self._bytes += size
-                while self._bytes > self.max_bytes:
-                    (old_url, _), old = self._entries.popitem(last=False)
-                    self._bytes -= old.nbytes + len(old_url)
+        self.images.put(key, image.clone())
         return image
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self.images)
 
     def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-            self._bytes = 0
+        self.images.clear()
 
 
 # The process's cache, used by `load_image` (`LLM.reset_mm_cache` clears it).

@@ -21,9 +21,11 @@ from vlmx.config import SchedulerConfig
 from vlmx.engine.encoder_cache import EncoderCacheManager
 from vlmx.engine.kv_cache import KVCacheManager
 from vlmx.engine.request import Request, RequestStatus
-from vlmx.engine.scheduler import Scheduler, SchedulerOutput
+from vlmx.engine.scheduler import Scheduler
 from vlmx.multimodal.inputs import MMFeature, PlaceholderRange
 from vlmx.sampling_params import SamplingParams
+from vlmx.step import SchedulerOutput
+from vlmx.worker.input_batch import InputBatch
 
 PLACEHOLDER_ID = 9  # the image placeholder token, identical for every image
 EOS_ID = 2
@@ -142,6 +144,9 @@ class FakeEngine:
       freed or evicted while still used, or a lost write shows up here;
     - samples a token for a request exactly when the step reaches its last known token
       (`num_computed_tokens + n == num_tokens`), else None, as the model runner does;
+    - keeps a worker's `InputBatch` from the step records alone, and checks that it holds
+      what the engine holds: each scheduled request's blocks, computed tokens and token ids
+      (the worker appends the samples itself);
     - calls `update_from_output`, then `check_integrity()`.
     """
 
@@ -155,6 +160,13 @@ class FakeEngine:
         self.num_encodes: Counter[str] = Counter()  # mm_hash -> times encoded
         self.kv: dict[tuple[int, int], int] = {}  # (block id, slot in block) -> prefix key
         self.outputs: list[SchedulerOutput] = []
+        self.worker = InputBatch(
+            self.block_size,
+            frozenset([EOS_ID]),
+            uses_mrope=False,
+            bidirectional_images=not scheduler.chunk_images,
+            make_generator=lambda seed: None,
+        )
 
     def add(self, *requests: Request) -> None:
         for request in requests:
@@ -164,35 +176,52 @@ class FakeEngine:
         scheduler = self.scheduler
         out = scheduler.schedule()
         self.outputs.append(out)
+        requests = scheduler.scheduled_requests(out)
         assert out.total_num_scheduled_tokens <= scheduler.config.max_num_batched_tokens
-        assert len(out.requests) <= scheduler.config.max_num_seqs
+        assert len(requests) <= scheduler.config.max_num_seqs
         assert len(scheduler.running) <= scheduler.config.max_num_seqs
-        assert len({r.request_id for r in out.requests}) == len(out.requests)
+        assert len(set(out.request_ids)) == len(out.request_ids)
         assert all(n > 0 for n in out.num_scheduled_tokens)
-        assert all(r.status == RequestStatus.RUNNING for r in out.requests)
-        assert set(out.encoder_inputs) <= {r.request_id for r in out.requests}
+        assert all(r.status == RequestStatus.RUNNING for r in requests)
+        assert set(out.encoder_inputs) <= set(out.request_ids)
 
-        self._run_encoder(out)
-        self._run_attention(out)
+        self._run_encoder(out, requests)
+        self._run_attention(out, requests)
+        states = self._check_worker(out, requests)
         sampled = [
             self.sample(r) if r.num_computed_tokens + n == r.num_tokens else None
-            for r, n in zip(out.requests, out.num_scheduled_tokens)
+            for r, n in zip(requests, out.num_scheduled_tokens)
         ]
+        for state, token_id in zip(states, sampled):
+            if token_id is not None:
+                state.token_ids.append(token_id)
         scheduler.update_from_output(out, sampled)
         scheduler.check_integrity()
         assert self.encoder_outputs == set(scheduler.encoder_cache.entries)
         return out
 
-    def _run_encoder(self, out: SchedulerOutput) -> None:
+    def _check_worker(self, out: SchedulerOutput, requests: list[Request]) -> list:
+        """The worker's state, from the records alone, equals the engine's."""
+        states = self.worker.update(out)
+        kv = self.scheduler.kv_cache
+        for request, state in zip(requests, states):
+            rid = request.request_id
+            assert self.worker.block_table.row(rid).tolist() == kv.block_ids(rid), rid
+            assert state.num_computed_tokens == request.num_computed_tokens, rid
+            assert state.token_ids == request.all_token_ids, rid
+        assert self.worker.requests.keys() >= set(out.request_ids)
+        return states
+
+    def _run_encoder(self, out: SchedulerOutput, requests: list[Request]) -> None:
         self.encoder_outputs -= set(out.freed_mm_hashes)
-        by_id = {r.request_id: r for r in out.requests}
+        by_id = {r.request_id: r for r in requests}
         for request_id, indexes in out.encoder_inputs.items():
             for idx in indexes:
                 mm_hash = by_id[request_id].mm_features[idx].mm_hash
                 assert mm_hash not in self.encoder_outputs, f"{mm_hash} encoded while cached"
                 self.encoder_outputs.add(mm_hash)
                 self.num_encodes[mm_hash] += 1
-        for request, n in zip(out.requests, out.num_scheduled_tokens):
+        for request, n in zip(requests, out.num_scheduled_tokens):
             start, end = request.num_computed_tokens, request.num_computed_tokens + n
             for feature in request.mm_features:
                 p = feature.placeholder
@@ -203,20 +232,20 @@ class FakeEngine:
                         "but its encoder output is gone"
                     )
 
-    def _run_attention(self, out: SchedulerOutput) -> None:
+    def _run_attention(self, out: SchedulerOutput, requests: list[Request]) -> None:
         bs = self.block_size
         tables, keys = [], []
-        for request, n in zip(out.requests, out.num_scheduled_tokens):
+        for request, n in zip(requests, out.num_scheduled_tokens):
             end = request.num_computed_tokens + n
             table = self.scheduler.kv_cache.block_ids(request.request_id)
             assert len(table) * bs >= end, (request.request_id, len(table), end)
             tables.append(table)
             keys.append(prefix_keys(request, end))
         # Every layer stores the whole batch's K/V before any sequence attends.
-        for request, n, table, key in zip(out.requests, out.num_scheduled_tokens, tables, keys):
+        for request, n, table, key in zip(requests, out.num_scheduled_tokens, tables, keys):
             for pos in range(request.num_computed_tokens, request.num_computed_tokens + n):
                 self.kv[table[pos // bs], pos % bs] = key[pos]
-        for request, n, table, key in zip(out.requests, out.num_scheduled_tokens, tables, keys):
+        for request, n, table, key in zip(requests, out.num_scheduled_tokens, tables, keys):
             for pos in range(request.num_computed_tokens + n):
                 assert self.kv.get((table[pos // bs], pos % bs)) == key[pos], (
                     f"{request.request_id} attends to a wrong KV at position {pos}"
@@ -241,7 +270,7 @@ class FakeEngine:
 
 def scheduled(out: SchedulerOutput) -> dict[str, int]:
     """Request id -> tokens scheduled in this step."""
-    return {r.request_id: n for r, n in zip(out.requests, out.num_scheduled_tokens)}
+    return dict(zip(out.request_ids, out.num_scheduled_tokens))
 
 
 def check_idle(llm) -> None:
@@ -249,5 +278,6 @@ def check_idle(llm) -> None:
     engine = llm.llm_engine
     engine.scheduler.check_integrity()
     assert not engine.has_unfinished_requests()
-    assert not engine.requests and not engine.detokenizers and not engine.prompts
-    assert not engine.parents
+    outputs = engine.output_processor
+    assert not engine.requests and not outputs.detokenizers and not outputs.prompts
+    assert not outputs.parents

@@ -76,7 +76,7 @@ def llm(module_llm):
     """The module's LLM; requests a failed test left behind are aborted, so failures stay apart."""
     yield module_llm
     engine = module_llm.llm_engine
-    for request_id in [*engine.parents, *engine.requests]:
+    for request_id in [*engine.output_processor.parents, *engine.requests]:
         engine.abort_request(request_id)
 
 

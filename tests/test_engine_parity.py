@@ -157,7 +157,7 @@ def test_same_outputs_under_caching_chunking_and_preemption(family_setup, test_i
     load_image("data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode())
     assert len(DATA_URL_CACHE) > 0
     assert llm.reset_prefix_cache() and llm.reset_mm_cache()
-    assert not engine.runner.encoder_outputs and len(engine.processor.cache) == 0
+    assert not engine.executor.runner.encoder.outputs and len(engine.processor.cache) == 0
     assert len(DATA_URL_CACHE) == 0
     third = _generate(llm, batch)
     check(third)

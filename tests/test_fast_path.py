@@ -19,7 +19,7 @@ from vlmx.layers.attention import (
 from vlmx.ops import paged_attention as triton_ops
 from vlmx.ops.varlen import flash_varlen_available, varlen_flash_attention
 from vlmx.worker.cuda_graph import capture_sizes, round_up_to_size
-from vlmx.worker.input_batch import StagingBuffer
+from vlmx.worker.staging import StagingBuffer
 
 CUDA = torch.cuda.is_available()
 needs_flash = pytest.mark.skipif(
@@ -221,7 +221,7 @@ def test_decode_graphs_match_eager_steps(qwen2_5_vl_ckpt, test_images):
             max_model_len=2048,
             enforce_eager=eager,
         )
-        runner = llm.llm_engine.runner
+        runner = llm.llm_engine.executor.runner
         assert (runner.graphs is None) == eager
         replays, decode_steps = [], []
         if not eager:
@@ -268,7 +268,7 @@ def test_padded_logits_rows_sample_each_request_from_its_own_row(qwen2_5_vl_ckpt
         )
     ]
     llm = LLM(model=qwen2_5_vl_ckpt, device="cpu", max_model_len=2048, enable_prefix_caching=False)
-    runner = llm.llm_engine.runner
+    runner = llm.llm_engine.executor.runner
     assert runner.logits_sizes is None  # the CPU: unpadded
     alone = [llm.generate([prompt], params, use_tqdm=False)[0] for prompt in prompts]
     runner.logits_sizes = [4, 8]
@@ -292,7 +292,7 @@ def test_lm_head_meets_only_warmed_up_sizes(qwen2_5_vl_ckpt, test_images):
     from vlmx import LLM, SamplingParams
 
     llm = LLM(model=qwen2_5_vl_ckpt, dtype="bfloat16", device="cuda", max_model_len=2048)
-    runner = llm.llm_engine.runner
+    runner = llm.llm_engine.executor.runner
     sizes = runner.logits_sizes
     assert sizes == capture_sizes(llm.llm_engine.config.scheduler_config.max_num_seqs)
     head = runner.model.compute_logits

@@ -232,7 +232,7 @@ def test_paged_attention_with_spans_matches_dense(window):
 def test_model_matches_hf(llm, ref, test_images):
     """encode_images equals HF's image features; prefill logits at every position equal HF's."""
     engine = llm.llm_engine
-    model = engine.model
+    model = engine.executor.worker.model
     group = test_images[:3]
     prompt = ref.chat_prompt(3, QUESTION)
     processed = engine.processor.process(
@@ -390,7 +390,7 @@ def test_pan_and_scan_matches_reference(llm, ref, test_images):
 def test_siglip_tower_varlen_and_position_ids(llm):
     """Images of different patch counts in one call equal one call per image (the segment
     path that Idefics3-style towers use); explicit position ids equal the default ones."""
-    tower = llm.llm_engine.model.vision_tower
+    tower = llm.llm_engine.executor.worker.model.vision_tower
     torch.manual_seed(0)
     sizes = [64, 40, 64, 9]
     patches = torch.randn(sum(sizes), 3 * 4 * 4)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from tests.engine_helpers import PLACEHOLDER_ID, Image, make_request, text
-from vlmx.engine.kv_cache import BlockPool, BlockTable, KVCacheManager, update_block_hashes
+from vlmx.engine.kv_cache import BlockPool, KVCacheManager, update_block_hashes
+from vlmx.worker.input_batch import BlockTable
 
 BLOCK_SIZE = 4
 
@@ -316,15 +317,29 @@ def test_block_table_rows_grow_release_and_gather():
     assert table.row("a").tolist() == []
 
 
-def test_manager_block_table_follows_allocations():
+def test_new_block_ids_reach_a_worker_table_that_follows_allocations():
+    """What the scheduler takes with `take_new_block_ids` (for the step records) rebuilds, on
+    the worker's side, exactly the blocks each request holds."""
     kv = KVCacheManager(num_blocks=16, block_size=BLOCK_SIZE, enable_caching=False)
+    worker = BlockTable(num_rows=1, num_cols=1)
     a, b = make_request("a", [text(9)]), make_request("b", [text(3)])
     assert kv.allocate_slots(a, 9) and kv.allocate_slots(b, 3)
+    for request_id in ("a", "b"):
+        worker.append(request_id, kv.take_new_block_ids(request_id))
+    assert kv.take_new_block_ids("a") == []  # taken once
     a.num_computed_tokens, b.num_computed_tokens = 9, 3
-    assert kv.block_table(["b", "a"]).tolist() == [
-        kv.block_ids("b") + [-1, -1],
-        kv.block_ids("a"),
-    ]
+    assert 3 * BLOCK_SIZE >= 10  # room for a 10th token in a's blocks
+    assert kv.allocate_slots(a, 1) and kv.take_new_block_ids("a") == []
+    assert kv.allocate_slots(b, 14)  # 17 tokens
+    new = kv.take_new_block_ids("b")
+    assert len(new) == -(-17 // BLOCK_SIZE) - -(-3 // BLOCK_SIZE) > 0
+    worker.append("b", new)
+    pad = [-1] * (len(kv.block_ids("b")) - len(kv.block_ids("a")))
+    assert worker.gather(["b", "a"]).tolist() == [kv.block_ids("b"), kv.block_ids("a") + pad]
     kv.free(a)
-    assert kv.block_table(["b"]).tolist() == [kv.block_ids("b")]
+    assert kv.block_ids("a") == [] and kv.take_new_block_ids("a") == []
+    a.num_computed_tokens = 0  # preempted: recomputed from the start
+    assert kv.allocate_slots(a, 9)  # all its blocks are new
+    assert kv.take_new_block_ids("a") == kv.block_ids("a")
+    assert len(kv.block_ids("a")) == -(-9 // BLOCK_SIZE)
     kv.check_integrity()

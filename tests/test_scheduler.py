@@ -51,7 +51,7 @@ def test_max_num_seqs_bounds_the_batch_and_freed_seats_are_refilled():
     assert [r.request_id for r in scheduler.waiting] == ["r2", "r3", "r4"]
     outputs = [first, *engine.run()]
 
-    assert all(len(out.requests) <= 2 for out in outputs)
+    assert all(len(out.request_ids) <= 2 for out in outputs)
     # r0 finishes after 2 tokens; r2 takes its seat while r1 is still decoding.
     assert any(scheduled(out).keys() == {"r1", "r2"} for out in outputs)
     for request in requests:

@@ -55,6 +55,14 @@ class Floor:
         return max(self.compute_s, self.memory_s)
 
 
+def meta_model(model_config) -> torch.nn.Module:
+    """The family's model built on the meta device (shapes, no memory), for counting."""
+    from vlmx.models.registry import get_model_class
+
+    with torch.device("meta"):
+        return get_model_class(model_config.architecture)(model_config.hf_config)
+
+
 def _numel(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import blake3
 import torch
 
-from vlmx.bench.floor import CARDS, Floor, WorkItem, detect_card, workload_floor
+from vlmx.bench.floor import CARDS, Floor, WorkItem, detect_card, meta_model, workload_floor
 from vlmx.bench.presets import PRESETS, preset_path
 from vlmx.bench.workloads import WORKLOADS, prompts_for, qwen_chat_prompt
 
@@ -236,7 +236,7 @@ def run_vlmx(
     floor = None
     if card is not None:
         mc = engine.config.model_config
-        floor = workload_floor(engine.model, mc.hf_config, items, max_num_seqs, card)
+        floor = workload_floor(meta_model(mc), mc.hf_config, items, max_num_seqs, card)
     return BenchResult(
         backend="vlmx",
         workload=workload,
@@ -254,7 +254,7 @@ def run_vlmx(
             "encoded_images": len(encoded),
             "kv_blocks": engine.num_kv_blocks,
             "preemptions": engine.scheduler.num_preemptions,
-            "cuda_graphs": engine.runner.graphs is not None,
+            "cuda_graphs": engine.executor.cuda_graphs,
             **extra,
         },
     )

@@ -21,7 +21,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import blake3
-import numpy as np
 
 from vlmx.engine.request import Request
 
@@ -139,60 +138,6 @@ class BlockPool:
             assert block.block_hash == block_hash
 
 
-class BlockTable:
-    """The block ids of each request holding blocks, one row per request of one int32 array.
-
-    A step's table is one gather of its requests' rows (no per-step rebuild from lists, which
-    cost about a millisecond at 256 sequences of 2,000 tokens); -1 past each row's blocks.
-    Rows and columns grow on demand; a released row is reset and reused.
-    """
-
-    def __init__(self, num_rows: int = 64, num_cols: int = 64) -> None:
-        self.table = np.full((num_rows, num_cols), -1, dtype=np.int32)
-        self.lengths = np.zeros(num_rows, dtype=np.int64)
-        self.rows: dict[str, int] = {}
-        self.free_rows = list(range(num_rows - 1, -1, -1))
-
-    def append(self, request_id: str, block_ids: list[int]) -> None:
-        row = self.rows.get(request_id)
-        if row is None:
-            if not self.free_rows:
-                self._grow(rows=len(self.table))
-            row = self.rows[request_id] = self.free_rows.pop()
-        start = int(self.lengths[row])
-        end = start + len(block_ids)
-        if end > self.table.shape[1]:
-            self._grow(cols=max(end, 2 * self.table.shape[1]) - self.table.shape[1])
-        self.table[row, start:end] = block_ids
-        self.lengths[row] = end
-
-    def release(self, request_id: str) -> None:
-        row = self.rows.pop(request_id, None)
-        if row is not None:
-            self.table[row, : self.lengths[row]] = -1
-            self.lengths[row] = 0
-            self.free_rows.append(row)
-
-    def row(self, request_id: str) -> np.ndarray:
-        row = self.rows.get(request_id)
-        if row is None:
-            return self.table[:0, 0]
-        return self.table[row, : self.lengths[row]]
-
-    def gather(self, request_ids: list[str]) -> np.ndarray:
-        """[len(request_ids), max blocks among them] int32, -1 past each request's blocks."""
-        rows = np.fromiter((self.rows[r] for r in request_ids), np.int64, len(request_ids))
-        width = int(self.lengths[rows].max()) if len(rows) else 0
-        return self.table[rows, : max(width, 1)]
-
-    def _grow(self, rows: int = 0, cols: int = 0) -> None:
-        old = len(self.table)
-        self.table = np.pad(self.table, ((0, rows), (0, cols)), constant_values=-1)
-        if rows:
-            self.lengths = np.pad(self.lengths, (0, rows))
-            self.free_rows.extend(range(old + rows - 1, old - 1, -1))
-
-
 class KVCacheManager:
     """Which blocks each running request holds, and prefix-cache lookups for new requests."""
 
@@ -201,7 +146,9 @@ class KVCacheManager:
         self.enable_caching = enable_caching
         self.pool = BlockPool(num_blocks, enable_caching)
         self.req_blocks: dict[str, list[KVBlock]] = {}
-        self.tables = BlockTable()  # the ids of req_blocks, kept in step
+        # Block ids given to each request since the scheduler last took them (the step records
+        # carry them to the workers, which keep their own block tables).
+        self.new_block_ids: dict[str, list[int]] = {}
         self.req_num_cached: dict[str, int] = {}  # full blocks already entered in the cache
 
     @property
@@ -209,12 +156,12 @@ class KVCacheManager:
         return self.pool.num_free_blocks
 
     def block_ids(self, request_id: str) -> list[int]:
-        return self.tables.row(request_id).tolist()
+        return [b.block_id for b in self.req_blocks.get(request_id, ())]
 
-    def block_table(self, request_ids: list[str]) -> np.ndarray:
-        """The step's block table: [len(request_ids), widest] int32, -1 past each request's
-        blocks (a copy: later allocations leave it unchanged)."""
-        return self.tables.gather(request_ids)
+    def take_new_block_ids(self, request_id: str) -> list[int]:
+        """The block ids `request_id` was given since the last call (all of them, the first
+        time and after it was freed)."""
+        return self.new_block_ids.pop(request_id, [])
 
     def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
         """Longest cached prefix of a request not yet scheduled: (blocks, tokens they hold).
@@ -263,7 +210,10 @@ class KVCacheManager:
         self.pool.touch(computed_blocks)
         new_blocks = computed_blocks + (self.pool.allocate(num_needed) if num_needed > 0 else [])
         held.extend(new_blocks)
-        self.tables.append(request.request_id, [b.block_id for b in new_blocks])
+        if new_blocks:
+            self.new_block_ids.setdefault(request.request_id, []).extend(
+                b.block_id for b in new_blocks
+            )
         if self.enable_caching:
             self._cache_full_blocks(request, total)
         return True
@@ -282,15 +232,17 @@ class KVCacheManager:
 
     def free(self, request: Request) -> None:
         blocks = self.req_blocks.pop(request.request_id, [])
-        self.tables.release(request.request_id)
+        self.new_block_ids.pop(request.request_id, None)
         self.req_num_cached.pop(request.request_id, None)
         self.pool.free(list(reversed(blocks)))
 
     def check_integrity(self) -> None:
         self.pool.check_integrity()
+        assert self.new_block_ids.keys() <= self.req_blocks.keys()
         refs: dict[int, int] = {}
         for request_id, blocks in self.req_blocks.items():
-            assert self.block_ids(request_id) == [b.block_id for b in blocks], request_id
+            new = self.new_block_ids.get(request_id, [])
+            assert new == [b.block_id for b in blocks[len(blocks) - len(new) :]], request_id
             for b in blocks:
                 refs[b.block_id] = refs.get(b.block_id, 0) + 1
         for block in self.pool.blocks:

@@ -11,10 +11,7 @@ import torch
 from vlmx.multimodal.inputs import MMFeature
 from vlmx.outputs import RequestMetrics
 from vlmx.sampling_params import SamplingParams
-
-# Stands in for a sampled token until the host reads it (never reaches the model: the
-# runner copies the real sample into the input on the GPU).
-PLACEHOLDER_TOKEN_ID = 0
+from vlmx.step import PLACEHOLDER_TOKEN_ID
 
 
 class RequestStatus(enum.IntEnum):
@@ -61,7 +58,6 @@ class Request:
     mrope_positions: torch.Tensor | None = None  # [3, num_prompt_tokens] int64
     mrope_position_delta: int = 0
     lora_int_id: int = 0
-    generator: torch.Generator | None = None
     arrival_index: int = 0
 
     all_token_ids: list[int] = field(init=False)
@@ -71,6 +67,7 @@ class Request:
     cumulative_logprob: float = 0.0
     num_computed_tokens: int = 0
     num_cached_tokens: int = -1  # prefix-cache hits at first schedule; -1 = not scheduled yet
+    num_steps_scheduled: int = 0  # 0: the workers have not seen it yet
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     block_hashes: list[bytes] = field(default_factory=list)  # hashes of full blocks, in order

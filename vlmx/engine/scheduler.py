@@ -14,6 +14,9 @@ step 2:                      [ P P P P P <ve> | te ]   rows 3..7 from the encode
 
 When the KV pool runs out, the most recently admitted running request is preempted: its blocks
 are freed and it returns to the front of the queue to be recomputed later.
+
+Each step goes to the workers as a `vlmx.step.SchedulerOutput` of plain records: a request in
+full on its first step, then only its computed-token count and new blocks.
 """
 
 from __future__ import annotations
@@ -21,31 +24,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
 
 from vlmx.config import SchedulerConfig
 from vlmx.engine.encoder_cache import EncoderCacheManager
 from vlmx.engine.kv_cache import KVCacheManager
 from vlmx.engine.request import Request, RequestStatus
+from vlmx.step import NewRequestData, SchedulerOutput
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class SchedulerOutput:
-    requests: list[Request]  # batch order
-    num_scheduled_tokens: list[int]  # tokens computed for requests[i] this step
-    encoder_inputs: dict[str, list[int]]  # request id -> indexes of its images to encode now
-    freed_mm_hashes: list[str]  # encoder outputs evicted; the runner drops them
-    preempted_request_ids: list[str] = field(default_factory=list)
-
-    @property
-    def total_num_scheduled_tokens(self) -> int:
-        return sum(self.num_scheduled_tokens)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.requests
 
 
 class Scheduler:
@@ -64,10 +50,13 @@ class Scheduler:
         self.chunk_images = chunk_images
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}  # every unfinished request, by id
         self.num_preemptions = 0
+        self._finished_ids: list[str] = []  # since the last step (the workers drop them)
 
     def add_request(self, request: Request) -> None:
         self.waiting.append(request)
+        self.requests[request.request_id] = request
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)
@@ -91,20 +80,25 @@ class Scheduler:
     # -- scheduling ---------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
-        out = self._schedule_once()
+        preempted: list[str] = []
+        out = self._schedule_once(preempted)
         # A step that only preempted has freed blocks and encoder space that requests skipped
         # earlier in it could use: plan again. Each round shrinks `running`, so this ends.
-        while out.is_empty and out.preempted_request_ids:
-            out = self._schedule_once()
+        while out.is_empty and preempted:
+            num_preempted = len(preempted)
+            out = self._schedule_once(preempted)
+            if len(preempted) == num_preempted:
+                break
+        out.preempted_request_ids = preempted
+        out.finished_request_ids, self._finished_ids = self._finished_ids, []
+        out.freed_mm_hashes = self.encoder_cache.take_freed()
         return out
 
-    def _schedule_once(self) -> SchedulerOutput:
+    def _schedule_once(self, preempted: list[str]) -> SchedulerOutput:
         token_budget = self.config.max_num_batched_tokens
         encoder_budget = self.config.encoder_budget
-        out = SchedulerOutput(
-            requests=[], num_scheduled_tokens=[], encoder_inputs={}, freed_mm_hashes=[]
-        )
-        preempted = out.preempted_request_ids
+        out = SchedulerOutput()
+        num_preempted = len(preempted)
 
         i = 0
         while i < len(self.running) and token_budget > 0:
@@ -123,7 +117,7 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                self._add_to_step(out, request, to_encode, num_new)
+                self._add_to_step(out, request, to_encode, num_new, resumed=False)
                 encoder_budget -= encoder_cost
                 token_budget -= num_new
                 i += 1
@@ -131,7 +125,7 @@ class Scheduler:
         while (
             self.waiting
             and token_budget > 0
-            and not preempted
+            and len(preempted) == num_preempted
             and len(self.running) < self.config.max_num_seqs
         ):
             request = self.waiting[0]
@@ -147,27 +141,54 @@ class Scheduler:
                 break
             self.waiting.popleft()
             request.num_computed_tokens = num_computed
-            if request.num_cached_tokens < 0:
+            resumed = request.num_cached_tokens >= 0  # scheduled before: back from preemption
+            if not resumed:
                 request.num_cached_tokens = num_hit_tokens
             request.status = RequestStatus.RUNNING
             if request.metrics.first_scheduled_time is None:
                 request.metrics.first_scheduled_time = time.monotonic()
             self.running.append(request)
-            self._add_to_step(out, request, to_encode, num_new)
+            self._add_to_step(out, request, to_encode, num_new, resumed=resumed)
             encoder_budget -= encoder_cost
             token_budget -= num_new
-
-        out.freed_mm_hashes = self.encoder_cache.take_freed()
         return out
 
     def _add_to_step(
-        self, out: SchedulerOutput, request: Request, to_encode: list[int], num_new: int
+        self,
+        out: SchedulerOutput,
+        request: Request,
+        to_encode: list[int],
+        num_new: int,
+        resumed: bool,
     ) -> None:
+        """Add `request` to the step, and its record: in full on its first step, else only
+        what changed (a resumed request's new blocks are all its blocks)."""
         self._commit_encoder(request, to_encode, num_new)
+        request_id = request.request_id
         if to_encode:
-            out.encoder_inputs[request.request_id] = to_encode
-        out.requests.append(request)
+            out.encoder_inputs[request_id] = to_encode
+        out.request_ids.append(request_id)
         out.num_scheduled_tokens.append(num_new)
+        new_block_ids = self.kv_cache.take_new_block_ids(request_id)
+        if request.num_steps_scheduled == 0:
+            out.new_requests.append(
+                NewRequestData(
+                    request_id=request_id,
+                    prompt_token_ids=request.prompt_token_ids,
+                    mm_features=request.mm_features,
+                    sampling_params=request.sampling_params,
+                    block_ids=new_block_ids,
+                    num_computed_tokens=request.num_computed_tokens,
+                    mrope_positions=request.mrope_positions,
+                    mrope_position_delta=request.mrope_position_delta,
+                    lora_int_id=request.lora_int_id,
+                )
+            )
+        else:
+            out.cached_requests.append(
+                request_id, request.num_computed_tokens, new_block_ids, resumed
+            )
+        request.num_steps_scheduled += 1
 
     def _plan_encoder(
         self, request: Request, num_computed: int, num_new: int, budget: int
@@ -242,13 +263,18 @@ class Scheduler:
 
     # -- after the step -------------------------------------------------------------------
 
+    def scheduled_requests(self, output: SchedulerOutput) -> list[Request | None]:
+        """The requests of a step, in batch order (None for those that finished since)."""
+        requests = self.requests
+        return [requests.get(request_id) for request_id in output.request_ids]
+
     def advance(self, output: SchedulerOutput) -> None:
         """Async scheduling: count a launched step's tokens as computed before its samples are
         read, and reserve the next token of each request that samples and may go on, so that
         the next step can be scheduled now. `update_from_output(..., advanced=True)` then fills
         the reserved tokens in (and finishes requests that stopped)."""
-        for request, num_new in zip(output.requests, output.num_scheduled_tokens):
-            if request.status.finished:
+        for request, num_new in zip(self.scheduled_requests(output), output.num_scheduled_tokens):
+            if request is None:
                 continue
             samples = request.num_computed_tokens + num_new == request.num_tokens
             self._advance(request, num_new)
@@ -284,9 +310,9 @@ class Scheduler:
         """
         updated = []
         for request, num_new, token_id in zip(
-            output.requests, output.num_scheduled_tokens, sampled_token_ids
+            self.scheduled_requests(output), output.num_scheduled_tokens, sampled_token_ids
         ):
-            if request.status.finished:  # aborted (or stopped) while the step ran
+            if request is None:  # aborted (or stopped) while the step ran
                 continue
             if not advanced:
                 self._advance(request, num_new)
@@ -327,12 +353,15 @@ class Scheduler:
         request.status = status
         request.metrics.finished_time = time.monotonic()
         self._release(request)
+        del self.requests[request.request_id]
+        self._finished_ids.append(request.request_id)
 
     def check_integrity(self) -> None:
         self.kv_cache.check_integrity()
         self.encoder_cache.check_integrity()
         ids = [r.request_id for r in self.running] + [r.request_id for r in self.waiting]
         assert len(ids) == len(set(ids))
+        assert set(ids) == set(self.requests), (ids, list(self.requests))
         for request in self.waiting:
             assert (
                 request.request_id not in self.kv_cache.req_blocks

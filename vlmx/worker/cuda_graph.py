@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from vlmx.layers.attention import AttentionMetadata, FastPlan
-from vlmx.worker.input_batch import StagingBuffer
+from vlmx.worker.staging import StagingBuffer
 
 logger = logging.getLogger(__name__)
 

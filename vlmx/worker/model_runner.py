@@ -1,21 +1,19 @@
-"""Turns a scheduled step into one flat varlen forward pass and its sampled tokens.
+"""Turns a step's records into one flat varlen forward pass and its sampled tokens.
 
 ```
 step:   req A (prefill chunk, 5 tokens)   req B (decode, 1)   req C (prefill, 3)
 rows:   [a0 a1 a2 a3 a4 | b0 | c0 c1 c2]           query_start_loc = [0, 5, 6, 9]
 logits: rows 4, 5, 8 only (the last of each sequence)
 ```
-Images scheduled for encoding are run through the vision tower first, in one batched call;
-their embeddings are kept (keyed by mm_hash) until the encoder cache evicts them, and copied into
-the rows of their placeholder tokens.
+The worker's own request state comes from the records (`InputBatch`); the images a step
+encodes go through `EncoderRunner` first, and their embeddings into the placeholder rows.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,27 +21,26 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vlmx.config import EngineConfig
 from vlmx.device import host_to_device
-from vlmx.engine.request import Request
-from vlmx.engine.scheduler import SchedulerOutput
 from vlmx.layers.attention import (
     AttentionMetadata,
     PagedAttention,
     build_fast_plan,
     fast_path_available,
 )
-from vlmx.outputs import Logprob
+from vlmx.models.interface import Model
+from vlmx.step import PLACEHOLDER_TOKEN_ID, RunnerOutput, SchedulerOutput
 from vlmx.worker.cuda_graph import DecodeGraphs, capture_sizes, round_up_to_size
-from vlmx.worker.input_batch import StagingBuffer, StepInputs
+from vlmx.worker.encoder_runner import EncoderRunner
+from vlmx.worker.input_batch import InputBatch, RequestState, StepInputs
 from vlmx.worker.sampler import (
     Sampler,
     SamplerOutput,
     build_sampling_metadata,
     logprobs_to_dicts,
+    make_generator,
 )
+from vlmx.worker.staging import StagingBuffer
 
-logger = logging.getLogger(__name__)
-
-_CPU_KV_BYTES = 4 << 30  # KV cache budget on the CPU, where nothing to profile exists
 _NONE: frozenset[int] = frozenset()  # stop ids of a row past its min_tokens (none masked)
 
 
@@ -63,37 +60,29 @@ def _sdpa_backends(device: torch.device) -> contextlib.AbstractContextManager:
 
 @dataclass(slots=True)
 class PendingStep:
-    """A launched step whose sampled tokens are still on the GPU."""
+    """A launched step whose sampled tokens are still on the device."""
 
     num_requests: int
-    sample_rows: list[int]  # indexes of the requests that sample a token
-    sample_request_ids: list[str]  # their ids, in the order of the sampled tokens
+    sample_rows: list[int]  # indexes (in batch order) of the requests that sample a token
+    # (state, index in its token_ids) of each sample, in the order of the sampled tokens
+    samples: list[tuple[RequestState, int]] = field(default_factory=list)
     result: SamplerOutput | None = None
     num_logprobs: list[int | None] | None = None
     host_tokens: torch.Tensor | None = None  # CUDA: the sampled ids, copied to pinned memory
     tokens_ready: torch.cuda.Event | None = None  # recorded after that copy
 
 
-def _bidirectional_spans(request: Request, start: int, end: int) -> list[tuple[int, int]]:
-    """Placeholder spans of `request` that overlap the step's tokens `start:end`."""
-    return [
-        (f.placeholder.offset, f.placeholder.end)
-        for f in request.mm_features
-        if f.placeholder.offset < end and f.placeholder.end > start
-    ]
-
-
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, config: EngineConfig, eos_token_ids: set[int]):
+    """The forward pass, sampling and decode graphs of one model on one device."""
+
+    def __init__(self, model: Model, config: EngineConfig, eos_token_ids: frozenset[int]):
         self.model = model
         self.config = config
         self.device = config.device
         self.dtype = config.model_config.dtype
         self.block_size = config.cache_config.block_size
-        self.eos_token_ids = eos_token_ids
         self.sampler = Sampler()
         self.kv_caches: list[torch.Tensor] = []
-        self.encoder_outputs: dict[str, torch.Tensor] = {}  # mm_hash -> [num_embeds, hidden]
         # CUDA: varlen FlashAttention + Triton kernels in bf16 / fp16, inputs staged in pinned
         # memory, decode steps replayed from CUDA graphs (unless enforce_eager).
         self.fast = fast_path_available(self.device, self.dtype)
@@ -105,8 +94,16 @@ class ModelRunner:
             if self.device.type == "cuda"
             else None
         )
+        self.input_batch = InputBatch(
+            self.block_size,
+            eos_token_ids,
+            uses_mrope=model.uses_mrope,
+            bidirectional_images=not model.chunk_images,
+            make_generator=lambda seed: make_generator(seed, self.device),
+        )
+        self.encoder = EncoderRunner(model, self._to_device)
 
-    def _to_device(self, array: np.ndarray | list, dtype: torch.dtype) -> torch.Tensor:
+    def _to_device(self, array: np.ndarray | list | torch.Tensor, dtype: torch.dtype):
         if self.staging is None:
             return host_to_device(array, self.device, dtype)
         return self.staging.to_device(array, dtype)
@@ -131,66 +128,6 @@ class ModelRunner:
         elem = torch.empty((), dtype=self.dtype).element_size()
         return 2 * m.num_layers * self.block_size * m.num_kv_heads * m.head_dim * elem
 
-    def determine_num_blocks(self) -> int:
-        cache, sched = self.config.cache_config, self.config.scheduler_config
-        if cache.num_gpu_blocks_override is not None:
-            return cache.num_gpu_blocks_override
-        per_block = self.bytes_per_block()
-        blocks_per_seq = math.ceil(sched.max_model_len / self.block_size)
-        wanted = sched.max_num_seqs * blocks_per_seq
-        if self.device.type != "cuda":
-            return max(blocks_per_seq, min(wanted, _CPU_KV_BYTES // per_block))
-        free, total = torch.cuda.mem_get_info(self.device)
-        peak = self._profile_peak_memory()
-        budget = total * cache.gpu_memory_utilization - peak
-        num_blocks = int(budget // per_block)
-        if num_blocks < blocks_per_seq:
-            raise ValueError(
-                f"the KV cache fits {num_blocks} blocks of {self.block_size} tokens but one "
-                f"sequence of max_model_len={sched.max_model_len} needs {blocks_per_seq}; "
-                "raise gpu_memory_utilization or lower max_model_len"
-            )
-        logger.info("KV cache: %d blocks (%.1f GiB)", num_blocks, num_blocks * per_block / 2**30)
-        return min(num_blocks, wanted)
-
-    @torch.inference_mode()
-    def _profile_peak_memory(self) -> int:
-        """Peak bytes (weights included) of the largest step the scheduler can build: the vision
-        encoder at its per-step budget (families that provide `profile_image_features`), then
-        the decoder at max_num_batched_tokens, holding the encoder's outputs."""
-        sched = self.config.scheduler_config
-        torch.cuda.reset_peak_memory_stats(self.device)
-        embeds = []
-        if hasattr(self.model, "profile_image_features"):
-            features = self.model.profile_image_features(sched.encoder_budget)
-            embeds = self.model.encode_images(features)
-        num_tokens = min(sched.max_num_batched_tokens, sched.max_model_len)
-        num_blocks = math.ceil(num_tokens / self.block_size)
-        self.initialize_kv_cache(num_blocks, capture_graphs=False)
-        block_table = np.arange(num_blocks, dtype=np.int32)[None]
-        inputs = StepInputs(
-            input_ids=[0] * num_tokens,
-            positions=np.arange(num_tokens)[None].repeat(3, 0)
-            if self.model.uses_mrope
-            else np.arange(num_tokens),
-            slots=np.arange(num_tokens),
-            block_table=block_table,
-            query_start_loc=[0, num_tokens],
-            seq_lens=[num_tokens],
-            bidirectional_spans=None if self.model.chunk_images else [[]],
-        )
-        self.staging.begin()
-        input_ids, positions, metadata = self._device_inputs(inputs)
-        hidden = self.model(self.model.embed_tokens(input_ids), positions, self.kv_caches, metadata)
-        self.model.compute_logits(hidden[-sched.max_num_seqs :])
-        self.staging.end()
-        torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device)
-        del embeds, hidden
-        self.kv_caches = []
-        torch.cuda.empty_cache()
-        return peak
-
     def initialize_kv_cache(self, num_blocks: int, capture_graphs: bool = True) -> None:
         m = self.model
         shape = (2, num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
@@ -209,48 +146,80 @@ class ModelRunner:
             )
             self.graphs.capture()
 
+    @torch.inference_mode()
+    def profile_run(self) -> None:
+        """The largest step the scheduler can build, on dummy inputs: the vision encoder at its
+        per-step budget, then the decoder at max_num_batched_tokens holding the encoder's
+        outputs, and the LM head at max_num_seqs rows. Allocates (and frees) a KV cache just
+        large enough; the caller reads the device's peak memory."""
+        sched = self.config.scheduler_config
+        embeds = self.encoder.profile(sched.encoder_budget)
+        num_tokens = min(sched.max_num_batched_tokens, sched.max_model_len)
+        num_blocks = math.ceil(num_tokens / self.block_size)
+        self.initialize_kv_cache(num_blocks, capture_graphs=False)
+        inputs = StepInputs(
+            input_ids=[0] * num_tokens,
+            positions=np.arange(num_tokens)[None].repeat(3, 0)
+            if self.model.uses_mrope
+            else np.arange(num_tokens),
+            slots=np.arange(num_tokens),
+            block_table=np.arange(num_blocks, dtype=np.int32)[None],
+            query_start_loc=[0, num_tokens],
+            seq_lens=[num_tokens],
+            bidirectional_spans=None if self.model.chunk_images else [[]],
+        )
+        if self.staging is not None:
+            self.staging.begin()
+        input_ids, positions, metadata = self._device_inputs(inputs)
+        hidden = self.model(self.model.embed_tokens(input_ids), positions, self.kv_caches, metadata)
+        self.model.compute_logits(hidden[-sched.max_num_seqs :])
+        if self.staging is not None:
+            self.staging.end()
+        del embeds, hidden
+        self.kv_caches = []
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """CUDA: run the LM head at every size of `logits_sizes`, so that cuBLAS chooses (and
+        loads) its kernels now, not inside the first steps of a run."""
+        if self.logits_sizes is None:
+            return
+        hidden = torch.zeros(
+            self.logits_sizes[-1],
+            self.model.config.hidden_size,
+            device=self.device,
+            dtype=self.dtype,
+        )
+        for size in self.logits_sizes:
+            self.model.compute_logits(hidden[:size])
+        torch.cuda.synchronize(self.device)
+
     # -- one step -------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def execute(
-        self, out: SchedulerOutput, block_table: np.ndarray
-    ) -> tuple[list[int | None], list[dict[int, Logprob] | None]]:
-        """Run the step. Returns, per scheduled request, the sampled token (None for a prefill
-        chunk short of the prompt's end) and its logprobs {token_id: Logprob} if asked."""
-        return self.collect(self.launch(out, block_table))
+    def execute(self, step: SchedulerOutput) -> RunnerOutput:
+        """Run the step and wait for its samples."""
+        return self.collect(self.launch(step))
 
     @torch.inference_mode()
-    def launch(
-        self,
-        out: SchedulerOutput,
-        block_table: np.ndarray,
-        prev: PendingStep | None = None,
-    ) -> PendingStep:
-        """Queue the step's work on the GPU and return without waiting for it; `collect` then
-        reads the sampled tokens. The host may do other work in between.
-
-        `block_table`: [num requests, blocks] int32, the KV blocks of `out.requests[i]` in row
-        i, -1 past its last (`KVCacheManager.block_table`).
-
-        `prev`: the step launched before, not collected yet (async scheduling). A request whose
-        input is a reserved token (`Request.placeholder_pending`) takes prev's sample for it,
-        copied on the GPU.
-        """
+    def launch(self, step: SchedulerOutput) -> PendingStep:
+        """Queue the step's work on the device and return without waiting for it; `collect`
+        then reads the sampled tokens. The host may do other work in between, and may launch
+        the next step first (async scheduling): an input that is a sample of this step is then
+        read from it on the device."""
         if self.staging is not None:
             self.staging.begin()
         with _sdpa_backends(self.device):
-            pending = self._launch(out, block_table, prev)
+            pending = self._launch(step)
         if self.staging is not None:
             self.staging.end()
         return pending
 
-    def collect(
-        self, pending: PendingStep
-    ) -> tuple[list[int | None], list[dict[int, Logprob] | None]]:
+    def collect(self, pending: PendingStep) -> RunnerOutput:
         sampled: list[int | None] = [None] * pending.num_requests
-        logprobs: list[dict[int, Logprob] | None] = [None] * pending.num_requests
+        logprobs: list[dict | None] = [None] * pending.num_requests
         if pending.result is None:
-            return sampled, logprobs
+            return RunnerOutput(sampled, logprobs)
         result = pending.result
         if pending.tokens_ready is not None:
             pending.tokens_ready.synchronize()  # the step's one host sync
@@ -262,22 +231,23 @@ class ModelRunner:
             if result.logprobs is not None
             else [None] * len(pending.sample_rows)
         )
-        for j, i in enumerate(pending.sample_rows):
+        for j, (i, (state, pos)) in enumerate(zip(pending.sample_rows, pending.samples)):
             sampled[i] = token_ids[j]
             logprobs[i] = row_logprobs[j]
-        return sampled, logprobs
+            state.token_ids[pos] = token_ids[j]
+            if state.pending is not None and state.pending[0] is pending:
+                state.pending = None
+        return RunnerOutput(sampled, logprobs)
 
-    def _launch(
-        self, out: SchedulerOutput, block_table: np.ndarray, prev: PendingStep | None
-    ) -> PendingStep:
-        for mm_hash in out.freed_mm_hashes:
-            self.encoder_outputs.pop(mm_hash, None)
-        self._run_encoder(out)
-
-        requests, num_scheduled = out.requests, out.num_scheduled_tokens
-        inputs = self._host_inputs(requests, num_scheduled, block_table)
-        patch = self._reserved_inputs(requests, inputs.query_start_loc, prev)
-        if self.graphs is not None and self._is_graph_step(requests, num_scheduled):
+    def _launch(self, step: SchedulerOutput) -> PendingStep:
+        batch = self.input_batch
+        states = batch.update(step)
+        self.encoder.run(step, batch.requests)
+        num_scheduled = step.num_scheduled_tokens
+        table = batch.block_table.gather(step.request_ids)
+        inputs = batch.host_inputs(states, num_scheduled, table)
+        patch = self._reserved_inputs(states, inputs.query_start_loc)
+        if self.graphs is not None and self._is_graph_step(states, num_scheduled):
             hidden = self.graphs.run(
                 self.staging,
                 inputs.input_ids,
@@ -292,37 +262,40 @@ class ModelRunner:
             if patch is not None:
                 input_ids.index_copy_(0, *patch)
             inputs_embeds = self.model.embed_tokens(input_ids)
-            self._merge_image_embeds(inputs_embeds, requests, num_scheduled)
+            self.encoder.merge(inputs_embeds, states, num_scheduled)
             hidden = self.model(inputs_embeds, positions, self.kv_caches, metadata)
 
         sample_rows = [
             i
-            for i, (r, n) in enumerate(zip(requests, num_scheduled))
-            if r.num_computed_tokens + n == r.num_tokens
+            for i, (s, n) in enumerate(zip(states, num_scheduled))
+            if s.num_computed_tokens + n == s.num_tokens
         ]
-        pending = PendingStep(
-            len(requests), sample_rows, [requests[i].request_id for i in sample_rows]
-        )
+        pending = PendingStep(len(states), sample_rows)
         if not sample_rows:
             return pending
         hidden = self._logits_input(hidden, sample_rows, inputs.query_start_loc)
         logits = self.model.compute_logits(hidden)[: len(sample_rows)]
-        rows = [requests[i] for i in sample_rows]
+        rows = [states[i] for i in sample_rows]
         sampling_metadata = build_sampling_metadata(
-            params=[r.sampling_params for r in rows],
-            token_ids=[r.all_token_ids for r in rows],
-            prompt_lens=[r.num_prompt_tokens for r in rows],
-            num_output_tokens=[r.num_output_tokens for r in rows],
+            params=[s.sampling_params for s in rows],
+            token_ids=[s.token_ids for s in rows],
+            prompt_lens=[s.num_prompt_tokens for s in rows],
+            num_output_tokens=[s.num_output_tokens for s in rows],
             stop_token_ids=[
-                self._stop_ids(r) if r.num_output_tokens < r.sampling_params.min_tokens else _NONE
-                for r in rows
+                s.stop_token_ids if s.num_output_tokens < s.sampling_params.min_tokens else _NONE
+                for s in rows
             ],
-            generators=[r.generator for r in rows],
+            generators=[s.generator for s in rows],
             vocab_size=logits.shape[-1],
             device=self.device,
         )
         pending.result = self.sampler(logits, sampling_metadata)
-        pending.num_logprobs = [r.sampling_params.logprobs for r in rows]
+        pending.num_logprobs = [s.sampling_params.logprobs for s in rows]
+        for j, state in enumerate(rows):  # reserve each sample's place in its tokens
+            state.token_ids.append(PLACEHOLDER_TOKEN_ID)
+            pos = len(state.token_ids) - 1
+            state.pending = (pending, j, pos)
+            pending.samples.append((state, pos))
         if self.device.type == "cuda":
             # NOTE: the copy to the host is queued now, behind this step's sampling. Queued at
             # `collect`, it would wait behind the next step too (launched in between). Its
@@ -355,136 +328,36 @@ class ModelRunner:
         last += last[-1:] * (size - n)
         return hidden[self._to_device(last, torch.long)]
 
-    @torch.inference_mode()
-    def warm_up(self) -> None:
-        """CUDA: run the LM head at every size of `logits_sizes`, so that cuBLAS chooses (and
-        loads) its kernels now, not inside the first steps of a run."""
-        if self.logits_sizes is None:
-            return
-        head = self.model.compute_logits
-        hidden = torch.zeros(
-            self.logits_sizes[-1],
-            self.model.config.hidden_size,
-            device=self.device,
-            dtype=self.dtype,
-        )
-        for size in self.logits_sizes:
-            head(hidden[:size])
-        torch.cuda.synchronize(self.device)
-
     def _reserved_inputs(
-        self, requests: list[Request], query_start_loc: list[int], prev: PendingStep | None
+        self, states: list[RequestState], query_start_loc: list[int]
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(rows, token ids on the device) of the inputs that are `prev`'s samples, or None."""
+        """(rows, token ids on the device) of the step's inputs that are samples of the step
+        launched before it, not read by the host yet; None when there are none."""
         rows, sources = [], []
-        position: dict[str, int] | None = None
-        for i, request in enumerate(requests):
-            if request.placeholder_pending:
-                # NOTE: only ever the last token scheduled: a step that reserves one schedules
-                # no request further than it.
-                assert prev is not None and prev.result is not None, request.request_id
-                if position is None:
-                    position = {rid: j for j, rid in enumerate(prev.sample_request_ids)}
-                rows.append(query_start_loc[i + 1] - 1)
-                sources.append(position[request.request_id])
+        prev: PendingStep | None = None
+        for i, state in enumerate(states):
+            if state.pending is None:
+                continue
+            step, j, pos = state.pending
+            row = query_start_loc[i + 1] - 1
+            # NOTE: only ever the last token scheduled, of the one step launched before.
+            assert pos == state.num_computed_tokens + row - query_start_loc[i], state.request_id
+            assert prev is None or step is prev, state.request_id
+            prev = step
+            rows.append(row)
+            sources.append(j)
         if not rows:
             return None
         sampled = prev.result.sampled_token_ids
         return self._to_device(rows, torch.long), sampled[self._to_device(sources, torch.long)]
 
-    def _stop_ids(self, request: Request) -> set[int]:
-        params = request.sampling_params
-        ids = set(params.stop_token_ids or ())
-        if not params.ignore_eos:
-            ids |= request.eos_token_ids
-        return ids
-
-    def _run_encoder(self, out: SchedulerOutput) -> None:
-        features, seen = [], set()
-        by_id = {r.request_id: r for r in out.requests}
-        for request_id, indexes in out.encoder_inputs.items():
-            for idx in indexes:
-                feature = by_id[request_id].mm_features[idx]
-                if feature.mm_hash not in self.encoder_outputs and feature.mm_hash not in seen:
-                    seen.add(feature.mm_hash)
-                    features.append(feature)
-        if not features:
-            return
-        for feature, embeds in zip(features, self.model.encode_images(features)):
-            assert embeds.shape[0] == feature.num_embeds, (embeds.shape, feature.num_embeds)
-            self.encoder_outputs[feature.mm_hash] = embeds
-
-    def _is_graph_step(self, requests: list[Request], num_scheduled: list[int]) -> bool:
+    def _is_graph_step(self, states: list[RequestState], num_scheduled: list[int]) -> bool:
         """One new token per sequence, none of them an image placeholder, within the graphs."""
-        if len(requests) > self.graphs.max_batch_size:
+        if len(states) > self.graphs.max_batch_size:
             return False
-        for request, n in zip(requests, num_scheduled):
-            if n != 1:
-                return False
-            if request.mm_features and (
-                request.num_computed_tokens < request.mm_features[-1].placeholder.end
-            ):
-                return False
-        return True
-
-    def _host_inputs(
-        self, requests: list[Request], num_scheduled: list[int], table: np.ndarray
-    ) -> StepInputs:
-        if all(n == 1 for n in num_scheduled):
-            return self._decode_host_inputs(requests, table)
-        bs = self.block_size
-        ids, pos, slots = [], [], []
-        query_start_loc, seq_lens = [0], []
-        mrope = self.model.uses_mrope
-        for request, n, blocks in zip(requests, num_scheduled, table):
-            start, end = request.num_computed_tokens, request.num_computed_tokens + n
-            ids.extend(request.all_token_ids[start:end])
-            pos.append(self._positions(request, start, end) if mrope else np.arange(start, end))
-            idx = np.arange(start, end)
-            slots.append(blocks[idx // bs].astype(np.int64) * bs + idx % bs)
-            query_start_loc.append(query_start_loc[-1] + n)
-            seq_lens.append(end)
-        spans = None
-        if not self.model.chunk_images:  # image tokens attend to their whole span
-            spans = [
-                _bidirectional_spans(r, r.num_computed_tokens, r.num_computed_tokens + n)
-                for r, n in zip(requests, num_scheduled)
-            ]
-        return StepInputs(
-            input_ids=ids,
-            positions=np.concatenate(pos, axis=-1),
-            slots=np.concatenate(slots),
-            block_table=table,
-            query_start_loc=query_start_loc,
-            seq_lens=seq_lens,
-            bidirectional_spans=spans,
-        )
-
-    def _decode_host_inputs(self, requests: list[Request], table: np.ndarray) -> StepInputs:
-        """`_host_inputs` for one token per sequence, vectorised over the batch (no array per
-        sequence: a decode step of 256 sequences would spend milliseconds building small ones)."""
-        bs = self.block_size
-        n = len(requests)
-        starts = [r.num_computed_tokens for r in requests]
-        starts_np = np.asarray(starts, dtype=np.int64)
-        positions = starts_np
-        if self.model.uses_mrope:  # [3, T]: index + delta, or the prompt's (a 1-token chunk)
-            deltas = np.fromiter((r.mrope_position_delta for r in requests), np.int64, n)
-            positions = np.repeat((starts_np + deltas)[None], 3, axis=0)
-            for i, (r, s) in enumerate(zip(requests, starts)):
-                if s < r.num_prompt_tokens:
-                    positions[:, i] = r.mrope_positions[:, s].numpy()
-        spans = None
-        if not self.model.chunk_images:
-            spans = [_bidirectional_spans(r, s, s + 1) for r, s in zip(requests, starts)]
-        return StepInputs(
-            input_ids=[r.all_token_ids[s] for r, s in zip(requests, starts)],
-            positions=positions,  # [T] or [3, T]
-            slots=table[np.arange(n), starts_np // bs].astype(np.int64) * bs + starts_np % bs,
-            block_table=table,
-            query_start_loc=list(range(len(requests) + 1)),
-            seq_lens=[s + 1 for s in starts],
-            bidirectional_spans=spans,
+        return all(
+            n == 1 and state.num_computed_tokens >= state.mm_end
+            for state, n in zip(states, num_scheduled)
         )
 
     def _device_inputs(
@@ -513,39 +386,3 @@ class ModelRunner:
             )
         input_ids = to_device(inputs.input_ids, torch.long)  # [num_tokens]
         return input_ids, to_device(inputs.positions, torch.long), metadata
-
-    @staticmethod
-    def _positions(request: Request, start: int, end: int) -> np.ndarray:
-        """M-RoPE positions [3, end - start]: the processor's for prompt tokens, then
-        `index + delta` on all three axes for generated ones."""
-        num_prompt = request.num_prompt_tokens
-        out = np.empty((3, end - start), dtype=np.int64)
-        split = min(max(start, num_prompt), end)
-        if start < split:
-            out[:, : split - start] = request.mrope_positions[:, start:split].numpy()
-        if split < end:
-            out[:, split - start :] = np.arange(split, end) + request.mrope_position_delta
-        return out
-
-    def _merge_image_embeds(
-        self, inputs_embeds: torch.Tensor, requests: list[Request], num_scheduled: list[int]
-    ) -> None:
-        """Copy encoder rows into the rows of this step's placeholder tokens."""
-        rows, chunks = [], []
-        row = 0
-        for request, n in zip(requests, num_scheduled):
-            start, end = request.num_computed_tokens, request.num_computed_tokens + n
-            for feature in request.mm_features:
-                p = feature.placeholder
-                if p.offset >= end:
-                    break
-                if p.end <= start:
-                    continue
-                lo, hi = max(start, p.offset), min(end, p.end)
-                embeds = self.encoder_outputs[feature.mm_hash]
-                chunks.append(embeds[lo - p.offset : hi - p.offset])
-                rows.append(torch.arange(row + lo - start, row + hi - start))
-            row += n
-        if chunks:
-            index = self._to_device(torch.cat(rows), torch.long)
-            inputs_embeds.index_copy_(0, index, torch.cat(chunks).to(inputs_embeds.dtype))

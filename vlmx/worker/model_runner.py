@@ -320,6 +320,7 @@ class ModelRunner:
             generators=[r.generator for r in rows],
             vocab_size=logits.shape[-1],
             device=self.device,
+            argmax_cache=self.sampler.argmax_metadata,
         )
         pending.result = self.sampler(logits, sampling_metadata)
         pending.num_logprobs = [r.sampling_params.logprobs for r in rows]

@@ -11,9 +11,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from vlmx.config import EngineArgs
-from vlmx.engine.config_builder import engine_args_from_kwargs
 from vlmx.engine.engine import LLMEngine
+from vlmx.engine.engine_args import EngineArgs, engine_args_from_kwargs
 from vlmx.lora.request import LORA_UNSUPPORTED, LoRARequest
 from vlmx.multimodal.chat import parse_chat_messages, render_chat, resolve_chat_template
 from vlmx.multimodal.inputs import ProcessedPrompt

@@ -565,3 +565,29 @@ def test_chat_batch_of_conversations(llm):
     assert _tokens(outputs) == _tokens(expected)
     (single,) = llm.chat(conversations[1], GREEDY, use_tqdm=False)
     assert single.outputs[0].token_ids == outputs[1].outputs[0].token_ids
+
+
+# ---------------------------------------------------------------------------------------------
+# Image limits are engine arguments
+
+
+def test_image_limits_are_engine_args(qwen2_vl_ckpt, llm, monkeypatch):
+    """The limits are read once, when the engine is built: a field that is set, else its
+    VLMX_IMAGE_* variable; changing the variable later changes nothing, and other engines keep
+    their own limits."""
+    monkeypatch.setenv("VLMX_IMAGE_MAX_PIXELS", "20000")
+    strict = LLM(**dataclasses.asdict(_engine_args(qwen2_vl_ckpt, image_max_bytes=500_000)))
+    monkeypatch.delenv("VLMX_IMAGE_MAX_PIXELS")
+    limits = strict.llm_engine.config.model_config.media_limits
+    assert (limits.max_pixels, limits.max_bytes, limits.timeout_s) == (20000, 500_000, 10.0)
+    prompts = [
+        {"prompt": chat_prompt(1), "multi_modal_data": {"image": _image(3)}},  # 64x96 fits
+        {"prompt": chat_prompt(1), "multi_modal_data": {"image": _image(0)}},  # 224x224
+    ]
+    with pytest.raises(InvalidPromptsError) as excinfo:
+        strict.generate(prompts, GREEDY, use_tqdm=False)
+    assert sorted(excinfo.value.errors) == [1]
+    message = excinfo.value.errors[1]
+    assert "224x224 = 50176 pixels, over the limit of 20000" in message
+    assert "image_max_pixels" in message
+    assert len(llm.generate(prompts, GREEDY, use_tqdm=False)) == 2  # the default limits

@@ -1,4 +1,5 @@
-"""Chat messages -> template input + images; template lookup; rendering; concurrent loading."""
+"""Chat messages -> template input + images; template lookup; rendering; a loader's concurrent
+loading."""
 
 from __future__ import annotations
 
@@ -14,11 +15,11 @@ from transformers import PreTrainedTokenizerFast
 
 from vlmx.multimodal.chat import (
     load_chat_template,
-    load_images_concurrently,
     parse_chat_messages,
     render_chat,
     resolve_chat_template,
 )
+from vlmx.multimodal.loader import MediaLoader
 
 # A Qwen2-VL-like template: image parts become <|vision_start|><|image_pad|><|vision_end|>.
 QWEN_LIKE = (
@@ -315,7 +316,7 @@ def test_render_errors(tokenizer):
 
 
 # ---------------------------------------------------------------------------------------------
-# load_images_concurrently
+# MediaLoader.load_all
 
 
 def _png_bytes(color) -> bytes:
@@ -324,7 +325,7 @@ def _png_bytes(color) -> bytes:
     return buffer.getvalue()
 
 
-def test_load_images_concurrently_keeps_order(tmp_path):
+def test_load_all_keeps_order(tmp_path):
     colors = [(i * 20, 255 - i * 20, 7) for i in range(10)]
     sources = []
     for idx, color in enumerate(colors):
@@ -336,20 +337,26 @@ def test_load_images_concurrently_keeps_order(tmp_path):
             sources.append(_pil(color))
         else:
             sources.append(torch.tensor(color, dtype=torch.uint8).reshape(3, 1, 1).expand(3, 3, 4))
+    loader = MediaLoader()
     for max_workers in (1, 4):
-        images = load_images_concurrently(sources, max_workers=max_workers)
+        images = loader.load_all(sources, max_workers=max_workers)
         assert [tuple(image[:, 0, 0].tolist()) for image in images] == colors
         assert all(image.shape == (3, 3, 4) and image.dtype == torch.uint8 for image in images)
-    assert load_images_concurrently([]) == []
+    assert loader.load_all([]) == []
 
 
-def test_load_images_concurrently_names_the_failing_image(tmp_path):
+def test_load_all_names_the_failing_image(tmp_path):
+    loader = MediaLoader()
     sources = [_pil(), str(tmp_path / "missing.png"), _pil(), "data:image/png;base64,@@"]
     with pytest.raises(
         ValueError, match=r"image 1 \('.*missing.png'\) failed to load: .*does not exist"
     ):
-        load_images_concurrently(sources, max_workers=4)
+        loader.load_all(sources, max_workers=4)
     with pytest.raises(ValueError, match=r"image 0 \(int\) failed to load: unsupported image type"):
-        load_images_concurrently([3])
+        loader.load_all([3])
+    with pytest.raises(ValueError, match=r"image 1 \(data URL .*\) failed to load: .*base64"):
+        loader.load_all([_pil(), "data:image/png;base64,@@"])
     with pytest.raises(ValueError, match=r"max_workers must be >= 1"):
-        load_images_concurrently([_pil()], max_workers=0)
+        loader.load_all([_pil()], max_workers=0)
+    with pytest.raises(ValueError, match=r"max_workers must be >= 1"):
+        MediaLoader(max_workers=0)

@@ -20,6 +20,7 @@ from PIL import Image
 
 from tests.loopback import serve
 from vlmx.multimodal import MediaLimits, fetch_image, load_image, media
+from vlmx.multimodal.loader import MediaLoader
 from vlmx.multimodal.media import image_from_bytes
 
 
@@ -231,47 +232,79 @@ def test_data_url_errors(url, cause):
         fetch_image(url)
 
 
-def test_repeated_data_url_is_decoded_once(monkeypatch):
-    """load_image decodes a data URL it has seen once; each caller gets its own tensor."""
-    cache = media.DataURLCache()
-    monkeypatch.setattr(media, "DATA_URL_CACHE", cache)
-    decodes = []
+def _count_decodes(monkeypatch) -> list[str]:
+    decodes: list[str] = []
     real = media.fetch_image
     monkeypatch.setattr(media, "fetch_image", lambda u, **k: decodes.append(u) or real(u, **k))
+    return decodes
+
+
+def test_repeated_data_url_is_decoded_once(monkeypatch):
+    """A loader decodes a data URL it has seen once; each caller gets its own tensor."""
+    loader = MediaLoader()
+    decodes = _count_decodes(monkeypatch)
     url = _data_url(PNG)
-    first = load_image(url)
+    first = loader.load(url)
     first.zero_()  # the caller's own: the next load is unaffected
-    again = load_image("".join(url))  # equal text, another string object
+    again = loader.load("".join(url))  # equal text, another string object
     assert len(decodes) == 1
     assert torch.equal(again, torch.from_numpy(NOISE).permute(2, 0, 1))
-    assert load_image(_data_url(JPEG, "image/jpeg")).shape == (3, 64, 64)
+    assert loader.load(_data_url(JPEG, "image/jpeg")).shape == (3, 64, 64)
     assert len(decodes) == 2
+    # load_image alone keeps nothing: it decodes every time
+    load_image(url)
+    load_image(url)
+    assert len(decodes) == 4 and len(loader.data_urls) == 2
 
 
-def test_data_url_cache_is_bounded_and_keyed_by_limits(monkeypatch):
+def test_data_url_cache_is_bounded(monkeypatch):
     png, jpeg = _data_url(PNG), _data_url(JPEG, "image/jpeg")
-    cache = media.DataURLCache(max_bytes=NOISE.size + 64 * 64 * 3 - 1)  # not both images
-    monkeypatch.setattr(media, "DATA_URL_CACHE", cache)
-    decodes = []
-    real = media.fetch_image
-    monkeypatch.setattr(media, "fetch_image", lambda u, **k: decodes.append(u) or real(u, **k))
-    load_image(png)
-    load_image(jpeg)  # over the bound with both: the least recently used (png) goes
+    loader = MediaLoader(data_url_cache_bytes=NOISE.size + 64 * 64 * 3 - 1)  # not both images
+    cache = loader.data_urls
+    decodes = _count_decodes(monkeypatch)
+    loader.load(png)
+    loader.load(jpeg)  # over the bound with both: the least recently used (png) goes
     assert len(cache) == 1 and cache.images.num_bytes <= cache.images.capacity_bytes
-    load_image(jpeg)
+    loader.load(jpeg)
     assert decodes == [png, jpeg]  # jpeg kept
-    # read under stricter limits, a cached image is checked again, not served
-    with pytest.raises(ValueError, match="pixels"):
-        load_image(jpeg, limits=MediaLimits(max_pixels=100))
     # a failure is not cached
     for _ in range(2):
         with pytest.raises(ValueError, match="invalid base64"):
-            load_image("data:image/png;base64,abc")
+            loader.load("data:image/png;base64,abc")
     assert len(cache) == 1
-    load_image(jpeg)
-    assert decodes.count(jpeg) == 2  # once, and once under the stricter limits
-    load_image(png)
+    loader.load(png)
     assert decodes.count(png) == 2  # evicted before, decoded again
+
+
+def test_loaders_keep_their_own_limits_and_caches(monkeypatch):
+    """Each engine's loader has its own limits and data URL cache: clearing one, or a stricter
+    one failing, leaves the other's images alone."""
+    jpeg = _data_url(JPEG, "image/jpeg")
+    first, second = MediaLoader(), MediaLoader()
+    strict = MediaLoader(MediaLimits(max_pixels=100))
+    decodes = _count_decodes(monkeypatch)
+    first.load(jpeg)
+    second.load(jpeg)
+    assert len(decodes) == 2  # nothing shared
+    with pytest.raises(ValueError, match=r"4096 pixels, over the limit of 100"):
+        strict.load(jpeg)  # checked under its own limits, not served from another's cache
+    second.clear()
+    assert len(first.data_urls) == 1 and len(second.data_urls) == 0
+    first.load(jpeg)
+    assert len(decodes) == 3  # first's entry survived second's clear
+    second.load(jpeg)
+    assert len(decodes) == 4
+
+
+def test_loader_limits_default_to_the_environment(monkeypatch):
+    monkeypatch.setenv("VLMX_IMAGE_MAX_PIXELS", "1000")
+    loader = MediaLoader()
+    assert loader.limits.max_pixels == 1000
+    monkeypatch.delenv("VLMX_IMAGE_MAX_PIXELS")
+    with pytest.raises(ValueError, match=r"1536 pixels, over the limit of 1000"):
+        loader.load(NOISE)  # read once, when the loader was made
+    assert MediaLoader(MediaLimits(max_pixels=2000)).load(NOISE).shape == (3, 32, 48)
+    assert MediaLimits.from_env(max_pixels=5).max_pixels == 5
 
 
 def test_data_url_byte_limit():

@@ -1,5 +1,5 @@
 """The engine's frozen configs, built once from `EngineArgs` (`vlmx.engine.engine_args`) and read
-by every part of the engine; this module imports nothing of vlmx."""
+by every part of the engine; this module imports nothing of vlmx above `multimodal.media`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 from transformers import PretrainedConfig
+
+from vlmx.multimodal.media import MediaLimits
 
 _DTYPES = {
     "bfloat16": torch.bfloat16,
@@ -35,6 +37,7 @@ class ModelConfig:
     load_format: str = "auto"
     mm_processor_kwargs: dict[str, Any] = field(default_factory=dict)
     max_images_per_prompt: int | None = None  # limit_mm_per_prompt["image"]
+    media_limits: MediaLimits = MediaLimits()  # image_fetch_timeout, image_max_bytes, ...
 
 
 @dataclass(frozen=True)

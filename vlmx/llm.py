@@ -22,7 +22,7 @@ from vlmx.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 # Threads that process prompts ahead of the engine. Much of their work releases the GIL (image
-# decoding, on the image pool of `load_images_concurrently`; torch ops; tokenizers), so a few keep
+# decoding, on the pool of the engine's `MediaLoader`; torch ops; tokenizers), so a few keep
 # up with the engine; more compete for the GIL with the thread that steps it. Measured on an H200
 # (Qwen2.5-VL-3B, 256 prompts): 2 threads beat 4 by 8% on random-mm and w2-decode, and 1.
 PROCESS_THREADS = 2

@@ -24,9 +24,8 @@ from vlmx.engine.scheduler import Scheduler, SchedulerOutput
 from vlmx.lora.request import LORA_UNSUPPORTED, LoRARequest
 from vlmx.models.loader import build_model, text_config
 from vlmx.models.registry import get_processor_class
-from vlmx.multimodal.chat import load_images_concurrently
 from vlmx.multimodal.inputs import ProcessedPrompt
-from vlmx.multimodal.media import DATA_URL_CACHE
+from vlmx.multimodal.loader import MediaLoader
 from vlmx.outputs import CompletionOutput, Logprob, RequestOutput
 from vlmx.sampling_params import SamplingParams
 from vlmx.worker.model_runner import ModelRunner, PendingStep
@@ -110,6 +109,7 @@ class LLMEngine:
         mc = config.model_config
         self.tokenizer = load_tokenizer(config)
         self.processor = get_processor_class(mc.architecture)(mc, config.device)
+        self.media = MediaLoader(mc.media_limits)
         self.model = build_model(
             mc.architecture, mc.hf_config, mc.model_path, config.device, mc.dtype, mc.load_format
         )
@@ -208,7 +208,7 @@ class LLMEngine:
                 f"prompt has {len(images)} images but limit_mm_per_prompt={{'image': {limit}}}; "
                 "raise limit_mm_per_prompt or send fewer images"
             )
-        tensors = load_images_concurrently(list(images))
+        tensors = self.media.load_all(list(images))
         kwargs = dict(prompt.get("mm_processor_kwargs") or {})
         processed = self.processor.process(token_ids, tensors, kwargs)
         self._check_length(processed)
@@ -359,7 +359,7 @@ class LLMEngine:
         if self.has_unfinished_requests():
             return False
         self.processor.cache.clear()
-        DATA_URL_CACHE.clear()
+        self.media.clear()
         self.scheduler.encoder_cache.clear()
         self.runner.encoder_outputs.clear()
         return True

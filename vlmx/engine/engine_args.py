@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ from vlmx.config import (
 )
 from vlmx.models.loader import load_hf_config, resolve_model_path, text_config
 from vlmx.models.registry import resolve_architecture
+from vlmx.multimodal.media import MediaLimits
 
 logger = logging.getLogger(__name__)
 
@@ -74,10 +76,43 @@ class EngineArgs:
     device: str = "auto"
     disable_log_stats: bool = True
 
+    # Limits on one image (None: the VLMX_IMAGE_* variable, else the default): seconds of one
+    # http(s) download (10), bytes of one encoded image (64 MiB), width * height (64 Mi).
+    image_fetch_timeout: float | None = None
+    image_max_bytes: int | None = None
+    image_max_pixels: int | None = None
+
     def create_engine_config(self) -> EngineConfig:
         """The frozen `EngineConfig`: finds or downloads the checkpoint, resolves the
         architecture, fills in defaults; raises ValueError for unsupported or bad values."""
         return build_engine_config(self)
+
+
+# EngineArgs field -> (MediaLimits field, what it holds, the variable read when it is None)
+_MEDIA_LIMIT_ARGS = {
+    "image_fetch_timeout": ("timeout_s", "number of seconds", "VLMX_IMAGE_FETCH_TIMEOUT"),
+    "image_max_bytes": ("max_bytes", "integer", "VLMX_IMAGE_MAX_BYTES"),
+    "image_max_pixels": ("max_pixels", "integer", "VLMX_IMAGE_MAX_PIXELS"),
+}
+
+
+def media_limits(args: EngineArgs) -> MediaLimits:
+    """The image limits of `args`: each field that is set, else its variable, else the default."""
+    given: dict[str, Any] = {}
+    for name, (limit, kind, variable) in _MEDIA_LIMIT_ARGS.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not (number and math.isfinite(value) and value > 0) or (
+            kind == "integer" and value != int(value)
+        ):
+            raise ValueError(
+                f"{name} must be a positive {kind}, got {value!r} (None: the {variable} "
+                "variable, else the default)"
+            )
+        given[limit] = float(value) if kind != "integer" else int(value)
+    return MediaLimits.from_env(**given)
 
 
 def _unsupported(args: EngineArgs) -> list[str]:
@@ -117,6 +152,7 @@ def build_engine_config(args: EngineArgs) -> EngineConfig:
             "so only the 'image' key is accepted"
         )
 
+    image_limits = media_limits(args)
     device = parse_device(args.device)
     dtype = parse_dtype(args.dtype, device)
     if args.model == "demo":
@@ -162,6 +198,7 @@ def build_engine_config(args: EngineArgs) -> EngineConfig:
         load_format=args.load_format,
         mm_processor_kwargs=dict(args.mm_processor_kwargs or {}),
         max_images_per_prompt=limits.get("image"),
+        media_limits=image_limits,
     )
     cache_config = CacheConfig(
         block_size=args.block_size,

@@ -40,6 +40,16 @@ PNG = _encode(Image.fromarray(NOISE), "PNG")
 JPEG = _encode(Image.fromarray(_noise(64, 64, seed=1)), "JPEG", quality=90)
 
 
+def _oriented_jpeg(orientation: int) -> bytes:
+    """A 40x24 JPEG whose EXIF Orientation tag (0x0112) is `orientation` (1..8)."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return _encode(Image.fromarray(_noise(40, 24, seed=2)), "JPEG", quality=95, exif=exif)
+
+
+ORIENTED = {o: _oriented_jpeg(o) for o in range(1, 9)}
+
+
 def _png_header(width: int, height: int) -> bytes:
     """A PNG whose IHDR claims width x height; the pixel data is a stub."""
 
@@ -94,6 +104,8 @@ class _Handler(BaseHTTPRequestHandler):
         }
         if self.path in routes:
             self._send(*routes[self.path])
+        elif self.path.startswith("/oriented-"):  # /oriented-<1..8>.jpg
+            self._send(ORIENTED[int(self.path[len("/oriented-")])], "image/jpeg")
         elif self.path == "/missing":
             self._send(b"not found", "text/plain", status=404)
         elif self.path == "/redirect":
@@ -305,6 +317,56 @@ def test_loader_limits_default_to_the_environment(monkeypatch):
         loader.load(NOISE)  # read once, when the loader was made
     assert MediaLoader(MediaLimits(max_pixels=2000)).load(NOISE).shape == (3, 32, 48)
     assert MediaLimits.from_env(max_pixels=5).max_pixels == 5
+
+
+# ---------------------------------------------------------------------------------------------
+# EXIF orientation
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_matches_transformers(orientation, server, tmp_path):
+    """Paths, file / http(s) / data URLs come out upright, pixel for pixel as transformers'
+    `load_image` (which applies `ImageOps.exif_transpose`) returns them."""
+    from transformers.image_utils import load_image as hf_load_image
+
+    data = ORIENTED[orientation]
+    path = tmp_path / f"oriented-{orientation}.jpg"
+    path.write_bytes(data)
+    expected = np.asarray(hf_load_image(str(path)))  # [H, W, 3]
+    assert np.array_equal(expected, np.asarray(hf_load_image(_data_url(data, "image/jpeg"))))
+    # orientations 5..8 swap width and height; the others keep the stored 40x24
+    assert expected.shape == ((40, 24, 3) if orientation >= 5 else (24, 40, 3))
+    raw = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    assert np.array_equal(expected, raw) == (orientation == 1)
+    sources = (
+        str(path),
+        path,
+        path.as_uri(),
+        f"{server}/oriented-{orientation}.jpg",
+        _data_url(data, "image/jpeg"),
+    )
+    for source in sources:
+        assert np.array_equal(np.asarray(fetch_image(str(source))), expected), source
+        tensor = load_image(source)
+        assert np.array_equal(tensor.permute(1, 2, 0).numpy(), expected), source
+    loader = MediaLoader()
+    for _ in range(2):  # decoded, then from the data URL cache: upright both times
+        tensor = loader.load(_data_url(data, "image/jpeg"))
+        assert np.array_equal(tensor.permute(1, 2, 0).numpy(), expected)
+
+
+def test_pil_images_handed_in_are_taken_as_they_are():
+    """A PIL image the caller passes keeps its pixels, as vLLM and the HF image processors take
+    it; `ImageOps.exif_transpose` first turns it upright."""
+    from PIL import ImageOps
+
+    image = Image.open(io.BytesIO(ORIENTED[6]))
+    tensor = load_image(image)
+    assert tensor.shape == (3, 24, 40)
+    assert np.array_equal(tensor.permute(1, 2, 0).numpy(), np.asarray(image.convert("RGB")))
+    upright = load_image(ImageOps.exif_transpose(image))
+    assert upright.shape == (3, 40, 24)
+    assert torch.equal(upright, load_image(_data_url(ORIENTED[6], "image/jpeg")))
 
 
 def test_data_url_byte_limit():

@@ -9,6 +9,11 @@ for `fetch_image` / `load_image` called without limits, from these variables:
     image_fetch_timeout  VLMX_IMAGE_FETCH_TIMEOUT  seconds of one http(s) download     10
     image_max_bytes      VLMX_IMAGE_MAX_BYTES      bytes of one encoded image          64 MiB
     image_max_pixels     VLMX_IMAGE_MAX_PIXELS     width * height, before decoding     64 Mi
+
+Images decoded from bytes (paths, file / http(s) / data URLs) are turned upright per their EXIF
+orientation, as `transformers.image_utils.load_image` does. PIL images handed in are taken as they
+are: their pixels are the caller's (as vLLM and the HF image processors take them); call
+`PIL.ImageOps.exif_transpose` first to turn one upright.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 _URL_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):")
 _CHUNK_BYTES = 1 << 20
@@ -166,7 +171,20 @@ def image_from_bytes(data: bytes, source: str, limits: MediaLimits | None = None
             f"image {source} ({image.format}, {image.width}x{image.height}) is truncated or "
             f"corrupt and could not be decoded: {e}; re-encode or re-download the image"
         ) from e
+    _turn_upright(image, source)
     return to_rgb(image, source)
+
+
+def _turn_upright(image: Image.Image, source: str) -> None:
+    """Turn a decoded image, in place, as its EXIF orientation tag says (as
+    `transformers.image_utils.load_image` does, with `PIL.ImageOps.exif_transpose`)."""
+    try:
+        ImageOps.exif_transpose(image, in_place=True)  # NOTE: no copy when there is no tag
+    except Exception as e:  # a malformed EXIF block
+        raise ValueError(
+            f"image {source} has EXIF data that could not be read to orient it: {e}; re-encode "
+            "the image"
+        ) from e
 
 
 def _sixteen_bit_to_rgb(image: Image.Image) -> Image.Image:

@@ -9,6 +9,7 @@ import io
 import json
 import math
 import shutil
+import threading
 import warnings
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor
 
+from tests.engine_helpers import check_idle
 from vlmx import (
     LLM,
     CompletionOutput,
@@ -565,6 +567,68 @@ def test_chat_batch_of_conversations(llm):
     assert _tokens(outputs) == _tokens(expected)
     (single,) = llm.chat(conversations[1], GREEDY, use_tqdm=False)
     assert single.outputs[0].token_ids == outputs[1].outputs[0].token_ids
+
+
+# ---------------------------------------------------------------------------------------------
+# One LLM shared by threads
+
+
+def test_two_threads_get_their_own_outputs(llm):
+    """Calls from two threads on one LLM run one at a time: each gets exactly the outputs it
+    gets alone, whatever the other runs meanwhile (generate against chat, different prompts)."""
+    texts = [f"{TEXT} {name}" for name in ("Ada", "Bob", "Cy", "Dee", "Eve", "Fay")]
+    long = SamplingParams(temperature=0.0, max_tokens=7)
+    conversations = [[_user(_image(i % 4), text=f"Image {i}?")] for i in range(4)]
+    alone_generate = _tokens(llm.generate(texts, long, use_tqdm=False))
+    alone_chat = _tokens(llm.chat(conversations, GREEDY, use_tqdm=False))
+    assert len({tuple(t) for t in alone_generate}) > 1
+    barrier = threading.Barrier(2)
+    results: dict[str, list] = {"generate": [], "chat": []}
+    errors: list[BaseException] = []
+
+    def run(name: str) -> None:
+        try:
+            barrier.wait()
+            for _ in range(3):
+                if name == "generate":
+                    results[name].append(_tokens(llm.generate(texts, long, use_tqdm=False)))
+                else:
+                    results[name].append(_tokens(llm.chat(conversations, GREEDY, use_tqdm=False)))
+        except BaseException as e:  # reported below, with the thread's traceback
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in results]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not any(thread.is_alive() for thread in threads)
+    assert errors == []
+    assert results["generate"] == [alone_generate] * 3
+    assert results["chat"] == [alone_chat] * 3
+    check_idle(llm)
+
+
+def test_reset_during_another_threads_call_returns_false(llm, monkeypatch):
+    started, release = threading.Event(), threading.Event()
+    engine = llm.llm_engine
+    process_prompt = engine.process_prompt
+
+    def slow_process_prompt(prompt):
+        started.set()
+        release.wait(timeout=60)
+        return process_prompt(prompt)
+
+    monkeypatch.setattr(engine, "process_prompt", slow_process_prompt)
+    outputs: list = []
+    thread = threading.Thread(target=lambda: outputs.append(llm.generate(TEXT, GREEDY)))
+    thread.start()
+    assert started.wait(timeout=60)
+    assert not llm.reset_prefix_cache() and not llm.reset_mm_cache()
+    release.set()
+    thread.join(timeout=60)
+    assert len(outputs) == 1 and len(outputs[0]) == 1
+    assert llm.reset_prefix_cache() and llm.reset_mm_cache()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -569,6 +569,43 @@ def test_chat_batch_of_conversations(llm):
     assert single.outputs[0].token_ids == outputs[1].outputs[0].token_ids
 
 
+def test_chat_takes_one_message_dict(llm):
+    """`llm.chat` takes one message, one conversation or a list of them, as vLLM's does."""
+    user = _user(_image(3))
+    (one,) = llm.chat(user, GREEDY, use_tqdm=False)
+    (listed,) = llm.chat([user], GREEDY, use_tqdm=False)
+    (nested,) = llm.chat([[user]], GREEDY, use_tqdm=False)
+    assert one.prompt == listed.prompt == nested.prompt
+    assert one.outputs[0].token_ids == listed.outputs[0].token_ids == nested.outputs[0].token_ids
+
+
+@pytest.mark.parametrize(
+    ("messages", "cause"),
+    [
+        ([], r"got an empty list"),
+        ("What is this?", r"got a str"),
+        ([{"role": "user", "content": "hi"}, [{"role": "user", "content": "hi"}]], r"mixes"),
+        ([{"role": "user", "content": "hi"}, "hi"], r"item 1 is a str"),
+    ],
+)
+def test_chat_rejects_other_forms_at_once(llm, messages, cause):
+    with pytest.raises(ValueError, match=cause) as excinfo:
+        llm.chat(messages, GREEDY, use_tqdm=False)
+    assert not isinstance(excinfo.value, InvalidPromptsError)
+    assert "one conversation (a list of such dicts)" in str(excinfo.value)
+
+
+def test_chat_reports_a_bad_conversation_and_runs_the_rest(llm):
+    good = [{"role": "user", "content": "Hi!"}]
+    with pytest.raises(InvalidPromptsError) as excinfo:
+        llm.chat([good, ["hello"], []], GREEDY, use_tqdm=False)
+    errors = excinfo.value.errors
+    assert sorted(errors) == [1, 2]
+    assert "messages[0] must be a dict" in errors[1] and "messages is empty" in errors[2]
+    (expected,) = llm.chat(good, GREEDY, use_tqdm=False)
+    assert excinfo.value.outputs[0].outputs[0].token_ids == expected.outputs[0].token_ids
+
+
 # ---------------------------------------------------------------------------------------------
 # One LLM shared by threads
 

@@ -1,5 +1,5 @@
-"""Chat messages -> template input + images; template lookup; rendering; a loader's concurrent
-loading."""
+"""Chat messages -> template input + images; `LLM.chat`'s input forms; template lookup;
+rendering; a loader's concurrent loading."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from vlmx.multimodal.chat import (
     parse_chat_messages,
     render_chat,
     resolve_chat_template,
+    split_conversations,
 )
 from vlmx.multimodal.loader import MediaLoader
 
@@ -193,6 +194,45 @@ def test_parse_tensor_and_array_in_image_part():
 def test_parse_errors(messages, cause):
     with pytest.raises(ValueError, match=cause):
         parse_chat_messages(messages)
+
+
+# ---------------------------------------------------------------------------------------------
+# LLM.chat's input forms
+
+
+def test_split_conversations_takes_vllm_forms():
+    user = {"role": "user", "content": "hi"}
+    bot = {"role": "assistant", "content": "hello"}
+    assert split_conversations(user) == [[user]]  # one message
+    assert split_conversations([user, bot, user]) == [[user, bot, user]]  # one conversation
+    assert split_conversations((user,)) == [[user]]
+    assert split_conversations([[user], [user, bot, user]]) == [[user], [user, bot, user]]
+    assert split_conversations([[user], ()]) == [[user], []]  # parse_chat_messages reports it
+    # the result is a fresh list: the caller's lists are not changed later
+    conversation = [user]
+    assert split_conversations(conversation) is not conversation
+
+
+@pytest.mark.parametrize(
+    ("messages", "cause"),
+    [
+        ([], r"got an empty list"),
+        ((), r"got an empty tuple"),
+        ("hello", r"got a str \('hello'\)"),
+        (None, r"got NoneType"),
+        (3, r"got int"),
+        (
+            [{"role": "user", "content": "hi"}, [{"role": "user", "content": "hi"}]],
+            r"mixes messages \(dict at index 0\) and conversations \(list at index 1\)",
+        ),
+        (["hello", "there"], r"item 0 is a str \('hello'\), neither a message dict nor"),
+        ([{"role": "user", "content": "hi"}, 7], r"item 1 is int"),
+    ],
+)
+def test_split_conversations_rejects_other_forms(messages, cause):
+    with pytest.raises(ValueError, match=cause) as excinfo:
+        split_conversations(messages)
+    assert "one message (a dict with 'role' and 'content')" in str(excinfo.value)
 
 
 # ---------------------------------------------------------------------------------------------

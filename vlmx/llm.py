@@ -16,7 +16,12 @@ from tqdm.auto import tqdm
 from vlmx.engine.engine import LLMEngine
 from vlmx.engine.engine_args import EngineArgs, engine_args_from_kwargs
 from vlmx.lora.request import LORA_UNSUPPORTED, LoRARequest
-from vlmx.multimodal.chat import parse_chat_messages, render_chat, resolve_chat_template
+from vlmx.multimodal.chat import (
+    parse_chat_messages,
+    render_chat,
+    resolve_chat_template,
+    split_conversations,
+)
 from vlmx.multimodal.inputs import ProcessedPrompt
 from vlmx.outputs import RequestOutput
 from vlmx.sampling_params import SamplingParams
@@ -121,7 +126,7 @@ class LLM:
 
     def chat(
         self,
-        messages: list[dict] | list[list[dict]],
+        messages: dict | list[dict] | list[list[dict]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         lora_request: LoRARequest | None = None,
@@ -132,8 +137,9 @@ class LLM:
         chat_template_kwargs: dict[str, Any] | None = None,
         mm_processor_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
-        """OpenAI-style conversations (one, or a list of them) rendered with the model's chat
-        template (or `chat_template`) and run as one batch."""
+        """OpenAI-style conversations rendered with the model's chat template (or
+        `chat_template`) and run as one batch. `messages`: one message dict, one conversation
+        (a list of message dicts) or a list of conversations; one output per conversation."""
         if lora_request is not None:
             raise ValueError(LORA_UNSUPPORTED)
         if chat_template_content_format not in ("auto", "openai"):
@@ -142,7 +148,7 @@ class LLM:
                 "vlmx passes content to the template as a list of typed parts: use 'auto' or "
                 "'openai'"
             )
-        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        conversations = split_conversations(messages)
         render_kwargs = {
             "add_generation_prompt": add_generation_prompt,
             "continue_final_message": continue_final_message,
@@ -157,7 +163,7 @@ class LLM:
 
     def _chat_prompts(
         self,
-        conversations: list,
+        conversations: list[list],
         chat_template: str | None,
         render_kwargs: dict[str, Any],
         mm_processor_kwargs: dict[str, Any] | None,
@@ -170,7 +176,7 @@ class LLM:
         prompts: list[Any] = []
         for conversation in conversations:
             try:
-                normalized, images = parse_chat_messages(list(conversation))
+                normalized, images = parse_chat_messages(conversation)
                 text = render_chat(engine.tokenizer, normalized, template, **render_kwargs)
             except ValueError as e:
                 prompts.append(_BadPrompt(str(e)))

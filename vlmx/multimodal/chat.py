@@ -119,6 +119,49 @@ def _parse_part(part: Any, where: str) -> tuple[dict, Any | None]:
     )
 
 
+def split_conversations(messages: Any) -> list[list]:
+    """`LLM.chat`'s first argument as a list of conversations, as vLLM's `chat` takes it: one
+    message (a dict), one conversation (a list of message dicts) or a list of conversations.
+
+    Raises ValueError, saying what it got, for anything else: an empty list, a list that mixes
+    messages and conversations, a list of something other than dicts or lists. The messages
+    themselves are checked later, one conversation at a time (`parse_chat_messages`).
+    """
+    accepted = (
+        "llm.chat takes one message (a dict with 'role' and 'content'), one conversation (a "
+        "list of such dicts) or a list of conversations (a list of lists)"
+    )
+    if isinstance(messages, Mapping):
+        return [[messages]]
+    if not isinstance(messages, list | tuple):
+        raise ValueError(f"{accepted}; got {_what(messages)}")
+    if not messages:
+        raise ValueError(f"{accepted}; got an empty {type(messages).__name__}")
+    is_message = [isinstance(m, Mapping) for m in messages]
+    is_conversation = [isinstance(m, list | tuple) for m in messages]
+    if all(is_message):
+        return [list(messages)]
+    if all(is_conversation):
+        return [list(c) for c in messages]
+    if any(is_message) and any(is_conversation):
+        idx_message, idx_conversation = is_message.index(True), is_conversation.index(True)
+        raise ValueError(
+            f"{accepted}; got a list that mixes messages (dict at index {idx_message}) and "
+            f"conversations (list at index {idx_conversation})"
+        )
+    idx = next(i for i, (m, c) in enumerate(zip(is_message, is_conversation)) if not (m or c))
+    raise ValueError(
+        f"{accepted}; got a list whose item {idx} is {_what(messages[idx])}, neither a "
+        "message dict nor a conversation list"
+    )
+
+
+def _what(value: Any) -> str:
+    if isinstance(value, str):
+        return f"a str ({describe_source(value)})"
+    return describe_source(value)
+
+
 def parse_chat_messages(messages: list[dict]) -> tuple[list[dict], list[Any]]:
     """Split OpenAI-style messages into chat-template input and the images, in order.
 

@@ -9,6 +9,7 @@ import io
 import json
 import math
 import shutil
+import threading
 import warnings
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor
 
+from tests.engine_helpers import check_idle
 from vlmx import (
     LLM,
     CompletionOutput,
@@ -565,3 +567,128 @@ def test_chat_batch_of_conversations(llm):
     assert _tokens(outputs) == _tokens(expected)
     (single,) = llm.chat(conversations[1], GREEDY, use_tqdm=False)
     assert single.outputs[0].token_ids == outputs[1].outputs[0].token_ids
+
+
+def test_chat_takes_one_message_dict(llm):
+    """`llm.chat` takes one message, one conversation or a list of them, as vLLM's does."""
+    user = _user(_image(3))
+    (one,) = llm.chat(user, GREEDY, use_tqdm=False)
+    (listed,) = llm.chat([user], GREEDY, use_tqdm=False)
+    (nested,) = llm.chat([[user]], GREEDY, use_tqdm=False)
+    assert one.prompt == listed.prompt == nested.prompt
+    assert one.outputs[0].token_ids == listed.outputs[0].token_ids == nested.outputs[0].token_ids
+
+
+@pytest.mark.parametrize(
+    ("messages", "cause"),
+    [
+        ([], r"got an empty list"),
+        ("What is this?", r"got a str"),
+        ([{"role": "user", "content": "hi"}, [{"role": "user", "content": "hi"}]], r"mixes"),
+        ([{"role": "user", "content": "hi"}, "hi"], r"item 1 is a str"),
+    ],
+)
+def test_chat_rejects_other_forms_at_once(llm, messages, cause):
+    with pytest.raises(ValueError, match=cause) as excinfo:
+        llm.chat(messages, GREEDY, use_tqdm=False)
+    assert not isinstance(excinfo.value, InvalidPromptsError)
+    assert "one conversation (a list of such dicts)" in str(excinfo.value)
+
+
+def test_chat_reports_a_bad_conversation_and_runs_the_rest(llm):
+    good = [{"role": "user", "content": "Hi!"}]
+    with pytest.raises(InvalidPromptsError) as excinfo:
+        llm.chat([good, ["hello"], []], GREEDY, use_tqdm=False)
+    errors = excinfo.value.errors
+    assert sorted(errors) == [1, 2]
+    assert "messages[0] must be a dict" in errors[1] and "messages is empty" in errors[2]
+    (expected,) = llm.chat(good, GREEDY, use_tqdm=False)
+    assert excinfo.value.outputs[0].outputs[0].token_ids == expected.outputs[0].token_ids
+
+
+# ---------------------------------------------------------------------------------------------
+# One LLM shared by threads
+
+
+def test_two_threads_get_their_own_outputs(llm):
+    """Calls from two threads on one LLM run one at a time: each gets exactly the outputs it
+    gets alone, whatever the other runs meanwhile (generate against chat, different prompts)."""
+    texts = [f"{TEXT} {name}" for name in ("Ada", "Bob", "Cy", "Dee", "Eve", "Fay")]
+    long = SamplingParams(temperature=0.0, max_tokens=7)
+    conversations = [[_user(_image(i % 4), text=f"Image {i}?")] for i in range(4)]
+    alone_generate = _tokens(llm.generate(texts, long, use_tqdm=False))
+    alone_chat = _tokens(llm.chat(conversations, GREEDY, use_tqdm=False))
+    assert len({tuple(t) for t in alone_generate}) > 1
+    barrier = threading.Barrier(2)
+    results: dict[str, list] = {"generate": [], "chat": []}
+    errors: list[BaseException] = []
+
+    def run(name: str) -> None:
+        try:
+            barrier.wait()
+            for _ in range(3):
+                if name == "generate":
+                    results[name].append(_tokens(llm.generate(texts, long, use_tqdm=False)))
+                else:
+                    results[name].append(_tokens(llm.chat(conversations, GREEDY, use_tqdm=False)))
+        except BaseException as e:  # reported below, with the thread's traceback
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in results]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not any(thread.is_alive() for thread in threads)
+    assert errors == []
+    assert results["generate"] == [alone_generate] * 3
+    assert results["chat"] == [alone_chat] * 3
+    check_idle(llm)
+
+
+def test_reset_during_another_threads_call_returns_false(llm, monkeypatch):
+    started, release = threading.Event(), threading.Event()
+    engine = llm.llm_engine
+    process_prompt = engine.process_prompt
+
+    def slow_process_prompt(prompt):
+        started.set()
+        release.wait(timeout=60)
+        return process_prompt(prompt)
+
+    monkeypatch.setattr(engine, "process_prompt", slow_process_prompt)
+    outputs: list = []
+    thread = threading.Thread(target=lambda: outputs.append(llm.generate(TEXT, GREEDY)))
+    thread.start()
+    assert started.wait(timeout=60)
+    assert not llm.reset_prefix_cache() and not llm.reset_mm_cache()
+    release.set()
+    thread.join(timeout=60)
+    assert len(outputs) == 1 and len(outputs[0]) == 1
+    assert llm.reset_prefix_cache() and llm.reset_mm_cache()
+
+
+# ---------------------------------------------------------------------------------------------
+# Image limits are engine arguments
+
+
+def test_image_limits_are_engine_args(qwen2_vl_ckpt, llm, monkeypatch):
+    """The limits are read once, when the engine is built: a field that is set, else its
+    VLMX_IMAGE_* variable; changing the variable later changes nothing, and other engines keep
+    their own limits."""
+    monkeypatch.setenv("VLMX_IMAGE_MAX_PIXELS", "20000")
+    strict = LLM(**dataclasses.asdict(_engine_args(qwen2_vl_ckpt, image_max_bytes=500_000)))
+    monkeypatch.delenv("VLMX_IMAGE_MAX_PIXELS")
+    limits = strict.llm_engine.config.model_config.media_limits
+    assert (limits.max_pixels, limits.max_bytes, limits.timeout_s) == (20000, 500_000, 10.0)
+    prompts = [
+        {"prompt": chat_prompt(1), "multi_modal_data": {"image": _image(3)}},  # 64x96 fits
+        {"prompt": chat_prompt(1), "multi_modal_data": {"image": _image(0)}},  # 224x224
+    ]
+    with pytest.raises(InvalidPromptsError) as excinfo:
+        strict.generate(prompts, GREEDY, use_tqdm=False)
+    assert sorted(excinfo.value.errors) == [1]
+    message = excinfo.value.errors[1]
+    assert "224x224 = 50176 pixels, over the limit of 20000" in message
+    assert "image_max_pixels" in message
+    assert len(llm.generate(prompts, GREEDY, use_tqdm=False)) == 2  # the default limits

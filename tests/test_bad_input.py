@@ -35,6 +35,8 @@ from tests.loopback import serve
 from vlmx import LLM, EngineArgs, InvalidPromptsError, RequestOutput, SamplingParams
 from vlmx.demo.images import structured_image
 from vlmx.models.registry import supported_architectures
+from vlmx.multimodal.loader import MediaLoader
+from vlmx.multimodal.media import MediaLimits
 
 MAX_MODEL_LEN = 256
 PARAMS = SamplingParams(temperature=0.0, max_tokens=2)
@@ -171,7 +173,7 @@ class Case:
     # Fragments the message must hold; a callable is given the Inputs.
     causes: tuple[str | Callable[[Inputs], str], ...]
     absent: tuple[str, ...] = ()  # fragments that would mislead here
-    env: dict[str, str] = field(default_factory=dict)
+    media_limits: MediaLimits | None = None  # the engine's image limits, for this case
     params: SamplingParams = field(default_factory=lambda: PARAMS)
 
 
@@ -222,8 +224,14 @@ CASES = [
     pytest.param(
         Case(
             _with_image(lambda i: i.files["ok.png"]),
-            ("ok.png", "224x224 = 50176 pixels", "limit of 10000", "VLMX_IMAGE_MAX_PIXELS"),
-            env={"VLMX_IMAGE_MAX_PIXELS": "10000"},  # the good prompts' 64x96 image fits
+            (
+                "ok.png",
+                "224x224 = 50176 pixels",
+                "limit of 10000",
+                "image_max_pixels",
+                "VLMX_IMAGE_MAX_PIXELS",
+            ),
+            media_limits=MediaLimits(max_pixels=10000),  # the good prompts' 64x96 image fits
         ),
         id="over-pixel-limit",
     ),
@@ -393,9 +401,10 @@ def _check_message(message: str, case: Case, inputs: Inputs) -> None:
         assert fragment not in message, f"{fragment!r} misleads in the message:\n{message}"
 
 
-def _set_env(monkeypatch, case: Case) -> None:
-    for name, value in case.env.items():
-        monkeypatch.setenv(name, value)
+def _set_limits(monkeypatch, llm: LLM, case: Case) -> None:
+    """The engine loads images under the case's limits (as if built with them)."""
+    if case.media_limits is not None:
+        monkeypatch.setattr(llm.llm_engine.input_processor, "media", MediaLoader(case.media_limits))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,7 +415,7 @@ def _set_env(monkeypatch, case: Case) -> None:
 def test_add_request_rejects_and_engine_continues(
     llm, inputs, baseline, case, monkeypatch, request
 ):
-    _set_env(monkeypatch, case)
+    _set_limits(monkeypatch, llm, case)
     engine = llm.llm_engine
     tag = request.node.callspec.id
     good = _good_prompts(inputs)
@@ -433,7 +442,7 @@ def test_add_request_rejects_and_engine_continues(
 
 @pytest.mark.parametrize("case", CASES)
 def test_generate_reports_bad_prompt_and_runs_the_rest(llm, inputs, baseline, case, monkeypatch):
-    _set_env(monkeypatch, case)
+    _set_limits(monkeypatch, llm, case)
     good = _good_prompts(inputs)
     with pytest.raises(InvalidPromptsError) as excinfo:
         llm.generate(
@@ -570,6 +579,12 @@ def test_missing_model_folder(tmp_path):
         ({"max_num_seqs": 0}, ("max_num_seqs must be >= 1",)),
         ({"gpu_memory_utilization": 1.5}, ("gpu_memory_utilization", "(0, 1]")),
         ({"mm_processor_kwargs": {"max_pixel": 1000}}, ("['max_pixel']", "max_pixels")),
+        ({"image_max_pixels": 0}, ("image_max_pixels must be a positive integer, got 0",)),
+        ({"image_max_pixels": 2.5}, ("image_max_pixels", "got 2.5", "VLMX_IMAGE_MAX_PIXELS")),
+        ({"image_max_bytes": -1}, ("image_max_bytes must be a positive integer, got -1",)),
+        ({"image_max_bytes": True}, ("image_max_bytes", "got True")),
+        ({"image_fetch_timeout": "10"}, ("image_fetch_timeout", "number of seconds", "'10'")),
+        ({"image_fetch_timeout": float("nan")}, ("image_fetch_timeout", "got nan")),
     ],
     ids=lambda v: "-".join(v) if isinstance(v, dict) else None,
 )
@@ -578,6 +593,15 @@ def test_unsupported_engine_args(qwen2_vl_ckpt, kwargs, causes):
         _build(qwen2_vl_ckpt, **kwargs)
     for fragment in causes:
         assert fragment in str(excinfo.value), f"{fragment!r} not in {excinfo.value}"
+
+
+def test_bad_image_limit_in_the_environment_is_named(qwen2_vl_ckpt, monkeypatch):
+    monkeypatch.setenv("VLMX_IMAGE_MAX_BYTES", "lots")
+    with pytest.raises(ValueError, match=r"VLMX_IMAGE_MAX_BYTES='lots' is not a valid int"):
+        _build(qwen2_vl_ckpt)
+    # a field that is set wins: the variable is not read for it
+    config = EngineArgs(qwen2_vl_ckpt, image_max_bytes=1000).create_engine_config()
+    assert config.model_config.media_limits.max_bytes == 1000
 
 
 def test_unknown_engine_arg_names_the_accepted_ones(qwen2_vl_ckpt):

@@ -1,4 +1,5 @@
-"""Chat messages -> template input + images; template lookup; rendering; concurrent loading."""
+"""Chat messages -> template input + images; `LLM.chat`'s input forms; template lookup;
+rendering; a loader's concurrent loading."""
 
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ from transformers import PreTrainedTokenizerFast
 
 from vlmx.multimodal.chat import (
     load_chat_template,
-    load_images_concurrently,
     parse_chat_messages,
     render_chat,
     resolve_chat_template,
+    split_conversations,
 )
+from vlmx.multimodal.loader import MediaLoader
 
 # A Qwen2-VL-like template: image parts become <|vision_start|><|image_pad|><|vision_end|>.
 QWEN_LIKE = (
@@ -195,6 +197,45 @@ def test_parse_errors(messages, cause):
 
 
 # ---------------------------------------------------------------------------------------------
+# LLM.chat's input forms
+
+
+def test_split_conversations_takes_vllm_forms():
+    user = {"role": "user", "content": "hi"}
+    bot = {"role": "assistant", "content": "hello"}
+    assert split_conversations(user) == [[user]]  # one message
+    assert split_conversations([user, bot, user]) == [[user, bot, user]]  # one conversation
+    assert split_conversations((user,)) == [[user]]
+    assert split_conversations([[user], [user, bot, user]]) == [[user], [user, bot, user]]
+    assert split_conversations([[user], ()]) == [[user], []]  # parse_chat_messages reports it
+    # the result is a fresh list: the caller's lists are not changed later
+    conversation = [user]
+    assert split_conversations(conversation) is not conversation
+
+
+@pytest.mark.parametrize(
+    ("messages", "cause"),
+    [
+        ([], r"got an empty list"),
+        ((), r"got an empty tuple"),
+        ("hello", r"got a str \('hello'\)"),
+        (None, r"got NoneType"),
+        (3, r"got int"),
+        (
+            [{"role": "user", "content": "hi"}, [{"role": "user", "content": "hi"}]],
+            r"mixes messages \(dict at index 0\) and conversations \(list at index 1\)",
+        ),
+        (["hello", "there"], r"item 0 is a str \('hello'\), neither a message dict nor"),
+        ([{"role": "user", "content": "hi"}, 7], r"item 1 is int"),
+    ],
+)
+def test_split_conversations_rejects_other_forms(messages, cause):
+    with pytest.raises(ValueError, match=cause) as excinfo:
+        split_conversations(messages)
+    assert "one message (a dict with 'role' and 'content')" in str(excinfo.value)
+
+
+# ---------------------------------------------------------------------------------------------
 # Chat templates
 
 
@@ -315,7 +356,7 @@ def test_render_errors(tokenizer):
 
 
 # ---------------------------------------------------------------------------------------------
-# load_images_concurrently
+# MediaLoader.load_all
 
 
 def _png_bytes(color) -> bytes:
@@ -324,7 +365,7 @@ def _png_bytes(color) -> bytes:
     return buffer.getvalue()
 
 
-def test_load_images_concurrently_keeps_order(tmp_path):
+def test_load_all_keeps_order(tmp_path):
     colors = [(i * 20, 255 - i * 20, 7) for i in range(10)]
     sources = []
     for idx, color in enumerate(colors):
@@ -336,20 +377,26 @@ def test_load_images_concurrently_keeps_order(tmp_path):
             sources.append(_pil(color))
         else:
             sources.append(torch.tensor(color, dtype=torch.uint8).reshape(3, 1, 1).expand(3, 3, 4))
+    loader = MediaLoader()
     for max_workers in (1, 4):
-        images = load_images_concurrently(sources, max_workers=max_workers)
+        images = loader.load_all(sources, max_workers=max_workers)
         assert [tuple(image[:, 0, 0].tolist()) for image in images] == colors
         assert all(image.shape == (3, 3, 4) and image.dtype == torch.uint8 for image in images)
-    assert load_images_concurrently([]) == []
+    assert loader.load_all([]) == []
 
 
-def test_load_images_concurrently_names_the_failing_image(tmp_path):
+def test_load_all_names_the_failing_image(tmp_path):
+    loader = MediaLoader()
     sources = [_pil(), str(tmp_path / "missing.png"), _pil(), "data:image/png;base64,@@"]
     with pytest.raises(
         ValueError, match=r"image 1 \('.*missing.png'\) failed to load: .*does not exist"
     ):
-        load_images_concurrently(sources, max_workers=4)
+        loader.load_all(sources, max_workers=4)
     with pytest.raises(ValueError, match=r"image 0 \(int\) failed to load: unsupported image type"):
-        load_images_concurrently([3])
+        loader.load_all([3])
+    with pytest.raises(ValueError, match=r"image 1 \(data URL .*\) failed to load: .*base64"):
+        loader.load_all([_pil(), "data:image/png;base64,@@"])
     with pytest.raises(ValueError, match=r"max_workers must be >= 1"):
-        load_images_concurrently([_pil()], max_workers=0)
+        loader.load_all([_pil()], max_workers=0)
+    with pytest.raises(ValueError, match=r"max_workers must be >= 1"):
+        MediaLoader(max_workers=0)

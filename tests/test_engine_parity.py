@@ -20,7 +20,6 @@ from tests.hf_reference import (
     compare_with_reference,
 )
 from vlmx import LLM, SamplingParams
-from vlmx.multimodal.media import DATA_URL_CACHE, load_image
 
 QUESTION = "What is the content of each image?"
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, logprobs=3)
@@ -154,11 +153,15 @@ def test_same_outputs_under_caching_chunking_and_preemption(family_setup, test_i
     engine.abort_request("busy")
     buffer = io.BytesIO()
     images[0].save(buffer, format="PNG")
-    load_image("data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode())
-    assert len(DATA_URL_CACHE) > 0
+    data_url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    engine.media.load(data_url)
+    assert len(engine.media.data_urls) > 0
+    fresh = _llm(path, enable_prefix_caching=True, max_num_seqs=1)  # its own data URL cache
+    fresh.llm_engine.media.load(data_url)
     assert llm.reset_prefix_cache() and llm.reset_mm_cache()
     assert not engine.executor.runner.encoder.outputs and len(engine.processor.cache) == 0
-    assert len(DATA_URL_CACHE) == 0
+    assert len(engine.media.data_urls) == 0
+    assert len(fresh.llm_engine.media.data_urls) == 1  # one engine's reset leaves another's
     third = _generate(llm, batch)
     check(third)
     cached = [o.num_cached_tokens for o in third]
@@ -166,7 +169,6 @@ def test_same_outputs_under_caching_chunking_and_preemption(family_setup, test_i
     assert all(c < o.num_cached_tokens for c, o in zip(cached, second))
     assert len(engine.processor.cache) == len({id(im) for _, ims in batch for im in ims})
     engine.scheduler.check_integrity()
-    fresh = _llm(path, enable_prefix_caching=True, max_num_seqs=1)
     first_two = _generate(fresh, batch[:1]) + _generate(fresh, batch[2:3])
     image_start = first_two[0].prompt_token_ids.index(151655)
     assert first_two[1].num_cached_tokens <= image_start  # differs from the first image on

@@ -20,6 +20,7 @@ from PIL import Image
 
 from tests.loopback import serve
 from vlmx.multimodal import MediaLimits, fetch_image, load_image, media
+from vlmx.multimodal.loader import MediaLoader
 from vlmx.multimodal.media import image_from_bytes
 
 
@@ -37,6 +38,16 @@ def _noise(width: int = 48, height: int = 32, seed: int = 0) -> np.ndarray:
 NOISE = _noise()
 PNG = _encode(Image.fromarray(NOISE), "PNG")
 JPEG = _encode(Image.fromarray(_noise(64, 64, seed=1)), "JPEG", quality=90)
+
+
+def _oriented_jpeg(orientation: int) -> bytes:
+    """A 40x24 JPEG whose EXIF Orientation tag (0x0112) is `orientation` (1..8)."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return _encode(Image.fromarray(_noise(40, 24, seed=2)), "JPEG", quality=95, exif=exif)
+
+
+ORIENTED = {o: _oriented_jpeg(o) for o in range(1, 9)}
 
 
 def _png_header(width: int, height: int) -> bytes:
@@ -93,6 +104,8 @@ class _Handler(BaseHTTPRequestHandler):
         }
         if self.path in routes:
             self._send(*routes[self.path])
+        elif self.path.startswith("/oriented-"):  # /oriented-<1..8>.jpg
+            self._send(ORIENTED[int(self.path[len("/oriented-")])], "image/jpeg")
         elif self.path == "/missing":
             self._send(b"not found", "text/plain", status=404)
         elif self.path == "/redirect":
@@ -231,47 +244,129 @@ def test_data_url_errors(url, cause):
         fetch_image(url)
 
 
-def test_repeated_data_url_is_decoded_once(monkeypatch):
-    """load_image decodes a data URL it has seen once; each caller gets its own tensor."""
-    cache = media.DataURLCache()
-    monkeypatch.setattr(media, "DATA_URL_CACHE", cache)
-    decodes = []
+def _count_decodes(monkeypatch) -> list[str]:
+    decodes: list[str] = []
     real = media.fetch_image
     monkeypatch.setattr(media, "fetch_image", lambda u, **k: decodes.append(u) or real(u, **k))
+    return decodes
+
+
+def test_repeated_data_url_is_decoded_once(monkeypatch):
+    """A loader decodes a data URL it has seen once; each caller gets its own tensor."""
+    loader = MediaLoader()
+    decodes = _count_decodes(monkeypatch)
     url = _data_url(PNG)
-    first = load_image(url)
+    first = loader.load(url)
     first.zero_()  # the caller's own: the next load is unaffected
-    again = load_image("".join(url))  # equal text, another string object
+    again = loader.load("".join(url))  # equal text, another string object
     assert len(decodes) == 1
     assert torch.equal(again, torch.from_numpy(NOISE).permute(2, 0, 1))
-    assert load_image(_data_url(JPEG, "image/jpeg")).shape == (3, 64, 64)
+    assert loader.load(_data_url(JPEG, "image/jpeg")).shape == (3, 64, 64)
     assert len(decodes) == 2
+    # load_image alone keeps nothing: it decodes every time
+    load_image(url)
+    load_image(url)
+    assert len(decodes) == 4 and len(loader.data_urls) == 2
 
 
-def test_data_url_cache_is_bounded_and_keyed_by_limits(monkeypatch):
+def test_data_url_cache_is_bounded(monkeypatch):
     png, jpeg = _data_url(PNG), _data_url(JPEG, "image/jpeg")
-    cache = media.DataURLCache(max_bytes=NOISE.size + 64 * 64 * 3 - 1)  # not both images
-    monkeypatch.setattr(media, "DATA_URL_CACHE", cache)
-    decodes = []
-    real = media.fetch_image
-    monkeypatch.setattr(media, "fetch_image", lambda u, **k: decodes.append(u) or real(u, **k))
-    load_image(png)
-    load_image(jpeg)  # over the bound with both: the least recently used (png) goes
+    loader = MediaLoader(data_url_cache_bytes=NOISE.size + 64 * 64 * 3 - 1)  # not both images
+    cache = loader.data_urls
+    decodes = _count_decodes(monkeypatch)
+    loader.load(png)
+    loader.load(jpeg)  # over the bound with both: the least recently used (png) goes
     assert len(cache) == 1 and cache.images.num_bytes <= cache.images.capacity_bytes
-    load_image(jpeg)
+    loader.load(jpeg)
     assert decodes == [png, jpeg]  # jpeg kept
-    # read under stricter limits, a cached image is checked again, not served
-    with pytest.raises(ValueError, match="pixels"):
-        load_image(jpeg, limits=MediaLimits(max_pixels=100))
     # a failure is not cached
     for _ in range(2):
         with pytest.raises(ValueError, match="invalid base64"):
-            load_image("data:image/png;base64,abc")
+            loader.load("data:image/png;base64,abc")
     assert len(cache) == 1
-    load_image(jpeg)
-    assert decodes.count(jpeg) == 2  # once, and once under the stricter limits
-    load_image(png)
+    loader.load(png)
     assert decodes.count(png) == 2  # evicted before, decoded again
+
+
+def test_loaders_keep_their_own_limits_and_caches(monkeypatch):
+    """Each engine's loader has its own limits and data URL cache: clearing one, or a stricter
+    one failing, leaves the other's images alone."""
+    jpeg = _data_url(JPEG, "image/jpeg")
+    first, second = MediaLoader(), MediaLoader()
+    strict = MediaLoader(MediaLimits(max_pixels=100))
+    decodes = _count_decodes(monkeypatch)
+    first.load(jpeg)
+    second.load(jpeg)
+    assert len(decodes) == 2  # nothing shared
+    with pytest.raises(ValueError, match=r"4096 pixels, over the limit of 100"):
+        strict.load(jpeg)  # checked under its own limits, not served from another's cache
+    second.clear()
+    assert len(first.data_urls) == 1 and len(second.data_urls) == 0
+    first.load(jpeg)
+    assert len(decodes) == 3  # first's entry survived second's clear
+    second.load(jpeg)
+    assert len(decodes) == 4
+
+
+def test_loader_limits_default_to_the_environment(monkeypatch):
+    monkeypatch.setenv("VLMX_IMAGE_MAX_PIXELS", "1000")
+    loader = MediaLoader()
+    assert loader.limits.max_pixels == 1000
+    monkeypatch.delenv("VLMX_IMAGE_MAX_PIXELS")
+    with pytest.raises(ValueError, match=r"1536 pixels, over the limit of 1000"):
+        loader.load(NOISE)  # read once, when the loader was made
+    assert MediaLoader(MediaLimits(max_pixels=2000)).load(NOISE).shape == (3, 32, 48)
+    assert MediaLimits.from_env(max_pixels=5).max_pixels == 5
+
+
+# ---------------------------------------------------------------------------------------------
+# EXIF orientation
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_matches_transformers(orientation, server, tmp_path):
+    """Paths, file / http(s) / data URLs come out upright, pixel for pixel as transformers'
+    `load_image` (which applies `ImageOps.exif_transpose`) returns them."""
+    from transformers.image_utils import load_image as hf_load_image
+
+    data = ORIENTED[orientation]
+    path = tmp_path / f"oriented-{orientation}.jpg"
+    path.write_bytes(data)
+    expected = np.asarray(hf_load_image(str(path)))  # [H, W, 3]
+    assert np.array_equal(expected, np.asarray(hf_load_image(_data_url(data, "image/jpeg"))))
+    # orientations 5..8 swap width and height; the others keep the stored 40x24
+    assert expected.shape == ((40, 24, 3) if orientation >= 5 else (24, 40, 3))
+    raw = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    assert np.array_equal(expected, raw) == (orientation == 1)
+    sources = (
+        str(path),
+        path,
+        path.as_uri(),
+        f"{server}/oriented-{orientation}.jpg",
+        _data_url(data, "image/jpeg"),
+    )
+    for source in sources:
+        assert np.array_equal(np.asarray(fetch_image(str(source))), expected), source
+        tensor = load_image(source)
+        assert np.array_equal(tensor.permute(1, 2, 0).numpy(), expected), source
+    loader = MediaLoader()
+    for _ in range(2):  # decoded, then from the data URL cache: upright both times
+        tensor = loader.load(_data_url(data, "image/jpeg"))
+        assert np.array_equal(tensor.permute(1, 2, 0).numpy(), expected)
+
+
+def test_pil_images_handed_in_are_taken_as_they_are():
+    """A PIL image the caller passes keeps its pixels, as vLLM and the HF image processors take
+    it; `ImageOps.exif_transpose` first turns it upright."""
+    from PIL import ImageOps
+
+    image = Image.open(io.BytesIO(ORIENTED[6]))
+    tensor = load_image(image)
+    assert tensor.shape == (3, 24, 40)
+    assert np.array_equal(tensor.permute(1, 2, 0).numpy(), np.asarray(image.convert("RGB")))
+    upright = load_image(ImageOps.exif_transpose(image))
+    assert upright.shape == (3, 40, 24)
+    assert torch.equal(upright, load_image(_data_url(ORIENTED[6], "image/jpeg")))
 
 
 def test_data_url_byte_limit():

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import random
+import signal
 import sys
 import threading
 import time
@@ -31,9 +33,8 @@ from vlmx import LLM, InvalidPromptsError, RequestOutput, SamplingParams
 from vlmx import llm as llm_module
 from vlmx.demo.images import structured_image
 from vlmx.llm import _ProcessAhead
-from vlmx.multimodal import chat as chat_module
 from vlmx.multimodal.cache import TensorCache
-from vlmx.multimodal.chat import load_images_concurrently
+from vlmx.multimodal.loader import MediaLoader
 
 PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 MAX_NUM_SEQS = 2  # the engine takes 2 * 2 requests; 2 prompts are processed ahead of it
@@ -149,7 +150,8 @@ def test_processing_runs_on_worker_threads(llm, prompts, monkeypatch):
 
         return process_and_record
 
-    monkeypatch.setattr(chat_module, "load_image", record(chat_module.load_image))
+    media = llm.llm_engine.media
+    monkeypatch.setattr(media, "load", record(media.load))
     with _wrapped(llm.llm_engine.processor, "process", record):
         llm.generate(prompts, GREEDY, use_tqdm=False)
         assert len(threads) == len(prompts) + 9  # one process per prompt, 9 images
@@ -424,22 +426,25 @@ def test_one_lazily_opened_image_loads_in_several_threads_at_once():
     with the image 8 times) may load it at once, which PIL alone gets wrong."""
     buffer = io.BytesIO()
     structured_image(640, 480, 1).save(buffer, format="PNG")
-    expected = load_images_concurrently([Image.open(io.BytesIO(buffer.getvalue()))])[0]
+    loader = MediaLoader()
+    expected = loader.load_all([Image.open(io.BytesIO(buffer.getvalue()))])[0]
     for _ in range(5):
         image = Image.open(io.BytesIO(buffer.getvalue()))
-        for loaded in load_images_concurrently([image] * 8):
+        for loaded in loader.load_all([image] * 8):
             assert torch.equal(loaded, expected)
 
 
 def test_image_loads_share_one_pool(monkeypatch):
-    """Calls reuse the same few threads, and one call runs at most max_workers loads at once."""
+    """A loader's calls reuse its few threads, and one call runs at most max_workers loads at
+    once; another loader (another engine) has threads of its own."""
     threads: set[threading.Thread] = set()
     lock = threading.Lock()
     running = 0
     most_running = 0
-    load_image = chat_module.load_image
+    loader = MediaLoader(max_workers=4)
+    load = loader.load
 
-    def tracked(source, *, limits):
+    def tracked(source):
         nonlocal running, most_running
         with lock:
             threads.add(threading.current_thread())
@@ -448,16 +453,44 @@ def test_image_loads_share_one_pool(monkeypatch):
         time.sleep(0.002)
         with lock:
             running -= 1
-        return load_image(source, limits=limits)
+        return load(source)
 
-    monkeypatch.setattr(chat_module, "load_image", tracked)
+    monkeypatch.setattr(loader, "load", tracked)
     sources = [torch.full((3, 2, 2), i, dtype=torch.uint8) for i in range(6)]
     for _ in range(20):
-        images = load_images_concurrently(sources)
+        images = loader.load_all(sources)
         assert [int(image[0, 0, 0]) for image in images] == list(range(6))
-    assert len(threads) <= chat_module._IMAGE_THREADS
+    assert 1 < len(threads) <= 4
     assert all(t.name.startswith("vlmx-image") for t in threads)
     most_running = 0
-    images = load_images_concurrently(sources, max_workers=2)
+    images = loader.load_all(sources, max_workers=2)
     assert [int(image[0, 0, 0]) for image in images] == list(range(6))
     assert most_running <= 2
+    other = MediaLoader(max_workers=4)
+    first_threads = set(threads)
+    threads.clear()
+    monkeypatch.setattr(other, "load", tracked)
+    other.load_all(sources)
+    assert threads and not threads & first_threads
+
+
+def test_a_loader_works_in_a_forked_child(monkeypatch):
+    """A loader whose pool ran in the parent starts a fresh pool (and cache) in a forked child,
+    where the parent's threads are gone (the parent's idle ones would take the child's loads)."""
+    loader = MediaLoader()
+    load = loader.load
+    monkeypatch.setattr(loader, "load", lambda source: time.sleep(0.05) or load(source))
+    sources = [torch.full((3, 2, 2), i, dtype=torch.uint8) for i in range(6)]
+    assert len(loader.load_all(sources)) == 6  # the parent's pool has 6 threads, idle now
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if the loads came back in order
+        status = 1
+        try:
+            signal.alarm(10)  # a deadlock ends the child rather than hang the test
+            images = loader.load_all(sources[:2])
+            status = 0 if [int(image[0, 0, 0]) for image in images] == [0, 1] else 2
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert len(loader.load_all(sources)) == 6  # the parent's loader is unaffected

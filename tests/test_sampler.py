@@ -22,6 +22,7 @@ def metadata(
     stop_token_ids=None,
     generators=None,
     device="cpu",
+    argmax_cache=None,
 ):
     n = len(params)
     return build_sampling_metadata(
@@ -33,6 +34,7 @@ def metadata(
         generators=generators if generators is not None else [None] * n,
         vocab_size=vocab,
         device=device,
+        argmax_cache=argmax_cache,
     )
 
 
@@ -286,6 +288,25 @@ def test_min_tokens_masks_stop_tokens():
         stop_token_ids=[{eos, stop_id}] * 2000,
     )
     assert not set(many.sampled_token_ids.tolist()) & {eos, stop_id}
+
+
+def test_argmax_metadata_is_cached_per_sampler():
+    """An argmax-only batch's metadata is built once per batch size, in the cache of the sampler
+    passed in; another sampler's cache, or none, builds its own."""
+    greedy = [SamplingParams(temperature=0.0)] * 3
+    a, b = Sampler(), Sampler()
+    first = metadata(greedy, argmax_cache=a.argmax_metadata)
+    assert metadata(greedy, argmax_cache=a.argmax_metadata) is first
+    assert metadata(greedy[:2], argmax_cache=a.argmax_metadata) is not first  # per batch size
+    assert metadata(greedy, argmax_cache=b.argmax_metadata) is not first
+    assert metadata(greedy) is not first
+    assert metadata(greedy, vocab=VOCAB + 1, argmax_cache=a.argmax_metadata) is not first
+    wants_more = [SamplingParams(temperature=0.0, logprobs=1)] * 3
+    kept = metadata(wants_more, argmax_cache=a.argmax_metadata)
+    assert metadata(wants_more, argmax_cache=a.argmax_metadata) is not kept  # never cached
+    assert len(a.argmax_metadata) == 3 and len(b.argmax_metadata) == 1
+    logits = torch.randn(3, VOCAB)
+    assert torch.equal(a(logits, first).sampled_token_ids, logits.argmax(dim=-1))
 
 
 def test_all_greedy_batch_still_masks_below_min_tokens():

@@ -1,6 +1,6 @@
 """vlmx: fast offline inference for vision-language models with several images per prompt."""
 
-from vlmx.config import EngineArgs
+from vlmx.engine.engine_args import EngineArgs
 from vlmx.llm import LLM, InvalidPromptsError
 from vlmx.lora.request import LoRARequest
 from vlmx.outputs import CompletionOutput, RequestOutput

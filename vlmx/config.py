@@ -1,15 +1,15 @@
-"""Engine arguments as users pass them (vLLM's names), validated once into frozen configs."""
+"""The engine's frozen configs, built once from `EngineArgs` (`vlmx.engine.engine_args`) and read
+by every part of the engine; this module imports nothing of vlmx above `multimodal.media`."""
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import PretrainedConfig
 
-logger = logging.getLogger(__name__)
+from vlmx.multimodal.media import MediaLimits
 
 _DTYPES = {
     "bfloat16": torch.bfloat16,
@@ -21,52 +21,6 @@ _DTYPES = {
     "float": torch.float32,
     "fp32": torch.float32,
 }
-
-
-@dataclass
-class EngineArgs:
-    """The arguments of `vlmx.LLM`, named and defaulted as vLLM names them.
-
-    A field vlmx does not support yet raises a `ValueError` when the engine is built, never
-    silently ignored.
-    """
-
-    model: str = "demo"
-    tokenizer: str | None = None
-    tokenizer_mode: str = "auto"
-    trust_remote_code: bool = False
-    revision: str | None = None
-    tokenizer_revision: str | None = None
-    dtype: str = "auto"
-    load_format: str = "auto"  # "auto": the checkpoint's safetensors; "dummy": random weights
-    seed: int | None = 0
-    max_model_len: int | None = None
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None
-    block_size: int = 16
-    gpu_memory_utilization: float = 0.9
-    num_gpu_blocks_override: int | None = None
-    enable_prefix_caching: bool = True
-    limit_mm_per_prompt: dict[str, int] | None = None
-    mm_processor_kwargs: dict[str, Any] | None = None
-    hf_overrides: dict[str, Any] | None = None
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    enforce_eager: bool = False
-    # Schedule and launch each step before the previous one's samples reach the host, so the
-    # host's bookkeeping overlaps the GPU (None: on for CUDA, off elsewhere).
-    async_scheduling: bool | None = None
-    enable_lora: bool = False
-    max_lora_rank: int = 16
-    max_loras: int = 1
-    max_logprobs: int = 20
-    device: str = "auto"
-    disable_log_stats: bool = True
-
-    def create_engine_config(self) -> EngineConfig:
-        from vlmx.engine.config_builder import build_engine_config
-
-        return build_engine_config(self)
 
 
 @dataclass(frozen=True)
@@ -83,6 +37,7 @@ class ModelConfig:
     load_format: str = "auto"
     mm_processor_kwargs: dict[str, Any] = field(default_factory=dict)
     max_images_per_prompt: int | None = None  # limit_mm_per_prompt["image"]
+    media_limits: MediaLimits = MediaLimits()  # image_fetch_timeout, image_max_bytes, ...
 
 
 @dataclass(frozen=True)

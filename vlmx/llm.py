@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
+import threading
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from vlmx.config import EngineArgs
-from vlmx.engine.config_builder import engine_args_from_kwargs
 from vlmx.engine.engine import LLMEngine
+from vlmx.engine.engine_args import EngineArgs, engine_args_from_kwargs
 from vlmx.lora.request import LORA_UNSUPPORTED, LoRARequest
-from vlmx.multimodal.chat import parse_chat_messages, render_chat, resolve_chat_template
+from vlmx.multimodal.chat import (
+    parse_chat_messages,
+    render_chat,
+    resolve_chat_template,
+    split_conversations,
+)
 from vlmx.multimodal.inputs import ProcessedPrompt
 from vlmx.outputs import RequestOutput
 from vlmx.sampling_params import SamplingParams
@@ -23,7 +29,7 @@ from vlmx.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 # Threads that process prompts ahead of the engine. Much of their work releases the GIL (image
-# decoding, on the image pool of `load_images_concurrently`; torch ops; tokenizers), so a few keep
+# decoding, on the pool of the engine's `MediaLoader`; torch ops; tokenizers), so a few keep
 # up with the engine; more compete for the GIL with the thread that steps it. Measured on an H200
 # (Qwen2.5-VL-3B, 256 prompts): 2 threads beat 4 by 8% on random-mm and w2-decode, and 1.
 PROCESS_THREADS = 2
@@ -50,13 +56,20 @@ class InvalidPromptsError(ValueError):
 
 
 class LLM:
-    """An engine for one model. Arguments are `EngineArgs`' fields, as for `vllm.LLM`."""
+    """An engine for one model. Arguments are `EngineArgs`' fields, as for `vllm.LLM`.
+
+    Safe to share between threads: calls of `generate` and `chat` on one `LLM` run one at a
+    time, in the order they take its lock; a call from a second thread waits until the running
+    one returns, and each gets exactly its own outputs. `reset_prefix_cache` / `reset_mm_cache`
+    return False while another thread's call runs. (The `llm_engine` itself is not thread-safe.)
+    """
 
     def __init__(self, model: str = "demo", **kwargs: Any) -> None:
         args = engine_args_from_kwargs(model, **kwargs)
         self.engine_args = args
         self.llm_engine = LLMEngine(args.create_engine_config())
         self._ids = itertools.count()
+        self._run_lock = threading.Lock()  # one generate / chat at a time; see the class
         # NOTE: threads start on first use and end once the LLM is garbage collected.
         self._process_pool = ThreadPoolExecutor(PROCESS_THREADS, thread_name_prefix="vlmx-prompt")
 
@@ -72,14 +85,16 @@ class LLM:
     def reset_prefix_cache(self) -> bool:
         """Forget every cached KV block, so that the next prompts share nothing with earlier
         ones (as vLLM's `LLM.reset_prefix_cache`). False, and nothing forgotten, while requests
-        are unfinished."""
-        return self.llm_engine.reset_prefix_cache()
+        are unfinished (also another thread's call)."""
+        with self._idle() as idle:
+            return idle and self.llm_engine.reset_prefix_cache()
 
     def reset_mm_cache(self) -> bool:
         """Forget the decoded data URLs, the processed images and the vision encoder's cached
         outputs (as vLLM's `LLM.reset_mm_cache`). False, and nothing forgotten, while requests
-        are unfinished."""
-        return self.llm_engine.reset_mm_cache()
+        are unfinished (also another thread's call)."""
+        with self._idle() as idle:
+            return idle and self.llm_engine.reset_mm_cache()
 
     def get_default_sampling_params(self) -> SamplingParams:
         """SamplingParams with the checkpoint's generation_config.json defaults (temperature,
@@ -106,11 +121,12 @@ class LLM:
             prompts = [prompts]
         prompts = list(prompts)
         params = self._params_list(sampling_params, len(prompts))
-        return self._run(prompts, params, use_tqdm)
+        with self._run_lock:
+            return self._run(prompts, params, use_tqdm)
 
     def chat(
         self,
-        messages: list[dict] | list[list[dict]],
+        messages: dict | list[dict] | list[list[dict]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         lora_request: LoRARequest | None = None,
@@ -121,8 +137,9 @@ class LLM:
         chat_template_kwargs: dict[str, Any] | None = None,
         mm_processor_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
-        """OpenAI-style conversations (one, or a list of them) rendered with the model's chat
-        template (or `chat_template`) and run as one batch."""
+        """OpenAI-style conversations rendered with the model's chat template (or
+        `chat_template`) and run as one batch. `messages`: one message dict, one conversation
+        (a list of message dicts) or a list of conversations; one output per conversation."""
         if lora_request is not None:
             raise ValueError(LORA_UNSUPPORTED)
         if chat_template_content_format not in ("auto", "openai"):
@@ -131,7 +148,27 @@ class LLM:
                 "vlmx passes content to the template as a list of typed parts: use 'auto' or "
                 "'openai'"
             )
-        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        conversations = split_conversations(messages)
+        render_kwargs = {
+            "add_generation_prompt": add_generation_prompt,
+            "continue_final_message": continue_final_message,
+            "chat_template_kwargs": chat_template_kwargs,
+        }
+        with self._run_lock:  # NOTE: rendering and tokenizing too, not only the run
+            prompts = self._chat_prompts(
+                conversations, chat_template, render_kwargs, mm_processor_kwargs
+            )
+            params = self._params_list(sampling_params, len(prompts))
+            return self._run(prompts, params, use_tqdm)
+
+    def _chat_prompts(
+        self,
+        conversations: list[list],
+        chat_template: str | None,
+        render_kwargs: dict[str, Any],
+        mm_processor_kwargs: dict[str, Any] | None,
+    ) -> list[Any]:
+        """One prompt dict per conversation (or a `_BadPrompt` where it fails to render)."""
         engine = self.llm_engine
         template = resolve_chat_template(
             chat_template, engine.config.model_config.model_path, engine.tokenizer
@@ -139,15 +176,8 @@ class LLM:
         prompts: list[Any] = []
         for conversation in conversations:
             try:
-                normalized, images = parse_chat_messages(list(conversation))
-                text = render_chat(
-                    engine.tokenizer,
-                    normalized,
-                    template,
-                    add_generation_prompt=add_generation_prompt,
-                    continue_final_message=continue_final_message,
-                    chat_template_kwargs=chat_template_kwargs,
-                )
+                normalized, images = parse_chat_messages(conversation)
+                text = render_chat(engine.tokenizer, normalized, template, **render_kwargs)
             except ValueError as e:
                 prompts.append(_BadPrompt(str(e)))
                 continue
@@ -160,8 +190,7 @@ class LLM:
             if mm_processor_kwargs:
                 prompt["mm_processor_kwargs"] = mm_processor_kwargs
             prompts.append(prompt)
-        params = self._params_list(sampling_params, len(prompts))
-        return self._run(prompts, params, use_tqdm)
+        return prompts
 
     def _params_list(
         self, sampling_params: SamplingParams | Sequence[SamplingParams] | None, n: int
@@ -181,6 +210,7 @@ class LLM:
         self, prompts: list[Any], params: list[SamplingParams], use_tqdm: bool
     ) -> list[RequestOutput]:
         """Feed `prompts` to the engine in order as it has room, step it until all are done.
+        The caller holds `_run_lock`.
 
         Prompts are processed (tokenized, images loaded and preprocessed) on `_process_pool`
         while the engine steps on this thread, at most `PROCESS_AHEAD` of them ahead of the engine;
@@ -235,6 +265,16 @@ class LLM:
         if errors:
             raise InvalidPromptsError(errors, outputs)
         return outputs  # type: ignore[return-value]
+
+    @contextlib.contextmanager
+    def _idle(self) -> Iterator[bool]:
+        """Holds the run lock if no call runs; yields whether it got it (never waits)."""
+        acquired = self._run_lock.acquire(blocking=False)
+        try:
+            yield acquired
+        finally:
+            if acquired:
+                self._run_lock.release()
 
     def _process_prompt(self, prompt: Any) -> tuple[str | None, ProcessedPrompt]:
         """`LLMEngine.process_prompt`, run on `_process_pool`; a `_BadPrompt` raises its error."""

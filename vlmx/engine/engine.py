@@ -26,7 +26,7 @@ from vlmx.engine.scheduler import Scheduler
 from vlmx.lora.request import LORA_UNSUPPORTED, LoRARequest
 from vlmx.models.registry import get_model_class, get_processor_class
 from vlmx.multimodal.inputs import ProcessedPrompt
-from vlmx.multimodal.media import DATA_URL_CACHE
+from vlmx.multimodal.loader import MediaLoader
 from vlmx.outputs import RequestOutput
 from vlmx.sampling_params import SamplingParams
 from vlmx.step import SchedulerOutput
@@ -57,7 +57,9 @@ class LLMEngine:
             eos_token_ids.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos_token_ids)
         chunk_images = get_model_class(mc.architecture).chunk_images
-        self.input_processor = InputProcessor(config, self.tokenizer, self.processor, chunk_images)
+        self.input_processor = InputProcessor(
+            config, self.tokenizer, self.processor, MediaLoader(mc.media_limits), chunk_images
+        )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.executor = executor or InProcessExecutor(config, self.eos_token_ids)
         sc = config.scheduler_config
@@ -80,6 +82,11 @@ class LLMEngine:
         # the collector's generations keeps its full passes short during generation.
         gc.collect()
         gc.freeze()
+
+    @property
+    def media(self) -> MediaLoader:
+        """This engine's image loading: its limits, thread pool and data URL cache."""
+        return self.input_processor.media
 
     # -- inputs ---------------------------------------------------------------------------
 
@@ -196,7 +203,7 @@ class LLMEngine:
         if self.has_unfinished_requests():
             return False
         self.processor.cache.clear()
-        DATA_URL_CACHE.clear()
+        self.media.clear()
         self.scheduler.encoder_cache.clear()
         self.executor.reset_encoder_cache()
         return True

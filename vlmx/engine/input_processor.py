@@ -18,8 +18,8 @@ from transformers import AutoTokenizer, GenerationConfig
 from vlmx.config import EngineConfig
 from vlmx.models.interface import Processor
 from vlmx.models.loader import text_config
-from vlmx.multimodal.chat import load_images_concurrently
 from vlmx.multimodal.inputs import ProcessedPrompt
+from vlmx.multimodal.loader import MediaLoader
 
 _PROMPT_KEYS = {"prompt", "prompt_token_ids", "multi_modal_data", "mm_processor_kwargs"}
 
@@ -81,11 +81,17 @@ def token_id_list(raw: Any) -> list[int]:
 
 class InputProcessor:
     def __init__(
-        self, config: EngineConfig, tokenizer, processor: Processor, chunk_images: bool
+        self,
+        config: EngineConfig,
+        tokenizer,
+        processor: Processor,
+        media: MediaLoader,
+        chunk_images: bool,
     ) -> None:
         self.config = config
         self.tokenizer = tokenizer
         self.processor = processor
+        self.media = media
         # False: an image's span must be prefilled in one step (bidirectional image tokens)
         self.chunk_images = chunk_images
         self.vocab_size = text_config(config.model_config.hf_config).vocab_size
@@ -114,7 +120,7 @@ class InputProcessor:
                     f"got {type(prompt[key]).__name__}"
                 )
         images = self._images(prompt.get("multi_modal_data") or {})
-        tensors = load_images_concurrently(images)
+        tensors = self.media.load_all(images)
         kwargs = dict(prompt.get("mm_processor_kwargs") or {})
         processed = self.processor.process(token_ids, tensors, kwargs)
         self.check_length(processed)

@@ -15,11 +15,7 @@
 from __future__ import annotations
 
 import json
-import os
-import threading
-from collections import deque
 from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vlmx.multimodal.media import MediaLimits, describe_source, load_image
+from vlmx.multimodal.media import describe_source
 
 SUPPORTED_PART_TYPES = ("text", "image_url", "image_pil", "image")
 _SUPPORTED = ", ".join(repr(t) for t in SUPPORTED_PART_TYPES)
@@ -121,6 +117,49 @@ def _parse_part(part: Any, where: str) -> tuple[dict, Any | None]:
         f"{where}: part type {part_type!r} is not supported ({what}); vlmx supports types "
         f"{_SUPPORTED}"
     )
+
+
+def split_conversations(messages: Any) -> list[list]:
+    """`LLM.chat`'s first argument as a list of conversations, as vLLM's `chat` takes it: one
+    message (a dict), one conversation (a list of message dicts) or a list of conversations.
+
+    Raises ValueError, saying what it got, for anything else: an empty list, a list that mixes
+    messages and conversations, a list of something other than dicts or lists. The messages
+    themselves are checked later, one conversation at a time (`parse_chat_messages`).
+    """
+    accepted = (
+        "llm.chat takes one message (a dict with 'role' and 'content'), one conversation (a "
+        "list of such dicts) or a list of conversations (a list of lists)"
+    )
+    if isinstance(messages, Mapping):
+        return [[messages]]
+    if not isinstance(messages, list | tuple):
+        raise ValueError(f"{accepted}; got {_what(messages)}")
+    if not messages:
+        raise ValueError(f"{accepted}; got an empty {type(messages).__name__}")
+    is_message = [isinstance(m, Mapping) for m in messages]
+    is_conversation = [isinstance(m, list | tuple) for m in messages]
+    if all(is_message):
+        return [list(messages)]
+    if all(is_conversation):
+        return [list(c) for c in messages]
+    if any(is_message) and any(is_conversation):
+        idx_message, idx_conversation = is_message.index(True), is_conversation.index(True)
+        raise ValueError(
+            f"{accepted}; got a list that mixes messages (dict at index {idx_message}) and "
+            f"conversations (list at index {idx_conversation})"
+        )
+    idx = next(i for i, (m, c) in enumerate(zip(is_message, is_conversation)) if not (m or c))
+    raise ValueError(
+        f"{accepted}; got a list whose item {idx} is {_what(messages[idx])}, neither a "
+        "message dict nor a conversation list"
+    )
+
+
+def _what(value: Any) -> str:
+    if isinstance(value, str):
+        return f"a str ({describe_source(value)})"
+    return describe_source(value)
 
 
 def parse_chat_messages(messages: list[dict]) -> tuple[list[dict], list[Any]]:
@@ -298,73 +337,3 @@ def render_chat(
         raise ValueError(f"the chat template failed to render these messages: {e}") from e
     assert isinstance(prompt, str), type(prompt)
     return prompt
-
-
-# ---------------------------------------------------------------------------------------------
-# Images
-
-
-# NOTE: one pool for the process, made on first use: a pool per call would start threads for
-# every prompt. Its tasks only load images and never wait on other tasks, so callers that run in
-# a pool of their own (LLM's prompt workers) may wait on them without deadlock.
-_IMAGE_THREADS = 8
-_image_pool: ThreadPoolExecutor | None = None
-_image_pool_lock = threading.Lock()
-
-
-def _shared_image_pool() -> ThreadPoolExecutor:
-    global _image_pool
-    with _image_pool_lock:
-        if _image_pool is None:
-            _image_pool = ThreadPoolExecutor(_IMAGE_THREADS, thread_name_prefix="vlmx-image")
-        return _image_pool
-
-
-def _forget_image_pool() -> None:
-    """In a forked child: the parent's threads are gone (and its lock may be held), start over."""
-    global _image_pool, _image_pool_lock
-    _image_pool, _image_pool_lock = None, threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):  # POSIX only
-    os.register_at_fork(after_in_child=_forget_image_pool)
-
-
-def load_images_concurrently(
-    sources: list, max_workers: int = _IMAGE_THREADS, *, limits: MediaLimits | None = None
-) -> list[torch.Tensor]:
-    """`load_image` over `sources`, at most `max_workers` at a time on a thread pool shared by
-    all callers (of `_IMAGE_THREADS` threads); results in the order of `sources`.
-
-    The first failure (by index) is raised as a ValueError naming the image's index; images not
-    yet started are cancelled. Must not be called from the shared pool's own threads.
-    """
-    if max_workers < 1:
-        raise ValueError(f"max_workers must be >= 1, got {max_workers}")
-    limits = limits or MediaLimits.from_env()
-    if len(sources) <= 1 or max_workers == 1:
-        return [_load_one(idx, source, limits) for idx, source in enumerate(sources)]
-    pool = _shared_image_pool()
-    images: list[torch.Tensor] = []
-    in_flight: deque[Future[torch.Tensor]] = deque()
-    try:
-        # NOTE: results are taken in index order, so the first error raised is the first image's.
-        for idx, source in enumerate(sources):
-            if len(in_flight) == max_workers:
-                images.append(in_flight.popleft().result())
-            in_flight.append(pool.submit(_load_one, idx, source, limits))
-        while in_flight:
-            images.append(in_flight.popleft().result())
-    except BaseException:
-        # NOTE: don't wait for downloads in flight (each is bounded by its own timeout).
-        for future in in_flight:
-            future.cancel()
-        raise
-    return images
-
-
-def _load_one(idx: int, source: Any, limits: MediaLimits) -> torch.Tensor:
-    try:
-        return load_image(source, limits=limits)
-    except Exception as e:
-        raise ValueError(f"image {idx} ({describe_source(source)}) failed to load: {e}") from e

@@ -1,11 +1,19 @@
 """Image loading: URLs, data URLs, paths, PIL images, tensors and arrays -> uint8 [3, H, W].
 
 Every failure is a `ValueError` that names the image and the cause, so the engine can fail the one
-request that carried it. Limits guard against slow servers, huge downloads and decompression bombs:
+request that carried it. Limits (`MediaLimits`) guard against slow servers, huge downloads and
+decompression bombs. An engine takes them from its `EngineArgs` fields; where a field is None, and
+for `fetch_image` / `load_image` called without limits, from these variables:
 
-    VLMX_IMAGE_FETCH_TIMEOUT  seconds for one http(s) download        (default 10)
-    VLMX_IMAGE_MAX_BYTES      bytes of one encoded image               (default 64 MiB)
-    VLMX_IMAGE_MAX_PIXELS     width * height, checked before decoding  (default 64 Mi pixels)
+    EngineArgs field     variable                  bounds                              default
+    image_fetch_timeout  VLMX_IMAGE_FETCH_TIMEOUT  seconds of one http(s) download     10
+    image_max_bytes      VLMX_IMAGE_MAX_BYTES      bytes of one encoded image          64 MiB
+    image_max_pixels     VLMX_IMAGE_MAX_PIXELS     width * height, before decoding     64 Mi
+
+Images decoded from bytes (paths, file / http(s) / data URLs) are turned upright per their EXIF
+orientation, as `transformers.image_utils.load_image` does. PIL images handed in are taken as they
+are: their pixels are the caller's (as vLLM and the HF image processors take them); call
+`PIL.ImageOps.exif_transpose` first to turn one upright.
 """
 
 from __future__ import annotations
@@ -24,12 +32,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import blake3
 import numpy as np
 import torch
-from PIL import Image
-
-from vlmx.multimodal.cache import TensorCache
+from PIL import Image, ImageOps
 
 _URL_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):")
 _CHUNK_BYTES = 1 << 20
@@ -43,7 +48,8 @@ _PIL_LOAD_LOCKS = tuple(threading.Lock() for _ in range(64))
 
 @dataclass(slots=True, frozen=True)
 class MediaLimits:
-    """Bounds on one image; `from_env()` reads the VLMX_IMAGE_* variables."""
+    """Bounds on one image; `from_env()` reads the VLMX_IMAGE_* variables. Frozen: an engine
+    keeps one in its `ModelConfig.media_limits`."""
 
     timeout_s: float = 10.0  # whole http(s) download, not just one socket read
     max_bytes: int = 64 * 1024 * 1024  # encoded size (download, file or decoded data URL)
@@ -56,12 +62,24 @@ class MediaLimits:
                 raise ValueError(f"MediaLimits.{name} must be a positive number, got {value!r}")
 
     @classmethod
-    def from_env(cls) -> MediaLimits:
+    def from_env(
+        cls,
+        timeout_s: float | None = None,
+        max_bytes: int | None = None,
+        max_pixels: int | None = None,
+    ) -> MediaLimits:
+        """Each limit as given, or where None, from its VLMX_IMAGE_* variable, else the default."""
         default = cls()
         return cls(
-            timeout_s=_env_number("VLMX_IMAGE_FETCH_TIMEOUT", default.timeout_s, float),
-            max_bytes=_env_number("VLMX_IMAGE_MAX_BYTES", default.max_bytes, int),
-            max_pixels=_env_number("VLMX_IMAGE_MAX_PIXELS", default.max_pixels, int),
+            timeout_s=timeout_s
+            if timeout_s is not None
+            else _env_number("VLMX_IMAGE_FETCH_TIMEOUT", default.timeout_s, float),
+            max_bytes=max_bytes
+            if max_bytes is not None
+            else _env_number("VLMX_IMAGE_MAX_BYTES", default.max_bytes, int),
+            max_pixels=max_pixels
+            if max_pixels is not None
+            else _env_number("VLMX_IMAGE_MAX_PIXELS", default.max_pixels, int),
         )
 
 
@@ -108,7 +126,7 @@ def _check_pixels(width: int, height: int, source: str, limits: MediaLimits) -> 
         raise ValueError(
             f"image {source} is {width}x{height} = {width * height} pixels, over the limit of "
             f"{limits.max_pixels} (a possible decompression bomb); downscale the image or raise "
-            "VLMX_IMAGE_MAX_PIXELS"
+            "image_max_pixels (or VLMX_IMAGE_MAX_PIXELS)"
         )
 
 
@@ -153,7 +171,20 @@ def image_from_bytes(data: bytes, source: str, limits: MediaLimits | None = None
             f"image {source} ({image.format}, {image.width}x{image.height}) is truncated or "
             f"corrupt and could not be decoded: {e}; re-encode or re-download the image"
         ) from e
+    _turn_upright(image, source)
     return to_rgb(image, source)
+
+
+def _turn_upright(image: Image.Image, source: str) -> None:
+    """Turn a decoded image, in place, as its EXIF orientation tag says (as
+    `transformers.image_utils.load_image` does, with `PIL.ImageOps.exif_transpose`)."""
+    try:
+        ImageOps.exif_transpose(image, in_place=True)  # NOTE: no copy when there is no tag
+    except Exception as e:  # a malformed EXIF block
+        raise ValueError(
+            f"image {source} has EXIF data that could not be read to orient it: {e}; re-encode "
+            "the image"
+        ) from e
 
 
 def _sixteen_bit_to_rgb(image: Image.Image) -> Image.Image:
@@ -207,11 +238,12 @@ def _read_http(url: str, limits: MediaLimits) -> tuple[bytes, str]:
     deadline = time.monotonic() + limits.timeout_s
     too_big = (
         f"image URL {name} is larger than the limit of {limits.max_bytes} bytes; use a smaller "
-        "image or raise VLMX_IMAGE_MAX_BYTES"
+        "image or raise image_max_bytes (or VLMX_IMAGE_MAX_BYTES)"
     )
     timed_out = (
         f"timed out after {limits.timeout_s:g} s fetching image URL {name}; check that the server "
-        "is reachable or raise the timeout (timeout= or VLMX_IMAGE_FETCH_TIMEOUT)"
+        "is reachable or raise the timeout (timeout=, image_fetch_timeout or "
+        "VLMX_IMAGE_FETCH_TIMEOUT)"
     )
     try:
         # NOTE: urlopen's timeout bounds each socket operation; the deadline bounds the whole
@@ -264,7 +296,7 @@ def _read_data_url(url: str, limits: MediaLimits) -> bytes:
     if len(payload) * 3 // 4 > limits.max_bytes:
         raise ValueError(
             f"image {name} is larger than the limit of {limits.max_bytes} bytes; use a smaller "
-            "image or raise VLMX_IMAGE_MAX_BYTES"
+            "image or raise image_max_bytes (or VLMX_IMAGE_MAX_BYTES)"
         )
     try:
         return base64.b64decode(payload, validate=True)
@@ -287,7 +319,7 @@ def _read_file(path: Path, limits: MediaLimits) -> bytes:
     if size > limits.max_bytes:
         raise ValueError(
             f"image file {name} is {size} bytes, over the limit of {limits.max_bytes}; use a "
-            "smaller image or raise VLMX_IMAGE_MAX_BYTES"
+            "smaller image or raise image_max_bytes (or VLMX_IMAGE_MAX_BYTES)"
         )
     try:
         return path.read_bytes()
@@ -409,53 +441,18 @@ def _pil_to_chw_uint8(image: Image.Image, limits: MediaLimits) -> torch.Tensor:
     return torch.from_numpy(chw)
 
 
-class DataURLCache:
-    """Decoded images of base64 data URLs, keyed by a blake3 digest of the URL's text and the
-    limits it was read under, in a `TensorCache` of `max_bytes` (least recently used dropped).
-
-    A data URL carries its image, so equal text decodes to equal pixels: a chat resends the
-    same data URLs every turn, and a batch may repeat one. Decoding a 1024x768 JPEG data URL
-    costs about 8 ms of CPU, part of it with the GIL held; a hit costs a digest and a copy.
-    Thread-safe.
-    """
-
-    def __init__(self, max_bytes: int = 256 << 20) -> None:
-        self.images: TensorCache[torch.Tensor] = TensorCache(max_bytes)
-
-    def load(self, url: str, limits: MediaLimits) -> torch.Tensor:
-        """`url`'s image as load_image returns it: a tensor of the caller's own (a copy)."""
-        key = f"{blake3.blake3(url.encode()).hexdigest()} {limits}"
-        cached = self.images.get(key)
-        if cached is not None:
-            return cached.clone()
-        image = _pil_to_chw_uint8(fetch_image(url, limits=limits), limits)
-        self.images.put(key, image.clone())
-        return image
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def clear(self) -> None:
-        self.images.clear()
-
-
-# The process's cache, used by `load_image` (`LLM.reset_mm_cache` clears it).
-DATA_URL_CACHE = DataURLCache()
-
-
 def load_image(item: Any, *, limits: MediaLimits | None = None) -> torch.Tensor:
     """Load one image as a uint8 [3, H, W] contiguous CPU tensor (the caller's own).
 
     Accepts a PIL image, a string (http(s) / data / file URL or path, via `fetch_image`), a torch
-    tensor [3, H, W] (uint8, or float in [0, 1]) or a numpy array [H, W, 3] uint8. Data URLs
-    seen before come from `DataURLCache` without decoding them again.
+    tensor [3, H, W] (uint8, or float in [0, 1]) or a numpy array [H, W, 3] uint8. `limits`:
+    default `MediaLimits.from_env()`. An engine loads through its `MediaLoader`, which also keeps
+    the decoded images of data URLs.
     """
     limits = limits or MediaLimits.from_env()
     if isinstance(item, Image.Image):
         return _pil_to_chw_uint8(item, limits)
     if isinstance(item, str):
-        if item[:5].lower() == "data:":
-            return DATA_URL_CACHE.load(item, limits)
         return _pil_to_chw_uint8(fetch_image(item, limits=limits), limits)
     if isinstance(item, torch.Tensor):
         return _tensor_to_chw_uint8(item, limits)

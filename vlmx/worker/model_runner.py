@@ -288,6 +288,7 @@ class ModelRunner:
             generators=[s.generator for s in rows],
             vocab_size=logits.shape[-1],
             device=self.device,
+            argmax_cache=self.sampler.argmax_metadata,
         )
         pending.result = self.sampler(logits, sampling_metadata)
         pending.num_logprobs = [s.sampling_params.logprobs for s in rows]

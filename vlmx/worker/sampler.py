@@ -67,6 +67,11 @@ class SamplingMetadata:
     max_num_logprobs: int | None  # columns of top-k logprobs to return; None = no row wants them
 
 
+# `build_sampling_metadata`'s argmax-only metadata by (device, batch size, vocabulary size); each
+# `Sampler` holds one (`Sampler.argmax_metadata`).
+ArgmaxMetadataCache = dict[tuple[torch.device, int, int], SamplingMetadata]
+
+
 @dataclass(slots=True)
 class LogprobsTensors:
     """Column 0 is the sampled token; columns 1..k the top-k of the raw distribution, best first."""
@@ -112,6 +117,7 @@ def build_sampling_metadata(
     generators: list[torch.Generator | None],
     vocab_size: int,
     device: torch.device | str,
+    argmax_cache: ArgmaxMetadataCache | None = None,
 ) -> SamplingMetadata:
     """One step's `SamplingMetadata` for rows `params[i]` (row i of the logits).
 
@@ -119,7 +125,9 @@ def build_sampling_metadata(
     may pass []). prompt_lens[i] splits it. num_output_tokens[i]: tokens generated so far.
     stop_token_ids[i]: the ids that end row i (eos unless ignore_eos, plus `stop_token_ids`);
     they are masked while num_output_tokens[i] < min_tokens. generators[i]: row i's seeded
-    generator or None (the sampler's default generator).
+    generator or None (the sampler's default generator). argmax_cache: where an argmax-only
+    batch's metadata is kept, to be returned again (the runner passes its sampler's); None
+    builds it anew.
     """
     device = torch.device(device)
     num_rows = len(params)
@@ -134,7 +142,7 @@ def build_sampling_metadata(
     # A batch that only takes the argmax (no penalty, mask or logprobs) gets the same metadata
     # every step: built once per batch size (the sampler reads none of its tensors).
     plain_key = None
-    if all(
+    if argmax_cache is not None and all(
         p.is_greedy
         and p.logprobs is None
         and not p.uses_repetition_penalty
@@ -143,8 +151,8 @@ def build_sampling_metadata(
         for p, n, stop_ids in zip(params, num_output_tokens, stop_token_ids)
     ):
         plain_key = (device, num_rows, vocab_size)
-        if plain_key in _PLAIN_GREEDY:
-            return _PLAIN_GREEDY[plain_key]
+        if plain_key in argmax_cache:
+            return argmax_cache[plain_key]
     greedy = [p.is_greedy for p in params]
     random_rows = [i for i in range(num_rows) if not greedy[i]]
     # Greedy params have top_k / top_p / min_p reset to off by SamplingParams.
@@ -218,7 +226,8 @@ def build_sampling_metadata(
         max_num_logprobs=max(requested) if requested else None,
     )
     if plain_key is not None:
-        _PLAIN_GREEDY[plain_key] = metadata
+        assert argmax_cache is not None
+        argmax_cache[plain_key] = metadata
     return metadata
 
 
@@ -230,10 +239,6 @@ def _argmax_only(md: SamplingMetadata) -> bool:
         and md.output_token_counts is None
         and md.min_tokens_rows is None
     )
-
-
-# `build_sampling_metadata`'s argmax-only metadata by (device, batch size, vocabulary size).
-_PLAIN_GREEDY: dict[tuple[torch.device, int, int], SamplingMetadata] = {}
 
 
 def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
@@ -315,11 +320,13 @@ class Sampler:
     """Samples one token per row of `logits` [B, V] as `SamplingMetadata` says.
 
     generator: draws for rows without their own generator (None = torch's default generator of
-    the logits' device).
+    the logits' device). `argmax_metadata` is this sampler's cache for `build_sampling_metadata`
+    (`argmax_cache=`): an argmax-only batch's metadata is built once per batch size.
     """
 
     def __init__(self, generator: torch.Generator | None = None) -> None:
         self.generator = generator
+        self.argmax_metadata: ArgmaxMetadataCache = {}
 
     def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
         assert logits.dim() == 2, logits.shape

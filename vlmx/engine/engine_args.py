@@ -1,13 +1,20 @@
-"""EngineArgs -> EngineConfig: find the checkpoint, read its config, check every argument."""
+"""`EngineArgs` (vLLM's argument names and defaults) and how they become an `EngineConfig`: find
+the checkpoint, read its config, check every argument once.
+
+It sits above `vlmx.config` (the frozen configs) and `vlmx.models`, and nothing below imports it,
+so the import graph has no cycle.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+from dataclasses import dataclass
+from typing import Any
 
 from vlmx.config import (
     CacheConfig,
-    EngineArgs,
     EngineConfig,
     ModelConfig,
     SchedulerConfig,
@@ -16,6 +23,7 @@ from vlmx.config import (
 )
 from vlmx.models.loader import load_hf_config, resolve_model_path, text_config
 from vlmx.models.registry import resolve_architecture
+from vlmx.multimodal.media import MediaLimits
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +34,85 @@ _DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cuda": 16384, "cpu": 8192}
 # Largest image the encoder cache must hold by default: Qwen2-VL's default max_pixels
 # (12845056) is 16384 merged tokens.
 _DEFAULT_ENCODER_CACHE_SIZE = 16384
+
+
+@dataclass
+class EngineArgs:
+    """The arguments of `vlmx.LLM`, named and defaulted as vLLM names them.
+
+    A field vlmx does not support yet raises a `ValueError` when the engine is built, never
+    silently ignored.
+    """
+
+    model: str = "demo"
+    tokenizer: str | None = None
+    tokenizer_mode: str = "auto"
+    trust_remote_code: bool = False
+    revision: str | None = None
+    tokenizer_revision: str | None = None
+    dtype: str = "auto"
+    load_format: str = "auto"  # "auto": the checkpoint's safetensors; "dummy": random weights
+    seed: int | None = 0
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks_override: int | None = None
+    enable_prefix_caching: bool = True
+    limit_mm_per_prompt: dict[str, int] | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None
+    hf_overrides: dict[str, Any] | None = None
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    enforce_eager: bool = False
+    # Schedule and launch each step before the previous one's samples reach the host, so the
+    # host's bookkeeping overlaps the GPU (None: on for CUDA, off elsewhere).
+    async_scheduling: bool | None = None
+    enable_lora: bool = False
+    max_lora_rank: int = 16
+    max_loras: int = 1
+    max_logprobs: int = 20
+    device: str = "auto"
+    disable_log_stats: bool = True
+
+    # Limits on one image (None: the VLMX_IMAGE_* variable, else the default): seconds of one
+    # http(s) download (10), bytes of one encoded image (64 MiB), width * height (64 Mi).
+    image_fetch_timeout: float | None = None
+    image_max_bytes: int | None = None
+    image_max_pixels: int | None = None
+
+    def create_engine_config(self) -> EngineConfig:
+        """The frozen `EngineConfig`: finds or downloads the checkpoint, resolves the
+        architecture, fills in defaults; raises ValueError for unsupported or bad values."""
+        return build_engine_config(self)
+
+
+# EngineArgs field -> (MediaLimits field, what it holds, the variable read when it is None)
+_MEDIA_LIMIT_ARGS = {
+    "image_fetch_timeout": ("timeout_s", "number of seconds", "VLMX_IMAGE_FETCH_TIMEOUT"),
+    "image_max_bytes": ("max_bytes", "integer", "VLMX_IMAGE_MAX_BYTES"),
+    "image_max_pixels": ("max_pixels", "integer", "VLMX_IMAGE_MAX_PIXELS"),
+}
+
+
+def media_limits(args: EngineArgs) -> MediaLimits:
+    """The image limits of `args`: each field that is set, else its variable, else the default."""
+    given: dict[str, Any] = {}
+    for name, (limit, kind, variable) in _MEDIA_LIMIT_ARGS.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not (number and math.isfinite(value) and value > 0) or (
+            kind == "integer" and value != int(value)
+        ):
+            raise ValueError(
+                f"{name} must be a positive {kind}, got {value!r} (None: the {variable} "
+                "variable, else the default)"
+            )
+        given[limit] = float(value) if kind != "integer" else int(value)
+    return MediaLimits.from_env(**given)
 
 
 def _unsupported(args: EngineArgs) -> list[str]:
@@ -65,6 +152,7 @@ def build_engine_config(args: EngineArgs) -> EngineConfig:
             "so only the 'image' key is accepted"
         )
 
+    image_limits = media_limits(args)
     device = parse_device(args.device)
     dtype = parse_dtype(args.dtype, device)
     if args.model == "demo":
@@ -110,6 +198,7 @@ def build_engine_config(args: EngineArgs) -> EngineConfig:
         load_format=args.load_format,
         mm_processor_kwargs=dict(args.mm_processor_kwargs or {}),
         max_images_per_prompt=limits.get("image"),
+        media_limits=image_limits,
     )
     cache_config = CacheConfig(
         block_size=args.block_size,

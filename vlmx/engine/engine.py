@@ -533,3 +533,9 @@ class LLMEngine:
         while self.has_unfinished_requests():
             outputs.extend(self.step())
         return outputs
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """vLLM's `LLMEngine.add_lora`; adapters are not supported yet, so this always raises."""
+        # NOTE: kept so that scripts written for vLLM reach a clear error instead of an
+        # AttributeError; it loads the adapter once LoRA lands.
+        raise ValueError(LORA_UNSUPPORTED)

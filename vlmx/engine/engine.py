@@ -139,10 +139,6 @@ class LLMEngine:
                 "raise max_logprobs when building the LLM"
             )
 
-    def add_lora(self, lora_request: LoRARequest) -> bool:
-        """Load a LoRA adapter ahead of use, as vLLM's `add_lora`; LoRA is not built yet."""
-        raise ValueError(LORA_UNSUPPORTED)
-
     def _queue(
         self, request_id: str, text: str | None, processed: ProcessedPrompt, params: SamplingParams
     ) -> None:
@@ -305,3 +301,9 @@ class LLMEngine:
         while self.has_unfinished_requests():
             outputs.extend(self.step())
         return outputs
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """vLLM's `LLMEngine.add_lora`; adapters are not supported yet, so this always raises."""
+        # NOTE: kept so that scripts written for vLLM reach a clear error instead of an
+        # AttributeError; it loads the adapter once LoRA lands.
+        raise ValueError(LORA_UNSUPPORTED)

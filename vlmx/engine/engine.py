@@ -109,7 +109,7 @@ class LLMEngine:
         self.config = config
         mc = config.model_config
         self.tokenizer = load_tokenizer(config)
-        self.processor = get_processor_class(mc.architecture)(mc, config.device)
+        self.processor = get_processor_class(mc.architecture)(mc, self.tokenizer, config.device)
         self.model = build_model(
             mc.architecture, mc.hf_config, mc.model_path, config.device, mc.dtype, mc.load_format
         )

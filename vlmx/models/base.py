@@ -1,6 +1,6 @@
 """What every family's model shares: the text half of the model interface around its decoder.
 
-A family's model (see `vlmx.models.interface.Model`) is a vision tower and a projector in front of
+A family's model (`vlmx.models.interface.Model`) is a vision tower and a projector in front of
 a decoder. Everything past the image embeddings is the same in every family, and lives here:
 
 ```
@@ -11,7 +11,7 @@ input_ids --embed_tokens--> [T, hidden] --forward (the decoder)--> [T, hidden]
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -19,9 +19,24 @@ from torch import nn
 
 from vlmx.layers.attention import AttentionMetadata
 from vlmx.layers.decoder import load_weights_into
+from vlmx.models.interface import Model
+from vlmx.multimodal.inputs import MMFeature, PlaceholderRange
 
 
-class VLMBase(nn.Module):
+def profile_features(
+    num_embeds: int, per_image: int, data_of: Callable[[int], dict[str, torch.Tensor]]
+) -> list[MMFeature]:
+    """`max(1, num_embeds // per_image)` dummy images of `per_image` embeddings each, image i's
+    encoder inputs from `data_of(i)` (for `Model.profile_image_features`)."""
+    return [
+        MMFeature(
+            mm_hash=f"profile-{i}", placeholder=PlaceholderRange(0, per_image), data=data_of(i)
+        )
+        for i in range(max(1, num_embeds // per_image))
+    ]
+
+
+class VLMBase(Model):
     """The decoder side of a family's model.
 
     A family builds its decoder (`layers.decoder.DecoderModel` or `layers.gemma.
@@ -42,16 +57,9 @@ class VLMBase(nn.Module):
         return getattr(self, self.decoder_name)
 
     @property
-    def num_layers(self) -> int:
-        return self.config.num_layers
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.config.num_kv_heads
-
-    @property
-    def head_dim(self) -> int:
-        return self.config.head_dim
+    def embedding(self) -> torch.Tensor:
+        """The token embedding matrix [vocab, hidden]: its device and dtype are the model's."""
+        return self.decoder.embed_tokens.weight
 
     def build_lm_head(self, tied: bool) -> nn.Linear | None:
         if tied:

@@ -38,9 +38,13 @@ from vlmx.layers.activation import get_act_fn
 from vlmx.layers.decoder import DecoderConfig, DecoderModel
 from vlmx.layers.norm import RMSNorm
 from vlmx.layers.pixtral_vision import Grid2D, PixtralVisionTower
-from vlmx.models.base import VLMBase
+from vlmx.models.base import VLMBase, profile_features
 from vlmx.models.loader import text_config
-from vlmx.models.pixtral_processor import PixtralProcessor, check_pixtral_vision
+from vlmx.models.pixtral_processor import (
+    PixtralProcessor,
+    check_pixtral_vision,
+    image_token_layout,
+)
 from vlmx.multimodal.inputs import MMFeature
 
 __all__ = [
@@ -168,6 +172,29 @@ class _PixtralVLM(VLMBase):
         """Selected hidden states of the tower ([N, D] each) -> [num_image_tokens, hidden]."""
         raise NotImplementedError
 
+    def profile_image_features(self, num_embeds: int) -> list[MMFeature]:
+        """Square images of the tower's image_size (the longest edge its checkpoints' processors
+        resize to), or smaller when one would exceed `num_embeds` tokens."""
+        p, m = self.vision_tower.patch_size, self.merge_size
+        side = self.hf_config.vision_config.image_size // (p * m)  # image tokens per side
+        while side > 1 and side * (side + 1) > num_embeds:  # a row: side tokens and a break
+            side -= 1
+        rows = side * m  # patches per side
+        weight = self.embedding
+        # NOTE: id 0 stands in for [IMG_BREAK] / [IMG_END]: their embeddings cost the same.
+        layout = torch.tensor(image_token_layout(side, side, self.image_token_id, 0, 0))
+
+        def data(_: int) -> dict[str, torch.Tensor]:
+            dim = self.vision_tower.patch_conv.in_features  # 3 * p * p
+            pixels = torch.randn(rows * rows, dim, device=weight.device, dtype=weight.dtype)
+            return {
+                "pixel_values": pixels,
+                "image_size": torch.tensor([rows * p, rows * p]),
+                "token_ids": layout,
+            }
+
+        return profile_features(num_embeds, layout.numel(), data)
+
     def encode_images(self, features: list[MMFeature]) -> list[torch.Tensor]:
         """All images through the tower and projector in one call; one block per image."""
         if not features:
@@ -175,7 +202,7 @@ class _PixtralVLM(VLMBase):
         p, m = self.vision_tower.patch_size, self.merge_size
         sizes = torch.stack([f.data["image_size"].reshape(2) for f in features]).tolist()
         grids: list[Grid2D] = [(h // p, w // p) for h, w in sizes]
-        weight = self.language_model.embed_tokens.weight
+        weight = self.embedding
         pixel_values = torch.cat([f.data["pixel_values"] for f in features])
         pixel_values = pixel_values.to(device=weight.device, dtype=weight.dtype)
         num_patches = sum(r * c for r, c in grids)

@@ -30,22 +30,17 @@ from __future__ import annotations
 import math
 
 import torch
-from transformers import AutoTokenizer
 
 from vlmx.config import ModelConfig
 from vlmx.layers.siglip import patchify
 from vlmx.models.processing import (
-    DEFAULT_CACHE_BYTES,
+    Expansion,
     ImageProcessorBase,
-    check_image_tensors,
     check_processor_flags,
-    normalization_constants,
     preprocess_in_groups,
-    read_processor_files,
     reject_unknown_kwargs,
+    special_token_id,
 )
-from vlmx.multimodal.inputs import MMFeature, PlaceholderRange, ProcessedPrompt
-from vlmx.multimodal.resize import resize_uint8
 
 SUPPORTED_KWARGS = ("longest_edge", "size")
 _BICUBIC = 3  # PIL's resampling id, as configs store it
@@ -129,17 +124,12 @@ class PixtralProcessor(ImageProcessorBase[tuple[torch.Tensor, torch.Tensor]]):
     """
 
     shrink_images_hint = "mm_processor_kwargs={'longest_edge': ...}"
+    image_processor_name = "PixtralImageProcessor"
+    placeholder_token = "[IMG]"
 
-    def __init__(
-        self,
-        model_config: ModelConfig,
-        device: torch.device,
-        cache_bytes: int = DEFAULT_CACHE_BYTES,
-    ) -> None:
-        super().__init__(model_config, device, cache_bytes)
+    def configure(self, model_config: ModelConfig, image: dict, processor: dict) -> None:
         hf_config = model_config.hf_config
         check_pixtral_vision(hf_config)
-        image, processor = read_processor_files(model_config.model_path, "PixtralImageProcessor")
         check_processor_flags(image)
         if image.get("resample", _BICUBIC) != _BICUBIC:
             raise ValueError(
@@ -165,16 +155,12 @@ class PixtralProcessor(ImageProcessorBase[tuple[torch.Tensor, torch.Tensor]]):
         self.longest_edge = check_kwargs(
             size["longest_edge"], model_config.mm_processor_kwargs or {}
         )
-        self._mean, self._std = normalization_constants(
+        self.use_normalization(
             image.get("image_mean", _CLIP_MEAN),
             image.get("image_std", _CLIP_STD),
             float(image.get("rescale_factor", 1 / 255)),
-            self.device,
         )
 
-        tokenizer = AutoTokenizer.from_pretrained(
-            model_config.tokenizer_path, trust_remote_code=model_config.trust_remote_code
-        )
         self.token_names = {
             key: processor.get(key, default)
             for key, default in (
@@ -185,11 +171,11 @@ class PixtralProcessor(ImageProcessorBase[tuple[torch.Tensor, torch.Tensor]]):
         }
         ids = {}
         for key, name in self.token_names.items():
-            token_id = tokenizer.convert_tokens_to_ids(name)
-            if token_id is None or token_id == tokenizer.unk_token_id:
+            ids[key] = special_token_id(self.tokenizer, name)
+            if ids[key] is None:
                 raise ValueError(f"the tokenizer has no {key} {name!r}")
-            ids[key] = token_id
-        self.image_token_id: int = hf_config.image_token_id
+        self.placeholder_token = self.token_names["image_token"]
+        self.image_token_id = hf_config.image_token_id
         if ids["image_token"] != self.image_token_id:
             raise ValueError(
                 f"the tokenizer's {self.token_names['image_token']} is id {ids['image_token']} "
@@ -198,31 +184,21 @@ class PixtralProcessor(ImageProcessorBase[tuple[torch.Tensor, torch.Tensor]]):
         self.image_break_token_id: int = ids["image_break_token"]
         self.image_end_token_id: int = ids["image_end_token"]
 
-    def image_settings(self, mm_processor_kwargs: dict) -> dict:
+    def prompt_settings(self, mm_processor_kwargs: dict) -> dict:
         """The settings that shape one prompt's images (part of each image's mm_hash)."""
         return {
-            "longest_edge": check_kwargs(self.longest_edge, mm_processor_kwargs or {}),
+            "longest_edge": check_kwargs(self.longest_edge, mm_processor_kwargs),
             "unit": self.unit,
         }
 
     def num_image_tokens(self, height: int, width: int, mm_processor_kwargs: dict) -> int:
         """Prompt tokens (image tokens, breaks and the end token) an image expands to."""
-        longest_edge = self.image_settings(mm_processor_kwargs)["longest_edge"]
+        longest_edge = self.prompt_settings(mm_processor_kwargs or {})["longest_edge"]
         h, w = resized_size(height, width, longest_edge, self.unit)
         return (h // self.unit) * (w // self.unit + 1)
 
-    def layout(self, image_size: torch.Tensor) -> list[int]:
-        h, w = (int(x) for x in image_size)
-        return image_token_layout(
-            h // self.unit,
-            w // self.unit,
-            self.image_token_id,
-            self.image_break_token_id,
-            self.image_end_token_id,
-        )
-
     def preprocess(
-        self, images: list[torch.Tensor], longest_edge: int
+        self, images: list[torch.Tensor], settings: dict
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """uint8 [3, H, W] images -> per image (pixel_values, image_size), no cache.
 
@@ -230,6 +206,7 @@ class PixtralProcessor(ImageProcessorBase[tuple[torch.Tensor, torch.Tensor]]):
         image_size: [2] int64 on the CPU, the resized (h, w) in pixels.
         Images that share (input size, target size) are resized and normalized in one batch.
         """
+        longest_edge = settings["longest_edge"]
 
         def key(image: torch.Tensor) -> tuple[int, ...]:
             height, width = image.shape[-2:]
@@ -239,7 +216,7 @@ class PixtralProcessor(ImageProcessorBase[tuple[torch.Tensor, torch.Tensor]]):
             group: tuple[int, ...], batch: torch.Tensor
         ) -> list[tuple[torch.Tensor, torch.Tensor]]:
             _, _, height, width = group
-            batch = resize_uint8(batch, height, width, "bicubic")  # [B, 3, h, w] uint8
+            batch = self.resize(batch, height, width, "bicubic")  # [B, 3, h, w] uint8
             pixels = self.normalize(batch)  # [B, 3, h, w] float32
             patches = patchify(pixels, self.patch_size).to(self.dtype)  # [B, n, 3 * p * p]
             image_size = torch.tensor([height, width])  # [2] int64, CPU
@@ -247,38 +224,32 @@ class PixtralProcessor(ImageProcessorBase[tuple[torch.Tensor, torch.Tensor]]):
 
         return preprocess_in_groups(images, key, self.device, run)
 
-    def process(
-        self,
-        prompt_token_ids: list[int],
-        images: list[torch.Tensor],
-        mm_processor_kwargs: dict,
-    ) -> ProcessedPrompt:
-        check_image_tensors(images)
-        kw = self.image_settings(mm_processor_kwargs)
-        mm_hashes, outputs = self.cached_preprocess(
-            images, kw, lambda todo: self.preprocess(todo, kw["longest_edge"])
+    def expand(
+        self, image: torch.Tensor, output: tuple[torch.Tensor, torch.Tensor], settings: dict
+    ) -> Expansion:
+        pixel_values, image_size = output
+        h, w = (int(x) for x in image_size)
+        layout = image_token_layout(
+            h // self.unit,
+            w // self.unit,
+            self.image_token_id,
+            self.image_break_token_id,
+            self.image_end_token_id,
         )
-        layouts = [self.layout(image_size) for _, image_size in outputs]
-        spans = self._find_placeholders(prompt_token_ids, layouts)
+        data = {
+            "pixel_values": pixel_values,  # [(h / p) * (w / p), 3 * p * p] on the device
+            "image_size": image_size,  # [2] int64 resized (h, w), CPU
+            "token_ids": torch.tensor(layout),  # [num_embeds] int64 block ids, CPU
+        }
+        return Expansion(layout, 0, len(layout), data)
 
-        token_ids: list[int] = []
-        features: list[MMFeature] = []
-        cursor = 0
-        for (start, end), layout, mm_hash, (pixel_values, image_size) in zip(
-            spans, layouts, mm_hashes, outputs, strict=True
-        ):
-            token_ids += prompt_token_ids[cursor:start]
-            placeholder = PlaceholderRange(offset=len(token_ids), length=len(layout))
-            token_ids += layout
-            data = {
-                "pixel_values": pixel_values,  # [(h / p) * (w / p), 3 * p * p] on the device
-                "image_size": image_size,  # [2] int64 resized (h, w), CPU
-                "token_ids": torch.tensor(layout),  # [num_embeds] int64 block ids, CPU
-            }
-            features.append(MMFeature(mm_hash=mm_hash, placeholder=placeholder, data=data))
-            cursor = end
-        token_ids += prompt_token_ids[cursor:]
-        return ProcessedPrompt(prompt_token_ids=token_ids, mm_features=features)
+    def check_placeholders(self, prompt_token_ids: list[int], num_images: int) -> None:
+        """Checked by `placeholder_spans`, once each image's layout is known."""
+
+    def placeholder_spans(
+        self, ids: list[int], expansions: list[Expansion]
+    ) -> list[tuple[int, int]]:
+        return self._find_placeholders(ids, [e.token_ids for e in expansions])
 
     def _find_placeholders(self, ids: list[int], layouts: list[list[int]]) -> list[tuple[int, int]]:
         """(start, end) in `ids` of each image's placeholder: its whole block when the prompt

@@ -32,14 +32,14 @@ import math
 
 import torch
 
-from vlmx.config import ModelConfig
 from vlmx.models.processing import (
+    BILINEAR,
     ImageProcessorBase,
     check_image_tensors,
     check_placeholder_count,
     check_processor_flags,
     find_token_runs,
-    preprocess_in_groups,
+    positive_int,
     reject_unknown_kwargs,
 )
 from vlmx.multimodal.hashing import hash_image, hash_with_settings
@@ -53,7 +53,6 @@ PAN_AND_SCAN_DEFAULTS = {
     "pan_and_scan_min_ratio_to_activate": 1.2,
 }
 SUPPORTED_KWARGS = tuple(PAN_AND_SCAN_DEFAULTS)
-_BILINEAR = 2  # PIL's resampling id
 _CROPS_INTRO = "Here is the original image "
 _CROPS_OUTRO = " and here are some crops to help you see better "
 
@@ -67,8 +66,7 @@ def check_kwargs(base: dict, overrides: dict) -> dict:
             f"mm_processor_kwargs do_pan_and_scan={kw['do_pan_and_scan']!r} is no bool"
         )
     for key in ("pan_and_scan_min_crop_size", "pan_and_scan_max_num_crops"):
-        if isinstance(kw[key], bool) or not isinstance(kw[key], int) or kw[key] <= 0:
-            raise ValueError(f"mm_processor_kwargs {key}={kw[key]!r} must be a positive int")
+        positive_int(kw[key], key)
     ratio = kw["pan_and_scan_min_ratio_to_activate"]
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio <= 0:
         raise ValueError(
@@ -119,13 +117,9 @@ class Gemma3Processor(ImageProcessorBase[torch.Tensor]):
     image_processor_name = "Gemma3ImageProcessor"
     placeholder_token = "<start_of_image>"
 
-    def configure(self, model_config: ModelConfig, raw: dict, _: dict) -> None:
-        hf = model_config.hf_config
-        check_processor_flags(raw)
-        if raw.get("resample", _BILINEAR) != _BILINEAR:
-            raise ValueError(
-                f"image processor config has resample={raw['resample']}; vlmx supports 2"
-            )
+    def configure(self, raw: dict, _: dict) -> None:
+        hf = self.hf_config
+        check_processor_flags(raw, resample=(BILINEAR,))
         size = raw.get("size") or {}
         image_size = hf.vision_config.image_size
         self.height = size.get("height", image_size)
@@ -136,7 +130,7 @@ class Gemma3Processor(ImageProcessorBase[torch.Tensor]):
                 f"tower's image_size {image_size}; fix the checkpoint's processor config"
             )
         base = {k: v if raw.get(k) is None else raw[k] for k, v in PAN_AND_SCAN_DEFAULTS.items()}
-        self.base_kwargs = check_kwargs(base, model_config.mm_processor_kwargs or {})
+        self.base_kwargs = check_kwargs(base, self.engine_kwargs)
         self.use_normalization(
             raw.get("image_mean", [0.5, 0.5, 0.5]),
             raw.get("image_std", [0.5, 0.5, 0.5]),
@@ -163,12 +157,12 @@ class Gemma3Processor(ImageProcessorBase[torch.Tensor]):
         """uint8 [3, h, w] crops -> pixel_values [3, S, S] (model dtype, on device), no cache.
 
         Crops of one input size are resized and normalized in one batch."""
-
-        def run(_, batch: torch.Tensor) -> torch.Tensor:  # [B, 3, h, w] uint8
-            batch = self.resize(batch, self.height, self.width, "bilinear")  # [B, 3, S, S]
-            return self.normalize(batch).to(self.dtype)
-
-        return preprocess_in_groups(crops, lambda crop: tuple(crop.shape[-2:]), self.device, run)
+        return self.preprocess_resized(
+            crops,
+            lambda height, width: (self.height, self.width),
+            "bilinear",
+            lambda pixels: pixels.to(self.dtype),  # [B, 3, S, S]
+        )
 
     def process(
         self, prompt_token_ids: list[int], images: list[torch.Tensor], mm_processor_kwargs: dict

@@ -36,11 +36,13 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from vlmx.config import ModelConfig
 from vlmx.models.processing import (
+    BICUBIC,
+    LANCZOS,
     Expansion,
     ImageProcessorBase,
     check_processor_flags,
+    longest_edge_of,
     preprocess_in_groups,
     reject_unknown_kwargs,
     require_token_id,
@@ -49,7 +51,6 @@ from vlmx.models.processing import (
 
 SUPPORTED_KWARGS = ("size", "max_image_size", "do_image_splitting", "do_resize")
 MAX_IMAGE_SIZE = 4096  # HF's cap on the longest edge after the first resize
-_LANCZOS, _BICUBIC = 1, 3  # PIL's resampling ids, as configs store them
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,24 +61,10 @@ class ImageSettings:
     max_image_size: int = 364  # max_image_size["longest_edge"], the side of a tile
     do_image_splitting: bool = True
     do_resize: bool = True
-    resample: int = _LANCZOS
+    resample: int = LANCZOS
     image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)  # IMAGENET_STANDARD_MEAN
     image_std: tuple[float, ...] = (0.5, 0.5, 0.5)  # IMAGENET_STANDARD_STD
     rescale_factor: float = 1 / 255
-
-
-def _edge(value, name: str) -> int:
-    """A `{"longest_edge": n}` dict (HF's form) -> n, validated."""
-    if not isinstance(value, dict) or set(value) != {"longest_edge"}:
-        raise ValueError(
-            f"mm_processor_kwargs {name}={value!r} must be a dict {{'longest_edge': int}}"
-        )
-    edge = value["longest_edge"]
-    if isinstance(edge, bool) or not isinstance(edge, int) or edge <= 0:
-        raise ValueError(
-            f"mm_processor_kwargs {name}['longest_edge']={edge!r} must be a positive int"
-        )
-    return edge
 
 
 def apply_kwargs(settings: ImageSettings, kwargs: dict) -> ImageSettings:
@@ -91,9 +78,9 @@ def apply_kwargs(settings: ImageSettings, kwargs: dict) -> ImageSettings:
     )
     changes: dict = {}
     if "size" in kwargs:
-        changes["longest_edge"] = _edge(kwargs["size"], "size")
+        changes["longest_edge"] = longest_edge_of(kwargs["size"], "size")
     if "max_image_size" in kwargs:
-        changes["max_image_size"] = _edge(kwargs["max_image_size"], "max_image_size")
+        changes["max_image_size"] = longest_edge_of(kwargs["max_image_size"], "max_image_size")
     for key in ("do_image_splitting", "do_resize"):
         if key in kwargs:
             if not isinstance(kwargs[key], bool):
@@ -104,13 +91,9 @@ def apply_kwargs(settings: ImageSettings, kwargs: dict) -> ImageSettings:
 
 def resolve_image_settings(raw: dict) -> ImageSettings:
     """Class defaults < the checkpoint's image-processor config."""
-    check_processor_flags(raw, ("do_rescale", "do_normalize"))  # do_resize=false is honoured
-    resample = raw.get("resample", _LANCZOS)
-    if resample not in (_LANCZOS, _BICUBIC):
-        raise ValueError(
-            f"image processor config has resample={resample}; vlmx supports 1 (LANCZOS) and "
-            "3 (BICUBIC)"
-        )
+    # do_resize=false is honoured; resample 1 = LANCZOS, 3 = BICUBIC
+    check_processor_flags(raw, ("do_rescale", "do_normalize"), resample=(LANCZOS, BICUBIC))
+    resample = raw.get("resample") or LANCZOS
     default = ImageSettings()
     settings = ImageSettings(
         do_resize=raw.get("do_resize", True) is not False,
@@ -198,11 +181,9 @@ class Idefics3Processor(ImageProcessorBase[torch.Tensor]):
     placeholder_token = "<image>"
     video_token = "<video>"
 
-    def configure(self, model_config: ModelConfig, raw: dict, processor: dict) -> None:
-        hf_config = model_config.hf_config
-        self.settings = apply_kwargs(
-            resolve_image_settings(raw), model_config.mm_processor_kwargs or {}
-        )
+    def configure(self, raw: dict, processor: dict) -> None:
+        hf_config = self.hf_config
+        self.settings = apply_kwargs(resolve_image_settings(raw), self.engine_kwargs)
         vision = hf_config.vision_config
         self.patch_size: int = vision.patch_size
         self.scale_factor: int = hf_config.scale_factor
@@ -263,7 +244,7 @@ class Idefics3Processor(ImageProcessorBase[torch.Tensor]):
         """uint8 [3, H, W] images -> per image pixel_values [num_frames, 3, M, M] (model dtype,
         on the device): tiles row-major, then the global view. No cache. Images of one input
         size are resized and normalized as one batch."""
-        kernel = "lanczos" if s.resample == _LANCZOS else "bicubic"
+        kernel = "lanczos" if s.resample == LANCZOS else "bicubic"
         m = s.max_image_size
 
         def run(size: tuple[int, int], x: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] uint8

@@ -13,10 +13,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from typing import Protocol
 
-import torch
-from torch import nn
+from torch import Tensor, nn
 
 from vlmx.layers.attention import AttentionMetadata
+from vlmx.layers.decoder import DecoderDims
 from vlmx.multimodal.inputs import MMFeature, ProcessedPrompt
 
 
@@ -37,53 +37,33 @@ class Processor(Protocol):
     def process(
         self,
         prompt_token_ids: list[int],  # tokenized prompt, one placeholder per image
-        images: list[torch.Tensor],  # uint8 [3, H, W], RGB, on the CPU
+        images: list[Tensor],  # uint8 [3, H, W], RGB, on the CPU
         mm_processor_kwargs: dict,  # per-prompt overrides of the engine-wide kwargs
     ) -> ProcessedPrompt: ...  # expanded ids, one MMFeature per image (M-RoPE positions)
-
-
-class DecoderShape(Protocol):
-    """What the runner reads of a model's decoder config (`DecoderConfig`, `GemmaConfig`)."""
-
-    hidden_size: int
-    vocab_size: int
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
 
 
 class Model(nn.Module, ABC):
     """A family's model, an `nn.Module` built under the target device and dtype as
     `cls(hf_config)`; weights arrive through `load_weights`."""
 
-    config: DecoderShape
+    config: DecoderDims  # the decoder's sizes (`DecoderConfig` / `GemmaConfig`)
     uses_mrope: bool  # positions are [3, T] when True, else [T]
     # False: image tokens attend bidirectionally, so an image's span must be prefilled in one
     # step (the scheduler keeps it whole)
     chunk_images: bool = True
 
-    @property
-    def num_layers(self) -> int:
-        return self.config.num_layers
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.config.num_kv_heads
-
-    @property
-    def head_dim(self) -> int:
-        return self.config.head_dim
-
-    @property
-    def hidden_size(self) -> int:
-        return self.config.hidden_size
+    # the KV cache's shape, and the width of the embeddings, from `config`
+    num_layers = property(lambda self: self.config.num_layers)
+    num_kv_heads = property(lambda self: self.config.num_kv_heads)
+    head_dim = property(lambda self: self.config.head_dim)
+    hidden_size = property(lambda self: self.config.hidden_size)
 
     @abstractmethod
-    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def embed_tokens(self, input_ids: Tensor) -> Tensor:
         """[T] int64 -> [T, hidden]."""
 
     @abstractmethod
-    def encode_images(self, features: list[MMFeature]) -> list[torch.Tensor]:
+    def encode_images(self, features: list[MMFeature]) -> list[Tensor]:
         """One [feature.num_embeds, hidden] tensor per image, all images in one batched call."""
 
     @abstractmethod
@@ -97,17 +77,17 @@ class Model(nn.Module, ABC):
     @abstractmethod
     def forward(
         self,
-        inputs_embeds: torch.Tensor,  # [T, hidden]
-        positions: torch.Tensor,  # [T] int64, or [3, T] with M-RoPE
-        kv_caches: list[torch.Tensor],
+        inputs_embeds: Tensor,  # [T, hidden]
+        positions: Tensor,  # [T] int64, or [3, T] with M-RoPE
+        kv_caches: list[Tensor],  # one per layer
         attn_metadata: AttentionMetadata,
-    ) -> torch.Tensor:
+    ) -> Tensor:
         """[T, hidden] hidden states after the decoder's final norm."""
 
     @abstractmethod
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden_states: Tensor) -> Tensor:
         """[N, hidden] -> [N, vocab]."""
 
     @abstractmethod
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None:
         """Load (checkpoint name, tensor) pairs; raise on missing or unexpected names."""

@@ -23,11 +23,13 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from vlmx.config import ModelConfig
 from vlmx.models.processing import (
+    BICUBIC,
     Expansion,
     ImageProcessorBase,
     check_processor_flags,
+    first_set,
+    positive_int,
     preprocess_in_groups,
     reject_unknown_kwargs,
 )
@@ -41,7 +43,6 @@ KWARG_ALIASES = {
     "dynamic_image_size": "crop_to_patches",
     "crop_to_patches": "crop_to_patches",
 }
-_BICUBIC = 3  # PIL's resampling id, as configs store it
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,10 +56,6 @@ class TileSettings:
     image_mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)  # OPENAI_CLIP_MEAN
     image_std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)  # OPENAI_CLIP_STD
     rescale_factor: float = 1 / 255
-
-
-def _first(*values):
-    return next((v for v in values if v is not None), None)
 
 
 def normalize_kwargs(kwargs: dict) -> dict:
@@ -76,8 +73,8 @@ def normalize_kwargs(kwargs: dict) -> dict:
         if name == "crop_to_patches":
             if not isinstance(value, bool):
                 raise ValueError(f"mm_processor_kwargs {key}={value!r} must be True or False")
-        elif isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"mm_processor_kwargs {key}={value!r} must be a positive int")
+        else:
+            positive_int(value, key)
         if name in out and out[name] != value:
             raise ValueError(
                 f"mm_processor_kwargs give {name} twice with different values ({key}={value!r} "
@@ -89,22 +86,20 @@ def normalize_kwargs(kwargs: dict) -> dict:
 
 def resolve_tile_settings(raw: dict, engine_kwargs: dict) -> TileSettings:
     """Defaults < image processor file < engine-wide `mm_processor_kwargs`."""
-    check_processor_flags(raw)
-    if _first(raw.get("resample"), _BICUBIC) != _BICUBIC:
-        raise ValueError(f"image processor config has resample={raw['resample']}; vlmx supports 3")
+    check_processor_flags(raw, resample=(BICUBIC,))
     default = TileSettings()
     size = raw.get("size") or {}
-    height = _first(size.get("height"), default.tile_size)
-    width = _first(size.get("width"), default.tile_size)
+    height = first_set(size.get("height"), default.tile_size)
+    width = first_set(size.get("width"), default.tile_size)
     if height != width:
         raise ValueError(f"image processor size {size} is not square; InternVL tiles are square")
     settings = TileSettings(
         tile_size=int(height),
-        min_patches=int(_first(raw.get("min_patches"), default.min_patches)),
-        max_patches=int(_first(raw.get("max_patches"), default.max_patches)),
-        image_mean=tuple(_first(raw.get("image_mean"), default.image_mean)),
-        image_std=tuple(_first(raw.get("image_std"), default.image_std)),
-        rescale_factor=float(_first(raw.get("rescale_factor"), default.rescale_factor)),
+        min_patches=int(first_set(raw.get("min_patches"), default.min_patches)),
+        max_patches=int(first_set(raw.get("max_patches"), default.max_patches)),
+        image_mean=tuple(first_set(raw.get("image_mean"), default.image_mean)),
+        image_std=tuple(first_set(raw.get("image_std"), default.image_std)),
+        rescale_factor=float(first_set(raw.get("rescale_factor"), default.rescale_factor)),
     )
     return apply_kwargs(settings, engine_kwargs)
 
@@ -179,9 +174,9 @@ class InternVLProcessor(ImageProcessorBase[torch.Tensor]):
     )
     video_token = "<video>"
 
-    def configure(self, model_config: ModelConfig, image_config: dict, processor: dict) -> None:
-        hf_config = model_config.hf_config
-        self.settings = resolve_tile_settings(image_config, model_config.mm_processor_kwargs or {})
+    def configure(self, image_config: dict, processor: dict) -> None:
+        hf_config = self.hf_config
+        self.settings = resolve_tile_settings(image_config, self.engine_kwargs)
         vision = hf_config.vision_config
         image_size = vision.image_size
         image_size = image_size[0] if isinstance(image_size, (list, tuple)) else image_size
@@ -195,7 +190,9 @@ class InternVLProcessor(ImageProcessorBase[torch.Tensor]):
         scale = int(round(1 / hf_config.downsample_ratio))
         tokens_per_tile = (image_size // patch // scale) ** 2
         self.image_seq_length = int(
-            _first(processor.get("image_seq_length"), getattr(hf_config, "image_seq_length", None))
+            first_set(
+                processor.get("image_seq_length"), getattr(hf_config, "image_seq_length", None)
+            )
             or tokens_per_tile
         )
         if self.image_seq_length != tokens_per_tile:

@@ -31,19 +31,19 @@ import math
 
 import torch
 
-from vlmx.config import ModelConfig
 from vlmx.layers.siglip import patchify
 from vlmx.models.processing import (
+    BICUBIC,
     Expansion,
     ImageProcessorBase,
     check_processor_flags,
-    preprocess_in_groups,
+    longest_edge_of,
+    positive_int,
     reject_unknown_kwargs,
     special_token_id,
 )
 
 SUPPORTED_KWARGS = ("longest_edge", "size")
-_BICUBIC = 3  # PIL's resampling id, as configs store it
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # PixtralImageProcessor's class defaults
 _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -99,20 +99,9 @@ def check_kwargs(longest_edge: int, overrides: dict) -> int:
         "Pixtral / Mistral 3",
         "longest_edge (int) or size={'longest_edge': int}",
     )
-    if "size" in overrides:
-        size = overrides["size"]
-        if not isinstance(size, dict) or set(size) != {"longest_edge"}:
-            raise ValueError(
-                f"mm_processor_kwargs size={size!r} is not supported; pass "
-                "size={'longest_edge': n} (Pixtral resizes by its longest edge only)"
-            )
-        longest_edge = size["longest_edge"]
-    longest_edge = overrides.get("longest_edge", longest_edge)
-    if isinstance(longest_edge, bool) or not isinstance(longest_edge, int) or longest_edge <= 0:
-        raise ValueError(
-            f"mm_processor_kwargs longest_edge={longest_edge!r} must be a positive int"
-        )
-    return longest_edge
+    if "size" in overrides:  # NOTE: Pixtral resizes by the longest edge only
+        longest_edge = longest_edge_of(overrides["size"], "size")
+    return positive_int(overrides.get("longest_edge", longest_edge), "longest_edge")
 
 
 class PixtralProcessor(ImageProcessorBase[tuple[torch.Tensor, torch.Tensor]]):
@@ -127,14 +116,10 @@ class PixtralProcessor(ImageProcessorBase[tuple[torch.Tensor, torch.Tensor]]):
     image_processor_name = "PixtralImageProcessor"
     placeholder_token = "[IMG]"
 
-    def configure(self, model_config: ModelConfig, image: dict, processor: dict) -> None:
-        hf_config = model_config.hf_config
+    def configure(self, image: dict, processor: dict) -> None:
+        hf_config = self.hf_config
         check_pixtral_vision(hf_config)
-        check_processor_flags(image)
-        if image.get("resample", _BICUBIC) != _BICUBIC:
-            raise ValueError(
-                f"image processor config has resample={image['resample']}; vlmx supports 3"
-            )
+        check_processor_flags(image, resample=(BICUBIC,))
         size = image.get("size") or {"longest_edge": 1024}
         if "longest_edge" not in size:
             raise ValueError(
@@ -152,9 +137,7 @@ class PixtralProcessor(ImageProcessorBase[tuple[torch.Tensor, torch.Tensor]]):
                 f"{model_merge}); fix the checkpoint's processor_config.json"
             )
         self.unit = self.patch_size * self.merge_size  # pixels per image token, each side
-        self.longest_edge = check_kwargs(
-            size["longest_edge"], model_config.mm_processor_kwargs or {}
-        )
+        self.longest_edge = check_kwargs(size["longest_edge"], self.engine_kwargs)
         self.use_normalization(
             image.get("image_mean", _CLIP_MEAN),
             image.get("image_std", _CLIP_STD),
@@ -208,21 +191,15 @@ class PixtralProcessor(ImageProcessorBase[tuple[torch.Tensor, torch.Tensor]]):
         """
         longest_edge = settings["longest_edge"]
 
-        def key(image: torch.Tensor) -> tuple[int, ...]:
-            height, width = image.shape[-2:]
-            return (height, width, *resized_size(height, width, longest_edge, self.unit))
+        def target(height: int, width: int) -> tuple[int, int]:
+            return resized_size(height, width, longest_edge, self.unit)
 
-        def run(
-            group: tuple[int, ...], batch: torch.Tensor
-        ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-            _, _, height, width = group
-            batch = self.resize(batch, height, width, "bicubic")  # [B, 3, h, w] uint8
-            pixels = self.normalize(batch)  # [B, 3, h, w] float32
+        def finish(pixels: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            image_size = torch.tensor(pixels.shape[-2:])  # [2] int64 (h, w), CPU
             patches = patchify(pixels, self.patch_size).to(self.dtype)  # [B, n, 3 * p * p]
-            image_size = torch.tensor([height, width])  # [2] int64, CPU
             return [(x, image_size) for x in patches]
 
-        return preprocess_in_groups(images, key, self.device, run)
+        return self.preprocess_resized(images, target, "bicubic", finish)
 
     def expand(
         self, image: torch.Tensor, output: tuple[torch.Tensor, torch.Tensor], settings: dict

@@ -77,13 +77,48 @@ def read_processor_files(model_path: str, defaults_name: str | None = None) -> t
     return {}, processor
 
 
+# PIL's resampling ids, as image-processor configs store them
+LANCZOS, BILINEAR, BICUBIC = 1, 2, 3
+
+
 def check_processor_flags(
-    raw: dict, keys: tuple[str, ...] = ("do_resize", "do_rescale", "do_normalize")
+    raw: dict,
+    keys: tuple[str, ...] = ("do_resize", "do_rescale", "do_normalize"),
+    resample: tuple[int, ...] = (),
 ) -> None:
-    """Raise if the image-processor config turns off a step that vlmx always runs."""
+    """Raise if the image-processor config turns off a step that vlmx always runs, or names a
+    resampling filter (`resample`, a PIL id) other than those given (unset: the default)."""
     for key in keys:
         if raw.get(key) is False:
             raise ValueError(f"image processor config sets {key}=false; vlmx supports only true")
+    value = raw.get("resample")
+    if resample and value is not None and value not in resample:
+        raise ValueError(
+            f"image processor config has resample={value}; vlmx supports "
+            f"{' and '.join(str(r) for r in resample)}"
+        )
+
+
+def first_set(*values):
+    """The first value that is not None (config files store null for unset fields)."""
+    return next((v for v in values if v is not None), None)
+
+
+def positive_int(value, name: str) -> int:
+    """`value` if it is a positive int (no bool), else a ValueError naming the kwarg."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"mm_processor_kwargs {name}={value!r} must be a positive int")
+    return value
+
+
+def longest_edge_of(value, name: str) -> int:
+    """n of a `{"longest_edge": n}` dict (HF's form of a size that bounds the longest edge)."""
+    if not isinstance(value, dict) or set(value) != {"longest_edge"}:
+        raise ValueError(
+            f"mm_processor_kwargs {name}={value!r} is not supported; pass "
+            f"{name}={{'longest_edge': n}}"
+        )
+    return positive_int(value["longest_edge"], f"{name}['longest_edge']")
 
 
 def reject_unknown_kwargs(
@@ -177,19 +212,21 @@ class ImageProcessorBase(Generic[Entry]):
         self.device = torch.device(device)
         self.dtype = model_config.dtype
         self.tokenizer = tokenizer
+        self.hf_config = model_config.hf_config
+        self.engine_kwargs: dict = model_config.mm_processor_kwargs or {}  # engine-wide
         self.cache: TensorCache[Entry] = TensorCache(cache_bytes)
         self.resize_taps = ResizeTaps()
         image_config, processor_config = read_processor_files(
             model_config.model_path, self.image_processor_name
         )
-        self.configure(model_config, image_config, processor_config)
+        self.configure(image_config, processor_config)
 
     # -- hooks ----------------------------------------------------------------------------
 
-    def configure(self, model_config: ModelConfig, image_config: dict, processor_config: dict):
+    def configure(self, image_config: dict, processor_config: dict) -> None:
         """Read the family's settings from the checkpoint's image-processor config and
-        processor config, check them against the model's config, set the token ids and call
-        `use_normalization`."""
+        processor config (and `engine_kwargs`), check them against the model's `hf_config`,
+        set the token ids and call `use_normalization`."""
         raise NotImplementedError
 
     def prompt_settings(self, mm_processor_kwargs: dict) -> Any:
@@ -306,6 +343,26 @@ class ImageProcessorBase(Generic[Entry]):
     def resize(self, images: torch.Tensor, height: int, width: int, filter: Filter) -> torch.Tensor:
         """`resize_uint8` with this processor's cache of resize taps."""
         return resize_uint8(images, height, width, filter, self.resize_taps)
+
+    def preprocess_resized(
+        self,
+        images: list[torch.Tensor],
+        target: Callable[[int, int], tuple[int, int]],
+        filter: Filter,
+        finish: Callable[[torch.Tensor], Sequence[Entry]],
+    ) -> list[Entry]:
+        """Each image resized to `target(height, width)` and normalized; the images that share
+        (size, target) as one float32 [B, 3, h, w] batch, whose entries `finish` returns."""
+
+        def key(image: torch.Tensor) -> tuple[int, ...]:
+            height, width = image.shape[-2:]
+            return (height, width, *target(height, width))
+
+        def run(group: tuple[int, ...], batch: torch.Tensor) -> Sequence[Entry]:
+            batch = self.resize(batch, group[2], group[3], filter)  # [B, 3, h, w] uint8
+            return finish(self.normalize(batch))
+
+        return preprocess_in_groups(images, key, self.device, run)
 
     def cached_preprocess(
         self,

@@ -25,20 +25,19 @@ from dataclasses import dataclass
 
 import torch
 
-from vlmx.config import ModelConfig
 from vlmx.models.processing import (
+    BICUBIC,
     Expansion,
     ImageProcessorBase,
     check_processor_flags,
-    preprocess_in_groups,
+    first_set,
+    positive_int,
     reject_unknown_kwargs,
 )
 from vlmx.multimodal.inputs import MMFeature
 
 SUPPORTED_KWARGS = ("min_pixels", "max_pixels")
 MAX_ASPECT_RATIO = 200
-
-_BICUBIC = 3  # PIL's resampling id, as configs store it
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,33 +83,27 @@ def smart_resize(
     return h_bar, w_bar
 
 
-def _first(*values):
-    return next((v for v in values if v is not None), None)
-
-
 def resolve_image_settings(raw: dict, mm_processor_kwargs: dict) -> ImageSettings:
     """Defaults < checkpoint file < engine-wide `mm_processor_kwargs`.
 
     In the file, top-level min_pixels / max_pixels win over `size` (as in HF's `__init__`).
     """
-    check_processor_flags(raw)
+    check_processor_flags(raw, resample=(BICUBIC,))
     size = raw.get("size") or {}
-    min_pixels = _first(raw.get("min_pixels"), size.get("shortest_edge"), size.get("min_pixels"))
-    max_pixels = _first(raw.get("max_pixels"), size.get("longest_edge"), size.get("max_pixels"))
-    if _first(raw.get("resample"), _BICUBIC) != _BICUBIC:
-        raise ValueError(f"image processor config has resample={raw['resample']}; vlmx supports 3")
+    min_pixels = first_set(raw.get("min_pixels"), size.get("shortest_edge"), size.get("min_pixels"))
+    max_pixels = first_set(raw.get("max_pixels"), size.get("longest_edge"), size.get("max_pixels"))
     default = ImageSettings()
     kwargs = check_kwargs(
         {
-            "min_pixels": _first(min_pixels, default.min_pixels),
-            "max_pixels": _first(max_pixels, default.max_pixels),
+            "min_pixels": first_set(min_pixels, default.min_pixels),
+            "max_pixels": first_set(max_pixels, default.max_pixels),
         },
         mm_processor_kwargs,
     )
     for key in ("patch_size", "temporal_patch_size", "merge_size", "rescale_factor"):
-        kwargs[key] = _first(raw.get(key), getattr(default, key))
+        kwargs[key] = first_set(raw.get(key), getattr(default, key))
     for key in ("image_mean", "image_std"):
-        kwargs[key] = tuple(_first(raw.get(key), getattr(default, key)))
+        kwargs[key] = tuple(first_set(raw.get(key), getattr(default, key)))
     return ImageSettings(**kwargs)
 
 
@@ -119,8 +112,7 @@ def check_kwargs(base: dict, overrides: dict) -> dict:
     reject_unknown_kwargs(overrides, SUPPORTED_KWARGS, "Qwen2-VL")
     merged = {**base, **overrides}
     for key, value in merged.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"mm_processor_kwargs {key}={value!r} must be a positive int")
+        positive_int(value, key)
     if merged["min_pixels"] > merged["max_pixels"]:
         raise ValueError(
             f"mm_processor_kwargs min_pixels={merged['min_pixels']} is larger than "
@@ -168,11 +160,10 @@ class Qwen2VLProcessor(ImageProcessorBase[tuple[torch.Tensor, torch.Tensor]]):
     placeholder_example = "<|vision_start|><|image_pad|><|vision_end|>"
     video_token = "<|video_pad|>"
 
-    def configure(self, model_config: ModelConfig, image_config: dict, _: dict) -> None:
-        hf_config = model_config.hf_config
-        self.settings = resolve_image_settings(image_config, model_config.mm_processor_kwargs or {})
+    def configure(self, image_config: dict, _: dict) -> None:
+        s = self.settings = resolve_image_settings(image_config, self.engine_kwargs)
+        hf_config = self.hf_config
         vision = hf_config.vision_config
-        s = self.settings
         ours = (s.patch_size, s.temporal_patch_size, s.merge_size)
         theirs = (vision.patch_size, vision.temporal_patch_size, vision.spatial_merge_size)
         if ours != theirs:
@@ -209,23 +200,19 @@ class Qwen2VLProcessor(ImageProcessorBase[tuple[torch.Tensor, torch.Tensor]]):
         s = self.settings
         min_pixels, max_pixels = settings["min_pixels"], settings["max_pixels"]
 
-        def key(image: torch.Tensor) -> tuple[int, ...]:
-            height, width = image.shape[-2:]
-            target = smart_resize(height, width, self._factor, min_pixels, max_pixels)
-            return (height, width, *target)
-
-        def run(
-            group: tuple[int, ...], batch: torch.Tensor
-        ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-            _, _, height, width = group
-            batch = self.resize(batch, height, width, "bicubic")  # [B, 3, h, w] uint8
-            pixels = self.normalize(batch)  # [B, 3, h, w] float32
+        def finish(pixels: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            height, width = pixels.shape[-2:]  # [B, 3, h, w] float32
             patches = patchify(pixels, s.patch_size, s.merge_size, s.temporal_patch_size)
             patches = patches.to(self.dtype)  # [B, gh * gw, 3 * T * p * p]
             grid_thw = torch.tensor([1, height // s.patch_size, width // s.patch_size])  # [3]
             return [(x, grid_thw) for x in patches]
 
-        return preprocess_in_groups(images, key, self.device, run)
+        return self.preprocess_resized(
+            images,
+            lambda height, width: smart_resize(height, width, self._factor, min_pixels, max_pixels),
+            "bicubic",
+            finish,
+        )
 
     def expand(
         self, image: torch.Tensor, output: tuple[torch.Tensor, torch.Tensor], settings: dict

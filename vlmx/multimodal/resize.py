@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Literal
 
 import torch
+from torch import Tensor
 from torchvision.transforms.v2 import functional as tvF
 
 Filter = Literal["bicubic", "bilinear", "lanczos"]
@@ -144,12 +145,8 @@ def _resample_axis(
 
 
 def resize_uint8_fixed_point(
-    images: torch.Tensor,
-    height: int,
-    width: int,
-    filter: Filter,
-    taps: ResizeTaps | None = None,
-) -> torch.Tensor:
+    images: Tensor, height: int, width: int, filter: Filter, taps: ResizeTaps | None = None
+) -> Tensor:
     """uint8 [B, C, H, W] -> [B, C, height, width]: torch's CPU uint8 kernel in tensor ops, on
     the images' device (a width pass, then a height pass, each rounded to 0..255). The taps
     come from `taps` when given, else they are built for this call."""
@@ -174,12 +171,8 @@ def _torch_has_lanczos() -> bool:
 
 
 def resize_uint8(
-    images: torch.Tensor,
-    height: int,
-    width: int,
-    filter: Filter,
-    taps: ResizeTaps | None = None,
-) -> torch.Tensor:
+    images: Tensor, height: int, width: int, filter: Filter, taps: ResizeTaps | None = None
+) -> Tensor:
     """uint8 [B, C, H, W] -> [B, C, height, width], antialiased, on any device equal to torch's
     CPU uint8 kernel (`taps`: the caller's cache of the fixed-point kernel's taps).
 

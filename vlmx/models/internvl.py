@@ -31,10 +31,10 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from vlmx.layers.activation import get_act_fn
 from vlmx.layers.decoder import DecoderConfig, DecoderModel
 from vlmx.layers.intern_vit import InternVisionModel
 from vlmx.layers.pixel_shuffle import pixel_shuffle
+from vlmx.layers.projector import InternVLProjector
 from vlmx.models.base import VLMBase, profile_features
 from vlmx.models.internvl_processor import InternVLProcessor, TileSettings  # noqa: F401
 from vlmx.models.loader import text_config
@@ -52,23 +52,6 @@ _PREFIXES: tuple[tuple[str, str], ...] = (
     ("lm_head.", "lm_head."),
 )
 _TEXT_MODEL_TYPES = ("qwen2", "llama")
-
-
-class InternVLProjector(nn.Module):
-    """Matches HF `InternVLMultiModalProjector`: LayerNorm, Linear, act, Linear.
-
-    [N, 4 * Dv] -> [N, hidden] (4 = (1 / downsample_ratio) ** 2).
-    """
-
-    def __init__(self, in_dim: int, hidden_size: int, act: str) -> None:
-        super().__init__()
-        self.layer_norm = nn.LayerNorm(in_dim)
-        self.linear_1 = nn.Linear(in_dim, hidden_size)
-        self.act = get_act_fn(act)
-        self.linear_2 = nn.Linear(hidden_size, hidden_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.act(self.linear_1(self.layer_norm(x))))
 
 
 class InternVLWithoutHead(nn.Module):

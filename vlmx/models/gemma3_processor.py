@@ -33,12 +33,14 @@ import math
 import torch
 
 from vlmx.models.processing import (
-    BILINEAR,
     ImageProcessorBase,
     check_image_tensors,
     check_placeholder_count,
-    check_processor_flags,
     find_token_runs,
+)
+from vlmx.models.processor_settings import (
+    BILINEAR,
+    check_processor_flags,
     positive_int,
     reject_unknown_kwargs,
 )

@@ -37,13 +37,15 @@ from dataclasses import dataclass, replace
 import torch
 
 from vlmx.models.processing import (
-    BICUBIC,
-    LANCZOS,
     Expansion,
     ImageProcessorBase,
+    preprocess_in_groups,
+)
+from vlmx.models.processor_settings import (
+    BICUBIC,
+    LANCZOS,
     check_processor_flags,
     longest_edge_of,
-    preprocess_in_groups,
     reject_unknown_kwargs,
     require_token_id,
     special_token_id,

@@ -24,13 +24,15 @@ from dataclasses import dataclass, replace
 import torch
 
 from vlmx.models.processing import (
-    BICUBIC,
     Expansion,
     ImageProcessorBase,
+    preprocess_in_groups,
+)
+from vlmx.models.processor_settings import (
+    BICUBIC,
     check_processor_flags,
     first_set,
     positive_int,
-    preprocess_in_groups,
     reject_unknown_kwargs,
 )
 

@@ -33,9 +33,11 @@ import torch
 
 from vlmx.layers.siglip import patchify
 from vlmx.models.processing import (
-    BICUBIC,
     Expansion,
     ImageProcessorBase,
+)
+from vlmx.models.processor_settings import (
+    BICUBIC,
     check_processor_flags,
     longest_edge_of,
     positive_int,

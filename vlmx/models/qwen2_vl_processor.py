@@ -26,9 +26,11 @@ from dataclasses import dataclass
 import torch
 
 from vlmx.models.processing import (
-    BICUBIC,
     Expansion,
     ImageProcessorBase,
+)
+from vlmx.models.processor_settings import (
+    BICUBIC,
     check_processor_flags,
     first_set,
     positive_int,

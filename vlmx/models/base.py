@@ -82,6 +82,21 @@ class VLMBase(Model):
         head = self.decoder.embed_tokens if self.lm_head is None else self.lm_head
         return F.linear(hidden_states, head.weight)  # [N, vocab]
 
+    def embed_blocks(
+        self, features: list[MMFeature], ids_key: str, image_embeds: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """For a family whose placeholder span interleaves its image tokens with others (tile
+        tags, row breaks): each span's token ids (`data[ids_key]`, [num_embeds] int64) embedded,
+        the rows of `self.image_token_id` filled with `image_embeds` [num_image_tokens, hidden]
+        in order. One [num_embeds, hidden] tensor per feature, so the runner copies a span as
+        one piece."""
+        block_ids = torch.cat([f.data[ids_key] for f in features])  # [sum(num_embeds)]
+        block_ids = block_ids.to(self.embedding.device, non_blocking=True)
+        blocks = self.embed_tokens(block_ids)  # [sum(num_embeds), hidden]
+        is_image = (block_ids == self.image_token_id).unsqueeze(-1)  # [sum(num_embeds), 1]
+        blocks = blocks.masked_scatter(is_image, image_embeds.to(blocks.dtype))
+        return list(blocks.split([f.num_embeds for f in features]))
+
     def rename_weight(self, name: str) -> str | None:
         """A checkpoint name -> the module name it has here (None: skipped). An unknown name
         comes back as it is, so that `load_weights_into` reports it as unexpected."""

@@ -164,20 +164,16 @@ class Idefics3ForConditionalGeneration(VLMBase):
             counts = [frames[i].shape[0] for i in idxs]
             for i, chunk in zip(idxs, feats.split(counts)):
                 per_image[i] = chunk.flatten(0, 1)  # [frames_i * L, hidden]
-        out = []
         for feature, image_feats in zip(features, per_image):
             layout = feature.data["layout_ids"]  # [len] int64, CPU
-            image_rows = (layout == self.image_token_id).nonzero().flatten()  # [num_image_tokens]
-            if image_rows.numel() != image_feats.shape[0] or feature.num_embeds != layout.numel():
+            num_image_tokens = int((layout == self.image_token_id).sum())
+            if num_image_tokens != image_feats.shape[0] or feature.num_embeds != layout.numel():
                 raise ValueError(
-                    f"image {feature.mm_hash!r} has {image_rows.numel()} <image> tokens in a "
+                    f"image {feature.mm_hash!r} has {num_image_tokens} <image> tokens in a "
                     f"span of {feature.num_embeds}, but its frames yield {image_feats.shape[0]} "
                     "features"
                 )
-            embeds = self.embed_tokens(layout.to(weight.device, non_blocking=True))  # [len, hidden]
-            rows = image_rows.to(weight.device, non_blocking=True)
-            out.append(embeds.index_copy_(0, rows, image_feats.to(embeds.dtype)))
-        return out
+        return self.embed_blocks(features, "layout_ids", torch.cat(per_image))
 
 
 class SmolVLMForConditionalGeneration(Idefics3ForConditionalGeneration):

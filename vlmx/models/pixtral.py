@@ -168,12 +168,7 @@ class _PixtralVLM(VLMBase):
                 )
         states = self.vision_tower(pixel_values, grids, self.feature_layers)
         image_embeds = self.project(states, grids)  # [sum(rows * cols), hidden]
-        block_ids = torch.cat([f.data["token_ids"] for f in features])  # [sum(num_embeds)]
-        block_ids = block_ids.to(weight.device, non_blocking=True)
-        blocks = self.embed_tokens(block_ids)  # [sum(num_embeds), hidden]: breaks and end
-        is_image = (block_ids == self.image_token_id).unsqueeze(-1)  # [sum(num_embeds), 1]
-        blocks = blocks.masked_scatter(is_image, image_embeds.to(blocks.dtype))
-        return list(blocks.split([f.num_embeds for f in features]))
+        return self.embed_blocks(features, "token_ids", image_embeds)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         if self.lm_head is not None:

@@ -22,8 +22,6 @@ lm_head.weight (absent or ignored when tie_word_embeddings)
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 from transformers import PretrainedConfig
@@ -44,14 +42,14 @@ _PREFIXES: tuple[tuple[str, str], ...] = (
 )
 
 
-@functools.lru_cache(maxsize=16)
 def vision_position_ids(
     num_rows: int, num_cols: int, num_patches_per_side: int, device: torch.device
 ) -> torch.Tensor:
     """Position ids of a frame of num_rows x num_cols patches, all valid: [rows * cols] int64.
 
     Matches HF `Idefics3VisionEmbeddings.forward` (a patch's fractional coordinate bucketed into
-    the `num_patches_per_side`-grid of learned positions), computed with the same float32 ops.
+    the `num_patches_per_side`-grid of learned positions), computed with the same float32 ops
+    on `device`, once per `image_features` call (one frame size).
     """
     boundaries = torch.arange(
         1 / num_patches_per_side, 1.0, 1 / num_patches_per_side, device=device

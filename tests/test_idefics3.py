@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoTokenizer
 from transformers import Idefics3ForConditionalGeneration as HFIdefics3
 from transformers import SmolVLMForConditionalGeneration as HFSmolVLM
 
@@ -103,7 +103,8 @@ def _processor(path: str, name: str, **mm_processor_kwargs) -> Idefics3Processor
         max_model_len=8192,
         mm_processor_kwargs=mm_processor_kwargs,
     )
-    return Idefics3Processor(config, torch.device("cpu"))
+    tokenizer = AutoTokenizer.from_pretrained(path)  # the engine's, as the engine passes it
+    return Idefics3Processor(config, tokenizer, torch.device("cpu"))
 
 
 def _example_prompt(name: str, num_images: int, question: str = QUESTION) -> str:
@@ -121,7 +122,7 @@ def test_processor_matches_hf(family, images, kwargs) -> None:
     name, path, ref = family
     ours = _processor(path, name)
     hf_image_processor = ref.processor.image_processor
-    settings = ours.image_settings(kwargs)
+    settings = ours.prompt_settings(kwargs)
     pixel_values = ours.preprocess([_tensor(im) for im in images], settings)
     for image, pixels in zip(images, pixel_values):
         hf = hf_image_processor([[image]], return_tensors="pt", return_row_col_info=True, **kwargs)

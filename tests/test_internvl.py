@@ -17,7 +17,7 @@ import io
 import numpy as np
 import pytest
 import torch
-from transformers import AutoConfig, AutoProcessor
+from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 from transformers import InternVLForConditionalGeneration as HFInternVL
 from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas
 
@@ -103,6 +103,12 @@ def model_config(path: str, mm_processor_kwargs: dict | None = None) -> ModelCon
     )
 
 
+def new_processor(config: ModelConfig) -> InternVLProcessor:
+    """The processor as the engine builds it: with the checkpoint's tokenizer."""
+    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_path)
+    return InternVLProcessor(config, tokenizer, torch.device("cpu"))
+
+
 def image_tensor(height: int, width: int, variant: int) -> torch.Tensor:
     """uint8 [3, H, W] from the demo's structured images."""
     pil = structured_image(width, height, variant)
@@ -134,7 +140,7 @@ def test_tile_grid_matches_hf() -> None:
 @pytest.mark.parametrize("ours_kwargs,hf_kwargs", KWARGS)
 def test_processor_matches_hf(ckpt, tok, hf_processor, ours_kwargs, hf_kwargs) -> None:
     hf = hf_processor
-    processor = InternVLProcessor(model_config(ckpt), torch.device("cpu"))
+    processor = new_processor(model_config(ckpt))
     images = [image_tensor(h, w, i) for i, (h, w) in enumerate(SIZES)]
     text = prompt_text(len(images))
     hf_out = hf(text=[text], images=images, return_tensors="pt", **hf_kwargs)
@@ -156,7 +162,7 @@ def test_processor_matches_hf(ckpt, tok, hf_processor, ours_kwargs, hf_kwargs) -
 
 def test_engine_wide_kwargs_and_per_prompt_override(ckpt, tok, hf_processor) -> None:
     hf = hf_processor
-    processor = InternVLProcessor(model_config(ckpt, {"max_dynamic_patch": 4}), torch.device("cpu"))
+    processor = new_processor(model_config(ckpt, {"max_dynamic_patch": 4}))
     image = image_tensor(300, 400, 3)
     for ours_kwargs, hf_kwargs in [
         ({}, {"max_patches": 4}),
@@ -171,7 +177,7 @@ def test_engine_wide_kwargs_and_per_prompt_override(ckpt, tok, hf_processor) -> 
 
 def test_expanded_prompt_is_kept_and_cache_is_used(ckpt, tok, hf_processor) -> None:
     hf = hf_processor
-    processor = InternVLProcessor(model_config(ckpt), torch.device("cpu"))
+    processor = new_processor(model_config(ckpt))
     images = [image_tensor(224, 224, 0), image_tensor(150, 330, 2)]
     text = prompt_text(2)
     hf_ids = hf(text=[text], images=images)["input_ids"][0]
@@ -187,7 +193,7 @@ def test_expanded_prompt_is_kept_and_cache_is_used(ckpt, tok, hf_processor) -> N
 
 
 def test_processor_errors(ckpt, tok) -> None:
-    processor = InternVLProcessor(model_config(ckpt), torch.device("cpu"))
+    processor = new_processor(model_config(ckpt))
     image = image_tensor(64, 96, 4)
     with pytest.raises(ValueError, match=r"2 image placeholders \(<IMG_CONTEXT>\) but 1 images"):
         processor.process(prompt_ids(tok, 2), [image], {})
@@ -208,7 +214,7 @@ def test_processor_errors(ckpt, tok) -> None:
     with pytest.raises(ValueError, match="run of 3"):
         processor.process([5, IMG_CONTEXT_ID, IMG_CONTEXT_ID, IMG_CONTEXT_ID, 6], [image], {})
     with pytest.raises(ValueError, match="unknown mm_processor_kwargs"):
-        InternVLProcessor(model_config(ckpt, {"max_num": 3}), torch.device("cpu"))
+        new_processor(model_config(ckpt, {"max_num": 3}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,7 +267,7 @@ def _ours(path: str) -> InternVLForConditionalGeneration:
 @pytest.mark.parametrize("layout", ["transformers", "hub"])
 def test_image_features_and_prefill_match_hf(ckpt, tok, hub_ckpt, ref, layout) -> None:
     model = _ours(ckpt if layout == "transformers" else hub_ckpt)
-    processor = InternVLProcessor(model_config(ckpt), torch.device("cpu"))
+    processor = new_processor(model_config(ckpt))
     images = [image_tensor(300, 400, 3), image_tensor(96, 64, 4), image_tensor(224, 224, 0)]
     out = processor.process(prompt_ids(tok, 3), images, {})
     pixel_values = torch.cat([f.data["pixel_values"] for f in out.mm_features])

@@ -37,6 +37,13 @@ class _Model(VLMBase):
         self.text = _Decoder(self.config)
         self.lm_head = self.build_lm_head(tied)
 
+    # a text-only stand-in: the vision half of the interface is no part of VLMBase
+    def encode_images(self, features):
+        raise NotImplementedError
+
+    def profile_image_features(self, num_embeds):
+        raise NotImplementedError
+
 
 def _weights(model: _Model, **extra: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
     body = [(f"model.text.{n}", torch.randn_like(p)) for n, p in model.text.named_parameters()]

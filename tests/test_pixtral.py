@@ -12,7 +12,7 @@ from dataclasses import asdict
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoProcessor, CLIPVisionConfig
+from transformers import AutoConfig, AutoProcessor, AutoTokenizer, CLIPVisionConfig
 
 from tests.families.pixtral_checkpoint import (
     HF_CLASSES,
@@ -110,8 +110,14 @@ def model_config(
     )
 
 
+def new_processor(config: ModelConfig) -> PixtralProcessor:
+    """The processor as the engine builds it: with the checkpoint's tokenizer."""
+    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_path)
+    return PixtralProcessor(config, tokenizer, torch.device("cpu"))
+
+
 def processor(checkpoints, arch: str, layout: str = "transformers", **kwargs) -> PixtralProcessor:
-    return PixtralProcessor(model_config(checkpoints[arch, layout], **kwargs), torch.device("cpu"))
+    return new_processor(model_config(checkpoints[arch, layout], **kwargs))
 
 
 def hf_crops(hf_out) -> list[torch.Tensor]:
@@ -226,7 +232,7 @@ def test_processor_errors(checkpoints):
 
 def test_pixel_values_in_model_dtype(checkpoints):
     path = checkpoints["llava", "transformers"]
-    proc = PixtralProcessor(model_config(path, dtype=torch.bfloat16), torch.device("cpu"))
+    proc = new_processor(model_config(path, dtype=torch.bfloat16))
     ref = AutoProcessor.from_pretrained(path)
     image = structured_image(50, 70, 0)
     prompt, ids = vlmx_prompt(ref.tokenizer, 1)
@@ -297,7 +303,7 @@ def test_image_features_and_prefill_logits_match_hf(checkpoints, arch, layout):
     model = vlmx_build_model(config.architecture, config.hf_config, path, "cpu", torch.float32)
     if arch == "mistral3":  # tied by config; the hub layout ships an lm_head of its own
         assert (model.lm_head is None) == (layout == "transformers")
-    proc = PixtralProcessor(config, torch.device("cpu"))
+    proc = new_processor(config)
     images = [structured_image(h, w, s) for s, (h, w) in enumerate([(90, 60), (40, 130), (77, 77)])]
     prompt, ids = vlmx_prompt(ref.processor.tokenizer, 3)
     processed = proc.process(ids, images, {})

@@ -1,4 +1,5 @@
-"""`vlmx.models.processing`: the helpers every family processor shares."""
+"""`vlmx.models.processing` and `vlmx.models.processor_settings`: the helpers every family processor
+shares."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import json
 import pytest
 import torch
 
-from vlmx.models import processing
+from vlmx.models import processing, processor_settings
 from vlmx.multimodal.cache import TensorCache
+from vlmx.multimodal.resize import ResizeTaps, resize_uint8_fixed_point
 
 
 def _entry(num_floats: int) -> torch.Tensor:
@@ -95,13 +97,16 @@ def test_input_checks():
 
 
 def test_read_processor_files(tmp_path):
-    assert processing.read_processor_files(str(tmp_path)) == ({}, {})
+    assert processor_settings.read_processor_files(str(tmp_path)) == ({}, {})
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({"a": 1}))
     (tmp_path / "processor_config.json").write_text(json.dumps({"image_seq_len": 4}))
-    assert processing.read_processor_files(str(tmp_path)) == ({"a": 1}, {"image_seq_len": 4})
+    assert processor_settings.read_processor_files(str(tmp_path)) == (
+        {"a": 1},
+        {"image_seq_len": 4},
+    )
     nested = {"image_processor": {"b": 2}, "patch_size": 3}
     (tmp_path / "processor_config.json").write_text(json.dumps(nested))
-    assert processing.read_processor_files(str(tmp_path)) == ({"b": 2}, nested)
+    assert processor_settings.read_processor_files(str(tmp_path)) == ({"b": 2}, nested)
 
 
 def test_normalization_constants_rescale_and_normalize_in_one_step():
@@ -117,15 +122,46 @@ def test_normalization_constants_rescale_and_normalize_in_one_step():
 
 
 def test_config_and_kwargs_checks():
-    processing.check_processor_flags({"do_resize": True, "do_normalize": None})
+    processor_settings.check_processor_flags({"do_resize": True, "do_normalize": None})
     with pytest.raises(ValueError, match="do_rescale=false"):
-        processing.check_processor_flags({"do_rescale": False})
-    processing.check_processor_flags({"do_resize": False}, ("do_rescale",))
-    processing.reject_unknown_kwargs({"a": 1}, ("a", "b"), "Fam")
+        processor_settings.check_processor_flags({"do_rescale": False})
+    processor_settings.check_processor_flags({"do_resize": False}, ("do_rescale",))
+    processor_settings.reject_unknown_kwargs({"a": 1}, ("a", "b"), "Fam")
     with pytest.raises(ValueError, match=r"\['c'\] for Fam; supported: a, b$"):
-        processing.reject_unknown_kwargs({"a": 1, "c": 2}, ("a", "b"), "Fam")
+        processor_settings.reject_unknown_kwargs({"a": 1, "c": 2}, ("a", "b"), "Fam")
     with pytest.raises(ValueError, match="supported: a=int$"):
-        processing.reject_unknown_kwargs({"c": 2}, ("a",), "Fam", "a=int")
+        processor_settings.reject_unknown_kwargs({"c": 2}, ("a",), "Fam", "a=int")
+
+
+def test_resample_and_kwarg_value_checks():
+    ps = processor_settings
+    ps.check_processor_flags({"resample": 3}, resample=(ps.BICUBIC,))
+    ps.check_processor_flags({"resample": None}, resample=(ps.BICUBIC,))  # unset: the default
+    with pytest.raises(ValueError, match="resample=2; vlmx supports 1 and 3"):
+        ps.check_processor_flags({"resample": 2}, resample=(ps.LANCZOS, ps.BICUBIC))
+    assert ps.first_set(None, 0, 5) == 0 and ps.first_set(None, None) is None
+    assert ps.positive_int(3, "k") == 3
+    for bad in (0, -1, True, 2.0, "3"):
+        with pytest.raises(ValueError, match="mm_processor_kwargs k=.* must be a positive int"):
+            ps.positive_int(bad, "k")
+    assert ps.longest_edge_of({"longest_edge": 64}, "size") == 64
+    with pytest.raises(ValueError, match=r"size=\{'height': 3\} is not supported"):
+        ps.longest_edge_of({"height": 3}, "size")
+    with pytest.raises(ValueError, match=r"size\['longest_edge'\]=0 must be a positive int"):
+        ps.longest_edge_of({"longest_edge": 0}, "size")
+
+
+def test_resize_taps_are_reused_and_bounded():
+    taps = ResizeTaps(max_entries=2)
+    images = torch.randint(0, 256, (1, 3, 9, 13), dtype=torch.uint8)
+    expected = resize_uint8_fixed_point(images, 5, 7, "bicubic")
+    assert torch.equal(resize_uint8_fixed_point(images, 5, 7, "bicubic", taps), expected)
+    assert len(taps) == 2  # one per axis
+    first = taps.get(13, 7, "bicubic", torch.device("cpu"))
+    assert taps.get(13, 7, "bicubic", torch.device("cpu")) is first  # built once
+    taps.get(20, 4, "lanczos", torch.device("cpu"))
+    assert len(taps) == 2  # the least recently used went out
+    assert taps.get(13, 7, "bicubic", torch.device("cpu")) is first
 
 
 def test_preprocess_in_groups_batches_by_key_and_keeps_order():

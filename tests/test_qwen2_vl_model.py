@@ -19,7 +19,7 @@ from transformers import Qwen2VLForConditionalGeneration as HFQwen2VL
 from transformers import Qwen2VLImageProcessor
 
 from vlmx.demo.configs import tiny_qwen_vl_config
-from vlmx.layers.attention import AttentionMetadata
+from vlmx.layers.attention import AttentionMetadata, VarlenSegments, varlen_attention
 from vlmx.layers.vision import VisionBlock, run_vision_blocks
 from vlmx.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from vlmx.models.qwen2_vl import Qwen2VLForConditionalGeneration
@@ -348,3 +348,18 @@ def test_vision_blocks_fuse_adds_into_norms_without_changing_the_result(norm, ga
             expected = expected + block.mlp(block.norm2(expected))
         got = run_vision_blocks(blocks, x, cos, sin, lambda i: cu_of[i])
     assert torch.equal(got, expected)
+
+
+def test_varlen_segments_build_their_device_tensors_once() -> None:
+    """A tower hands one `VarlenSegments` to all its layers: same output as the boundaries
+    themselves, and its row index is built on first use only."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(13, 2, 8, generator=gen) for _ in range(3))
+    cu_seqlens = [0, 5, 10, 13]
+    segments = VarlenSegments(cu_seqlens)
+    expected = varlen_attention(q, k, v, cu_seqlens)
+    assert torch.equal(varlen_attention(q, k, v, segments), expected)
+    rows = segments.rows(q.device)
+    assert torch.equal(varlen_attention(q, k, v, segments), expected)  # a second layer
+    assert segments.rows(q.device) is rows
+    assert [(length, n) for length, n, _ in rows] == [(5, 2), (3, 1)]

@@ -104,7 +104,13 @@ def make_processor(tmp_path, files=None, family="qwen2_vl", **kwargs) -> Qwen2VL
     path = write_checkpoint(
         tmp_path, family, files or {"preprocessor_config.json": HUB_PREPROCESSOR}
     )
-    return Qwen2VLProcessor(make_model_config(path, **kwargs), torch.device("cpu"))
+    return new_processor(make_model_config(path, **kwargs))
+
+
+def new_processor(config: ModelConfig) -> Qwen2VLProcessor:
+    # NOTE: Qwen2-VL's processor reads no token of the tokenizer (its ids are in the config),
+    # and these checkpoints have none.
+    return Qwen2VLProcessor(config, None, torch.device("cpu"))
 
 
 def prompt_with_images(num_images: int, trailing_text: bool = True) -> list[int]:
@@ -223,7 +229,7 @@ def test_reads_transformers5_processor_config(tmp_path):
     save_hf_processor(tmp_path, min_pixels=1000, max_pixels=200_000)
     assert "image_processor" in json.loads((tmp_path / "processor_config.json").read_text())
     assert not (tmp_path / "preprocessor_config.json").exists()
-    proc = Qwen2VLProcessor(make_model_config(str(tmp_path)), torch.device("cpu"))
+    proc = new_processor(make_model_config(str(tmp_path)))
     hf = hf_image_processor(str(tmp_path))
     assert (proc.settings.min_pixels, proc.settings.max_pixels) == (1000, 200_000)
     assert (hf.size.shortest_edge, hf.size.longest_edge) == (1000, 200_000)

@@ -66,12 +66,6 @@ class Row:
     stub_tokenizer: bool = False  # the example loads a tokenizer before building the engine
 
 
-def _unknown_type(model_type: str) -> str:
-    # NOTE: these checkpoints define their config in remote code, which the stub does not
-    # ship; transformers then names the model type it does not know.
-    return rf"model type `{model_type}` but Transformers does not recognize this architecture"
-
-
 def _unsupported(architecture: str) -> str:
     return rf"checkpoint architectures \['{architecture}'\] are not supported by vlmx"
 
@@ -88,18 +82,18 @@ ROWS = {
     ),
     "deepseek_vl_v2": Row(
         "deepseek-ai/deepseek-vl2-tiny",
-        _unknown_type("deepseek_vl_v2"),
+        _unsupported("DeepseekVLV2ForCausalLM"),
         {"architectures": ["DeepseekVLV2ForCausalLM"], "model_type": "deepseek_vl_v2"},
     ),
     "h2ovl_chat": Row(
         "h2oai/h2ovl-mississippi-800m",
-        _unknown_type("h2ovl_chat"),
+        _unsupported("H2OVLChatModel"),
         {"architectures": ["H2OVLChatModel"], "model_type": "h2ovl_chat"},
         stub_tokenizer=True,
     ),
     "internvl_chat": Row(
         "OpenGVLab/InternVL2-2B",
-        _unknown_type("internvl_chat"),
+        _unsupported("InternVLChatModel"),
         {"architectures": ["InternVLChatModel"], "model_type": "internvl_chat"},
         stub_tokenizer=True,
     ),
@@ -116,7 +110,7 @@ ROWS = {
     ),
     "phi3_v": Row(
         "microsoft/Phi-3.5-vision-instruct",
-        _unknown_type("phi3_v"),
+        _unsupported("Phi3VForCausalLM"),
         {"architectures": ["Phi3VForCausalLM"], "model_type": "phi3_v"},
     ),
     "phi4_mm": Row(
@@ -128,7 +122,7 @@ ROWS = {
     "pixtral_hf": Row("mistral-community/pixtral-12b", r"tensor_parallel_size=2"),
     "qwen_vl_chat": Row(
         "Qwen/Qwen-VL-Chat",
-        _unknown_type("qwen"),
+        _unsupported("QwenVLForConditionalGeneration"),  # the example's hf_overrides
         {"architectures": ["QWenLMHeadModel"], "model_type": "qwen"},
         stub_tokenizer=True,
     ),

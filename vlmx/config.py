@@ -46,6 +46,14 @@ class CacheConfig:
     gpu_memory_utilization: float
     num_gpu_blocks_override: int | None
     enable_prefix_caching: bool
+    # Device bytes for the encoder inputs of the requests in the engine (None: a share of the
+    # device's memory, `MM_INPUT_SHARE`), and for the processor's cache of preprocessed images;
+    # both are kept out of the KV cache's budget.
+    mm_input_bytes: int | None = None
+    processor_cache_bytes: int = 512 << 20
+
+
+MM_INPUT_SHARE = 0.05  # of the device's memory, when mm_input_bytes is None
 
 
 @dataclass(frozen=True)

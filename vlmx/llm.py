@@ -230,7 +230,11 @@ class LLM:
         bar = tqdm(total=len(prompts), desc="Processed prompts", disable=not use_tqdm)
         try:
             while ahead.num_left or engine.has_unfinished_requests():
-                while ahead.num_left and engine.scheduler.num_unfinished < max_waiting:
+                while (
+                    ahead.num_left
+                    and engine.scheduler.num_unfinished < max_waiting
+                    and engine.has_input_room()
+                ):
                     if not ahead.next_is_done() and engine.should_step():
                         break  # NOTE: step the engine rather than wait for the next prompt
                     i, processed = ahead.take()

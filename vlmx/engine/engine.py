@@ -35,6 +35,17 @@ from vlmx.worker.executor import Executor, InProcessExecutor
 logger = logging.getLogger(__name__)
 
 
+def input_bytes(processed: ProcessedPrompt) -> int:
+    """Bytes of the prompt's encoder inputs (on the engine's device, where the processor puts
+    them)."""
+    return sum(
+        t.nbytes
+        for feature in processed.mm_features
+        for t in feature.data.values()
+        if isinstance(t, torch.Tensor)
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class StepRecord:
     """One launched step, for `LLMEngine.step_log` (a timeline of a run)."""
@@ -51,7 +62,9 @@ class LLMEngine:
         self.config = config
         mc = config.model_config
         self.tokenizer = load_tokenizer(config)
-        self.processor = get_processor_class(mc.architecture)(mc, config.device)
+        self.processor = get_processor_class(mc.architecture)(
+            mc, self.tokenizer, config.device, config.cache_config.processor_cache_bytes
+        )
         eos_token_ids, self.default_sampling_kwargs = read_generation_config(mc.model_path)
         if self.tokenizer.eos_token_id is not None:
             eos_token_ids.add(self.tokenizer.eos_token_id)
@@ -75,6 +88,10 @@ class LLMEngine:
             chunk_images=chunk_images,
         )
         self.requests: dict[str, Request] = {}
+        # Device bytes of encoder inputs each queued prompt holds (by its id, a parent's for
+        # n > 1) until its output is returned; `has_input_room` bounds their sum.
+        self.input_bytes: dict[str, int] = {}
+        self.num_input_bytes = 0
         self._arrival = itertools.count()
         self._inflight: tuple[SchedulerOutput, object] | None = None  # async scheduling
         self.step_log: list[StepRecord] | None = None  # set to a list to record each step
@@ -144,6 +161,9 @@ class LLMEngine:
     ) -> None:
         """Queue a checked request: one, or `params.n` children that share its prompt."""
         arrival = next(self._arrival)
+        num_bytes = input_bytes(processed)
+        self.input_bytes[request_id] = num_bytes
+        self.num_input_bytes += num_bytes
         if params.n == 1:
             self._add(request_id, text, processed, params, arrival)
             return
@@ -182,7 +202,18 @@ class LLMEngine:
         self.output_processor.add(request_id, text, processed.prompt_token_ids, params)
         self.scheduler.add_request(request)
 
+    def has_input_room(self) -> bool:
+        """Whether the encoder inputs of the queued prompts leave room for more, within the
+        memory the KV cache was sized around (`mm_input_gb`). True when nothing is queued, so
+        that a prompt larger than the whole budget still runs, alone."""
+        budget = self.executor.mm_input_bytes
+        return budget is None or not self.requests or self.num_input_bytes < budget
+
+    def _release_inputs(self, request_id: str) -> None:
+        self.num_input_bytes -= self.input_bytes.pop(request_id, 0)
+
     def abort_request(self, request_id: str) -> None:
+        self._release_inputs(request_id)
         for rid in self.output_processor.forget_parent(request_id):
             request = self.requests.pop(rid, None)
             if request is not None:
@@ -256,6 +287,8 @@ class LLMEngine:
         outputs, done = self.output_processor.collect(finished, self.requests)
         for request_id in done:
             del self.requests[request_id]
+        for output in outputs:
+            self._release_inputs(output.request_id)
         return outputs
 
     def _launch(self, out: SchedulerOutput) -> object:

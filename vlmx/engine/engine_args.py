@@ -59,6 +59,10 @@ class EngineArgs:
     block_size: int = 16
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: int | None = None
+    # GiB of device memory for the processed images (encoder inputs) of the requests in the
+    # engine, which vlmx preprocesses on the device; kept out of the KV cache's share, and no
+    # more requests are taken in by `LLM` while they hold it. None: 5% of the device's memory.
+    mm_input_gb: float | None = None
     enable_prefix_caching: bool = True
     limit_mm_per_prompt: dict[str, int] | None = None
     mm_processor_kwargs: dict[str, Any] | None = None
@@ -140,6 +144,8 @@ def build_engine_config(args: EngineArgs) -> EngineConfig:
     for name in ("max_num_seqs", "block_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(args, name)}")
+    if args.mm_input_gb is not None and not args.mm_input_gb >= 0:
+        raise ValueError(f"mm_input_gb must be >= 0 (GiB) or None, got {args.mm_input_gb}")
     if not 0 < args.gpu_memory_utilization <= 1:
         raise ValueError(
             f"gpu_memory_utilization must be in (0, 1], got {args.gpu_memory_utilization}"
@@ -205,6 +211,7 @@ def build_engine_config(args: EngineArgs) -> EngineConfig:
         gpu_memory_utilization=args.gpu_memory_utilization,
         num_gpu_blocks_override=args.num_gpu_blocks_override,
         enable_prefix_caching=args.enable_prefix_caching,
+        mm_input_bytes=None if args.mm_input_gb is None else int(args.mm_input_gb * 2**30),
     )
     scheduler_config = SchedulerConfig(
         max_num_seqs=args.max_num_seqs,

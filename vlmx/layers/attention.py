@@ -26,7 +26,6 @@ slot = block_id * block_size + offset_in_block
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -405,59 +404,68 @@ class PagedAttention(nn.Module):
         return paged_attention_torch(query, kv_cache, metadata, self.scale, self.sliding_window)
 
 
-@functools.lru_cache(maxsize=16)
-def _segment_rows(
-    cu_seqlens: tuple[int, ...], device: torch.device
-) -> list[tuple[int, int, torch.Tensor]]:
-    """(length, number of segments, their rows [g * length] on `device`) per segment length.
+class VarlenSegments:
+    """The segments of one `varlen_attention` batch, with the device tensors each backend needs.
 
-    Memoised: a vision tower calls with the same boundaries in every layer, and building the
-    index on the device each time would cost a host-device copy per layer."""
-    starts_by_len: dict[int, list[int]] = {}
-    for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
-        if end > start:
-            starts_by_len.setdefault(end - start, []).append(start)
-    return [
-        (
-            length,
-            len(starts),
-            (torch.tensor(starts)[:, None] + torch.arange(length)).flatten().to(device),
-        )
-        for length, starts in starts_by_len.items()
-    ]
+    A vision tower builds it once per forward and hands it to every layer: the tensors are made
+    (one host-device copy each) on first use and then reused by the layers that follow.
+    """
 
+    def __init__(self, cu_seqlens: list[int] | tuple[int, ...]) -> None:
+        self.cu_seqlens = tuple(cu_seqlens)  # [0, ..., num_tokens]
+        self._flash: tuple[torch.Tensor, int] | None = None
+        self._rows: list[tuple[int, int, torch.Tensor]] | None = None
 
-@functools.lru_cache(maxsize=16)
-def _device_cu_seqlens(
-    cu_seqlens: tuple[int, ...], device: torch.device
-) -> tuple[torch.Tensor, int]:
-    """Segment boundaries as an int32 device tensor, and the longest segment (memoised, as
-    `_segment_rows`: every layer of a tower calls with the same boundaries)."""
-    cu = host_to_device(list(cu_seqlens), device, torch.int32)
-    return cu, int(np.diff(cu_seqlens).max(initial=0))
+    def flash(self, device: torch.device) -> tuple[torch.Tensor, int]:
+        """Boundaries as an int32 [num_segments + 1] tensor on `device`, and the longest
+        segment."""
+        if self._flash is None:
+            cu = host_to_device(list(self.cu_seqlens), device, torch.int32)
+            self._flash = cu, int(np.diff(self.cu_seqlens).max(initial=0))
+        return self._flash
+
+    def rows(self, device: torch.device) -> list[tuple[int, int, torch.Tensor]]:
+        """(length, number of segments, their rows [g * length] on `device`) per length."""
+        if self._rows is None:
+            starts_by_len: dict[int, list[int]] = {}
+            for start, end in zip(self.cu_seqlens[:-1], self.cu_seqlens[1:]):
+                if end > start:
+                    starts_by_len.setdefault(end - start, []).append(start)
+            self._rows = [
+                (
+                    length,
+                    len(starts),
+                    (torch.tensor(starts)[:, None] + torch.arange(length)).flatten().to(device),
+                )
+                for length, starts in starts_by_len.items()
+            ]
+        return self._rows
 
 
 def varlen_attention(
     query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
     key: torch.Tensor,  # [num_tokens, num_heads, head_dim]
     value: torch.Tensor,  # [num_tokens, num_heads, head_dim]
-    cu_seqlens: list[int],  # segment boundaries, [0, ..., num_tokens]
+    segments: VarlenSegments | list[int],  # or the boundaries, [0, ..., num_tokens]
     scale: float | None = None,
 ) -> torch.Tensor:
     """Full (non-causal) attention inside each segment; segments never see each other.
 
     Used by vision towers: one segment per image or per attention window. On CUDA in bf16 /
     fp16, one varlen FlashAttention call covers every segment; elsewhere segments of equal
-    length run as one batched SDPA call (a tower's windows are mostly of one size).
+    length run as one batched SDPA call (a tower's windows are mostly of one size). A tower
+    passes one `VarlenSegments` to all its layers, so that its device tensors are built once.
     """
+    if not isinstance(segments, VarlenSegments):
+        segments = VarlenSegments(segments)
     if query.dtype in (torch.bfloat16, torch.float16) and flash_varlen_available(query.device):
-        cu, max_len = _device_cu_seqlens(tuple(cu_seqlens), query.device)
+        cu, max_len = segments.flash(query.device)
         return varlen_flash_attention(
             query, key, value, cu, cu, max_len, max_len, causal=False, scale=scale
         )
     out = torch.empty_like(query)
     num_heads, head_dim = query.shape[1:]
-    for length, num_segments, rows in _segment_rows(tuple(cu_seqlens), query.device):
+    for length, num_segments, rows in segments.rows(query.device):
         shape = (num_segments, length, num_heads, head_dim)
         q, k, v = (x[rows].view(shape).transpose(1, 2) for x in (query, key, value))
         o = F.scaled_dot_product_attention(q, k, v, scale=scale)  # [g, heads, len, head_dim]

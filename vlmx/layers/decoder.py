@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from vlmx.layers.attention import AttentionMetadata, PagedAttention
 from vlmx.layers.mlp import GatedMLP, MergedLinear
@@ -46,7 +46,10 @@ def rope_settings(cfg) -> tuple[float, float, list[int] | None]:
 
 
 @dataclass(slots=True, frozen=True)
-class DecoderConfig:
+class DecoderDims:
+    """The sizes every decoder config has (`DecoderConfig`, `GemmaConfig`); the runner reads
+    them as `Model.config`."""
+
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -55,6 +58,32 @@ class DecoderConfig:
     num_kv_heads: int
     head_dim: int
     rms_norm_eps: float
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_kv_heads})"
+            )
+
+    @staticmethod
+    def fields_from_hf(cfg) -> dict:
+        """Those sizes from an HF text config (Llama / Qwen2 / Gemma 3 field names)."""
+        return {
+            "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.hidden_size,
+            "intermediate_size": cfg.intermediate_size,
+            "num_layers": cfg.num_hidden_layers,
+            "num_heads": cfg.num_attention_heads,
+            "num_kv_heads": getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+            "head_dim": getattr(cfg, "head_dim", None)
+            or cfg.hidden_size // cfg.num_attention_heads,
+            "rms_norm_eps": cfg.rms_norm_eps,
+        }
+
+
+@dataclass(slots=True, frozen=True)
+class DecoderConfig(DecoderDims):
     rope_theta: float
     rope_scaling_factor: float = 1.0
     mrope_section: tuple[int, ...] | None = None  # set for M-RoPE (positions [3, T])
@@ -65,11 +94,7 @@ class DecoderConfig:
     tie_word_embeddings: bool = False
 
     def __post_init__(self) -> None:
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_attention_heads ({self.num_heads}) must be a multiple of "
-                f"num_key_value_heads ({self.num_kv_heads})"
-            )
+        DecoderDims.__post_init__(self)  # NOTE: no zero-argument super() in a slots dataclass
         if self.mrope_section is not None and sum(self.mrope_section) != self.head_dim // 2:
             raise ValueError(
                 f"mrope_section {list(self.mrope_section)} must sum to head_dim / 2 "
@@ -92,17 +117,9 @@ class DecoderConfig:
         """
         theta, factor, section = rope_settings(cfg)
         section = section or default_mrope_section
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         attention_bias = bool(getattr(cfg, "attention_bias", False))
         return cls(
-            vocab_size=cfg.vocab_size,
-            hidden_size=cfg.hidden_size,
-            intermediate_size=cfg.intermediate_size,
-            num_layers=cfg.num_hidden_layers,
-            num_heads=cfg.num_attention_heads,
-            num_kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
-            head_dim=head_dim,
-            rms_norm_eps=cfg.rms_norm_eps,
+            **DecoderDims.fields_from_hf(cfg),
             rope_theta=theta,
             rope_scaling_factor=factor,
             mrope_section=tuple(section) if section else None,
@@ -128,10 +145,7 @@ class DecoderAttention(nn.Module):
 
     def __init__(
         self,
-        hidden_size: int,
-        num_heads: int,
-        num_kv_heads: int,
-        head_dim: int,
+        dims: DecoderDims,
         *,
         qkv_bias: bool,
         o_bias: bool,
@@ -139,52 +153,33 @@ class DecoderAttention(nn.Module):
         sliding_window: int | None = None,
     ) -> None:
         super().__init__()
-        self.num_heads = num_heads
-        self.num_kv_heads = num_kv_heads
-        self.head_dim = head_dim
-        self.q_size = num_heads * head_dim
-        self.kv_size = num_kv_heads * head_dim
-        self.qkv_proj = MergedLinear(
-            hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=qkv_bias
-        )
-        self.o_proj = nn.Linear(self.q_size, hidden_size, bias=o_bias)
+        # NOTE: head counts and head_dim live on `self.attn`
         self.attn = PagedAttention(
-            num_heads, num_kv_heads, head_dim, scale=scale, sliding_window=sliding_window
+            dims.num_heads, dims.num_kv_heads, dims.head_dim, scale, sliding_window
         )
-
-    @classmethod
-    def from_config(cls, cfg: DecoderConfig) -> DecoderAttention:
-        return cls(
-            cfg.hidden_size,
-            cfg.num_heads,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-            qkv_bias=cfg.qkv_bias,
-            o_bias=cfg.o_bias,
-            scale=cfg.head_dim**-0.5,
-        )
+        self.q_size = dims.num_heads * dims.head_dim
+        self.kv_size = dims.num_kv_heads * dims.head_dim
+        sizes = [self.q_size, self.kv_size, self.kv_size]
+        self.qkv_proj = MergedLinear(dims.hidden_size, sizes, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, dims.hidden_size, bias=o_bias)
 
     def norm_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q [T, num_heads, head_dim], k [T, num_kv_heads, head_dim] before RoPE: unchanged."""
         return q, k
 
     def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        kv_cache: torch.Tensor,
-        attn_metadata: AttentionMetadata,
-    ) -> torch.Tensor:
-        num_tokens = x.shape[0]
+        self, x: Tensor, cos: Tensor, sin: Tensor, kv_cache: Tensor, metadata: AttentionMetadata
+    ) -> Tensor:
+        """x [T, hidden], cos / sin [T, head_dim] -> [T, hidden]."""
+        num_tokens, a = x.shape[0], self.attn
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k = self.norm_qk(
-            q.view(num_tokens, self.num_heads, self.head_dim),
-            k.view(num_tokens, self.num_kv_heads, self.head_dim),
+            q.view(num_tokens, a.num_heads, a.head_dim),
+            k.view(num_tokens, a.num_kv_heads, a.head_dim),
         )
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        out = self.attn(q, k, v, kv_cache, attn_metadata)  # [T, num_heads, head_dim]
+        v = v.view(num_tokens, a.num_kv_heads, a.head_dim)
+        out = self.attn(q, k, v, kv_cache, metadata)  # [T, num_heads, head_dim]
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
@@ -194,19 +189,16 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = DecoderAttention.from_config(cfg)
+        self.self_attn = DecoderAttention(
+            cfg, qkv_bias=cfg.qkv_bias, o_bias=cfg.o_bias, scale=cfg.head_dim**-0.5
+        )
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, cfg.mlp_bias)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        kv_cache: torch.Tensor,
-        attn_metadata: AttentionMetadata,
-    ) -> torch.Tensor:
-        h = self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, attn_metadata)
+        self, x: Tensor, cos: Tensor, sin: Tensor, kv_cache: Tensor, metadata: AttentionMetadata
+    ) -> Tensor:
+        h = self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, metadata)
         h, x = self.post_attention_layernorm.add_forward(h, x)  # x += attn; h = norm(x)
         return x + self.mlp(h)
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from vlmx.layers.attention import AttentionMetadata
-from vlmx.layers.decoder import DecoderAttention
+from vlmx.layers.decoder import DecoderAttention, DecoderDims
 from vlmx.layers.mlp import GatedMLP
 from vlmx.layers.rotary import RotaryEmbedding
 
@@ -55,15 +55,7 @@ def _rope(params: dict) -> tuple[float, float]:
 
 
 @dataclass(slots=True, frozen=True)
-class GemmaConfig:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
+class GemmaConfig(DecoderDims):
     query_pre_attn_scalar: float
     sliding_window: int
     layer_types: tuple[str, ...]
@@ -85,14 +77,7 @@ class GemmaConfig:
             raise ValueError(f"unknown Gemma 3 layer types {sorted(unknown)}")
         rope = tuple((t, *_rope(cfg.rope_parameters[t])) for t in sorted(set(layer_types)))
         return cls(
-            vocab_size=cfg.vocab_size,
-            hidden_size=cfg.hidden_size,
-            intermediate_size=cfg.intermediate_size,
-            num_layers=cfg.num_hidden_layers,
-            num_heads=cfg.num_attention_heads,
-            num_kv_heads=cfg.num_key_value_heads,
-            head_dim=cfg.head_dim,
-            rms_norm_eps=cfg.rms_norm_eps,
+            **DecoderDims.fields_from_hf(cfg),
             query_pre_attn_scalar=float(cfg.query_pre_attn_scalar),
             sliding_window=int(cfg.sliding_window),
             layer_types=layer_types,
@@ -108,10 +93,7 @@ class GemmaAttention(DecoderAttention):
 
     def __init__(self, cfg: GemmaConfig, sliding: bool) -> None:
         super().__init__(
-            cfg.hidden_size,
-            cfg.num_heads,
-            cfg.num_kv_heads,
-            cfg.head_dim,
+            cfg,
             qkv_bias=cfg.attention_bias,
             o_bias=cfg.attention_bias,
             scale=cfg.query_pre_attn_scalar**-0.5,

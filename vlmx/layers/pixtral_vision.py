@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vlmx.layers.attention import varlen_attention
+from vlmx.layers.attention import VarlenSegments, varlen_attention
 from vlmx.layers.mlp import GatedMLP, MergedLinear
 from vlmx.layers.norm import RMSNorm
 from vlmx.layers.rotary import _InvFreq, apply_rotary
@@ -114,13 +114,13 @@ class PixtralAttention(nn.Module):
         self.o_proj = nn.Linear(dim, dim, bias=False)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: list[int]
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: VarlenSegments
     ) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = self.qkv_proj(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
-        out = varlen_attention(q, k, v.contiguous(), cu_seqlens, scale=self.head_dim**-0.5)
+        out = varlen_attention(q, k, v.contiguous(), segments, scale=self.head_dim**-0.5)
         return self.o_proj(out.reshape(n, self.dim))
 
 
@@ -135,9 +135,9 @@ class PixtralLayer(nn.Module):
         self.feed_forward = GatedMLP(dim, intermediate_size, act, bias=False)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: list[int]
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: VarlenSegments
     ) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, cu_seqlens)
+        x = x + self.attention(self.attention_norm(x), cos, sin, segments)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -195,7 +195,8 @@ class PixtralVisionTower(nn.Module):
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         states = {0: x}
         last = max(wanted)
+        segments = VarlenSegments(cu_seqlens)  # device tensors built once, for every layer
         for i, layer in enumerate(self.transformer.layers[:last]):
-            x = layer(x, cos, sin, cu_seqlens)
+            x = layer(x, cos, sin, segments)
             states[i + 1] = x
         return [states[i] for i in wanted]

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmx.layers.attention import varlen_attention
+from vlmx.layers.attention import VarlenSegments, varlen_attention
 from vlmx.layers.mlp import MLP, MergedLinear
 from vlmx.layers.vision import PatchProjection
 
@@ -84,9 +84,10 @@ class SiglipAttention(nn.Module):
         self.qkv_proj = MergedLinear(dim, [dim, dim, dim], bias=True)
         self.out_proj = nn.Linear(dim, dim, bias=True)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: list[int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, segments: VarlenSegments) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = self.qkv_proj(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
+        cu_seqlens = segments.cu_seqlens
         lengths = {e - s for s, e in zip(cu_seqlens[:-1], cu_seqlens[1:])}
         if len(lengths) == 1:  # equal-size images: one batched call
             seg = lengths.pop()
@@ -97,7 +98,7 @@ class SiglipAttention(nn.Module):
             out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), scale=self.scale)
             out = out.transpose(1, 2).reshape(n, -1)
         else:
-            out = varlen_attention(q, k, v.contiguous(), cu_seqlens, scale=self.scale)
+            out = varlen_attention(q, k, v.contiguous(), segments, scale=self.scale)
             out = out.reshape(n, -1)
         return self.out_proj(out)
 
@@ -113,8 +114,8 @@ class SiglipEncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(vc.hidden_size, eps=vc.layer_norm_eps)
         self.mlp = MLP(vc.hidden_size, vc.intermediate_size, vc.hidden_act, bias=True)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: list[int]) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x), cu_seqlens)
+    def forward(self, x: torch.Tensor, segments: VarlenSegments) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x), segments)
         return x + self.mlp(self.layer_norm2(x))
 
 
@@ -149,6 +150,7 @@ class SiglipVisionTower(nn.Module):
                 [torch.arange(e - s) for s, e in zip(cu_seqlens[:-1], cu_seqlens[1:])]
             ).to(patches.device, non_blocking=True)
         x = self.embeddings(patches, position_ids)  # [N, D]
+        segments = VarlenSegments(cu_seqlens)  # device tensors built once, for every layer
         for layer in self.encoder.layers:
-            x = layer(x, cu_seqlens)
+            x = layer(x, segments)
         return self.post_layernorm(x)

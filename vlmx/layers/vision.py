@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmx.layers.attention import varlen_attention
+from vlmx.layers.attention import VarlenSegments, varlen_attention
 from vlmx.layers.mlp import MLP, GatedMLP
 from vlmx.layers.norm import RMSNorm, make_norm
 from vlmx.layers.rotary import apply_rotary
@@ -66,7 +66,7 @@ class VisionAttention(nn.Module):
     """Matches HF `VisionAttention` (Qwen2-VL) / `Qwen2_5_VLVisionAttention`.
 
     Fused `qkv` ([N, dim] -> [N, 3 * dim]), 2D RoPE on q and k in float32, attention inside each
-    `cu_seqlens` segment, output projection `proj`.
+    `segments` segment, output projection `proj`.
     """
 
     def __init__(self, dim: int, num_heads: int) -> None:
@@ -78,7 +78,7 @@ class VisionAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=True)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: list[int]
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: VarlenSegments
     ) -> torch.Tensor:
         n = x.shape[0]
         qkv = self.qkv(x).view(n, 3, self.num_heads, self.head_dim)
@@ -91,7 +91,7 @@ class VisionAttention(nn.Module):
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         # NOTE: q, k, v may be strided views of qkv (rows 3 * dim apart); both attention paths
         # read them so (FlashAttention takes row strides; the SDPA path gathers rows).
-        out = varlen_attention(q, k, v, cu_seqlens, scale=self.scale)
+        out = varlen_attention(q, k, v, segments, scale=self.scale)
         return self.proj(out.reshape(n, -1))
 
 
@@ -123,9 +123,9 @@ class VisionBlock(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: list[int]
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: VarlenSegments
     ) -> torch.Tensor:
-        x, delta = self.forward_deferred(x, None, cos, sin, cu_seqlens)
+        x, delta = self.forward_deferred(x, None, cos, sin, segments)
         return x + delta
 
     def forward_deferred(
@@ -134,13 +134,13 @@ class VisionBlock(nn.Module):
         delta: torch.Tensor | None,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        cu_seqlens: list[int],
+        segments: VarlenSegments,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The block on `x + delta` (delta: the block before's MLP output, None for none),
         returning `(its input, its MLP output)` with that sum still to take, so that each
         residual add happens inside the norm after it (`run_vision_blocks`)."""
         h, x = _add_norm(self.norm1, delta, x)
-        h, x = _add_norm(self.norm2, self.attn(h, cos, sin, cu_seqlens), x)
+        h, x = _add_norm(self.norm2, self.attn(h, cos, sin, segments), x)
         return x, self.mlp(h)
 
 
@@ -162,13 +162,14 @@ def run_vision_blocks(
     x: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
-    cu_seqlens_of: Callable[[int], list[int]],
+    segments_of: Callable[[int], VarlenSegments],
 ) -> torch.Tensor:
-    """`x` through `VisionBlock`s, block i attending inside `cu_seqlens_of(i)`; each residual
-    add is fused into the norm that follows it (two passes over x fewer per block)."""
+    """`x` through `VisionBlock`s, block i attending inside `segments_of(i)` (the same few
+    `VarlenSegments` for every block, built once per forward); each residual add is fused into
+    the norm that follows it (two passes over x fewer per block)."""
     delta = None
     for i, block in enumerate(blocks):
-        x, delta = block.forward_deferred(x, delta, cos, sin, cu_seqlens_of(i))
+        x, delta = block.forward_deferred(x, delta, cos, sin, segments_of(i))
     return x if delta is None else x + delta
 
 

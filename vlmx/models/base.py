@@ -1,6 +1,6 @@
 """What every family's model shares: the text half of the model interface around its decoder.
 
-A family's model (see `vlmx.models.interface.Model`) is a vision tower and a projector in front of
+A family's model (`vlmx.models.interface.Model`) is a vision tower and a projector in front of
 a decoder. Everything past the image embeddings is the same in every family, and lives here:
 
 ```
@@ -11,7 +11,7 @@ input_ids --embed_tokens--> [T, hidden] --forward (the decoder)--> [T, hidden]
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -19,9 +19,24 @@ from torch import nn
 
 from vlmx.layers.attention import AttentionMetadata
 from vlmx.layers.decoder import load_weights_into
+from vlmx.models.interface import Model
+from vlmx.multimodal.inputs import MMFeature, PlaceholderRange
 
 
-class VLMBase(nn.Module):
+def profile_features(
+    num_embeds: int, per_image: int, data_of: Callable[[int], dict[str, torch.Tensor]]
+) -> list[MMFeature]:
+    """`max(1, num_embeds // per_image)` dummy images of `per_image` embeddings each, image i's
+    encoder inputs from `data_of(i)` (for `Model.profile_image_features`)."""
+    return [
+        MMFeature(
+            mm_hash=f"profile-{i}", placeholder=PlaceholderRange(0, per_image), data=data_of(i)
+        )
+        for i in range(max(1, num_embeds // per_image))
+    ]
+
+
+class VLMBase(Model):
     """The decoder side of a family's model.
 
     A family builds its decoder (`layers.decoder.DecoderModel` or `layers.gemma.
@@ -42,16 +57,9 @@ class VLMBase(nn.Module):
         return getattr(self, self.decoder_name)
 
     @property
-    def num_layers(self) -> int:
-        return self.config.num_layers
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.config.num_kv_heads
-
-    @property
-    def head_dim(self) -> int:
-        return self.config.head_dim
+    def embedding(self) -> torch.Tensor:
+        """The token embedding matrix [vocab, hidden]: its device and dtype are the model's."""
+        return self.decoder.embed_tokens.weight
 
     def build_lm_head(self, tied: bool) -> nn.Linear | None:
         if tied:
@@ -73,6 +81,21 @@ class VLMBase(nn.Module):
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         head = self.decoder.embed_tokens if self.lm_head is None else self.lm_head
         return F.linear(hidden_states, head.weight)  # [N, vocab]
+
+    def embed_blocks(
+        self, features: list[MMFeature], ids_key: str, image_embeds: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """For a family whose placeholder span interleaves its image tokens with others (tile
+        tags, row breaks): each span's token ids (`data[ids_key]`, [num_embeds] int64) embedded,
+        the rows of `self.image_token_id` filled with `image_embeds` [num_image_tokens, hidden]
+        in order. One [num_embeds, hidden] tensor per feature, so the runner copies a span as
+        one piece."""
+        block_ids = torch.cat([f.data[ids_key] for f in features])  # [sum(num_embeds)]
+        block_ids = block_ids.to(self.embedding.device, non_blocking=True)
+        blocks = self.embed_tokens(block_ids)  # [sum(num_embeds), hidden]
+        is_image = (block_ids == self.image_token_id).unsqueeze(-1)  # [sum(num_embeds), 1]
+        blocks = blocks.masked_scatter(is_image, image_embeds.to(blocks.dtype))
+        return list(blocks.split([f.num_embeds for f in features]))
 
     def rename_weight(self, name: str) -> str | None:
         """A checkpoint name -> the module name it has here (None: skipped). An unknown name

@@ -30,7 +30,7 @@ from transformers import PretrainedConfig
 
 from vlmx.layers.gemma import GemmaConfig, GemmaDecoderModel, GemmaRMSNorm
 from vlmx.layers.siglip import SiglipVisionTower, patchify
-from vlmx.models.base import VLMBase
+from vlmx.models.base import VLMBase, profile_features
 from vlmx.models.gemma3_processor import Gemma3Processor  # noqa: F401
 from vlmx.multimodal.inputs import MMFeature
 
@@ -101,6 +101,17 @@ class Gemma3ForConditionalGeneration(VLMBase):
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.language_model.embed(input_ids)  # HF Gemma3TextScaledWordEmbedding
+
+    def profile_image_features(self, num_embeds: int) -> list[MMFeature]:
+        """Images (or crops) at the tower's one size, mm_tokens_per_image embeddings each."""
+        weight = self.multi_modal_projector.mm_input_projection_weight
+        shape = (3, self.image_size, self.image_size)
+
+        def data(_: int) -> dict[str, torch.Tensor]:
+            pixels = torch.randn(shape, device=weight.device, dtype=weight.dtype)
+            return {"pixel_values": pixels}
+
+        return profile_features(num_embeds, self.mm_tokens, data)
 
     def encode_images(self, features: list[MMFeature]) -> list[torch.Tensor]:
         """All images / crops through the tower in one call; one [mm_tokens, hidden] each."""

@@ -31,24 +31,21 @@ import itertools
 import math
 
 import torch
-from transformers import AutoTokenizer
 
-from vlmx.config import ModelConfig
 from vlmx.models.processing import (
-    DEFAULT_CACHE_BYTES,
     ImageProcessorBase,
     check_image_tensors,
     check_placeholder_count,
-    check_processor_flags,
     find_token_runs,
-    normalization_constants,
-    preprocess_in_groups,
-    read_processor_files,
+)
+from vlmx.models.processor_settings import (
+    BILINEAR,
+    check_processor_flags,
+    positive_int,
     reject_unknown_kwargs,
 )
 from vlmx.multimodal.hashing import hash_image, hash_with_settings
 from vlmx.multimodal.inputs import MMFeature, PlaceholderRange, ProcessedPrompt
-from vlmx.multimodal.resize import resize_uint8
 
 # Gemma3Processor.images_kwargs defaults (the config files store null for these)
 PAN_AND_SCAN_DEFAULTS = {
@@ -58,7 +55,6 @@ PAN_AND_SCAN_DEFAULTS = {
     "pan_and_scan_min_ratio_to_activate": 1.2,
 }
 SUPPORTED_KWARGS = tuple(PAN_AND_SCAN_DEFAULTS)
-_BILINEAR = 2  # PIL's resampling id
 _CROPS_INTRO = "Here is the original image "
 _CROPS_OUTRO = " and here are some crops to help you see better "
 
@@ -72,8 +68,7 @@ def check_kwargs(base: dict, overrides: dict) -> dict:
             f"mm_processor_kwargs do_pan_and_scan={kw['do_pan_and_scan']!r} is no bool"
         )
     for key in ("pan_and_scan_min_crop_size", "pan_and_scan_max_num_crops"):
-        if isinstance(kw[key], bool) or not isinstance(kw[key], int) or kw[key] <= 0:
-            raise ValueError(f"mm_processor_kwargs {key}={kw[key]!r} must be a positive int")
+        positive_int(kw[key], key)
     ratio = kw["pan_and_scan_min_ratio_to_activate"]
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio <= 0:
         raise ValueError(
@@ -114,24 +109,19 @@ def pan_and_scan_boxes(height: int, width: int, kw: dict) -> list[tuple[int, int
 
 
 class Gemma3Processor(ImageProcessorBase[torch.Tensor]):
-    """The processor of Gemma 3 (see `vlmx.models.interface`)."""
+    """The processor of Gemma 3 (see `vlmx.models.interface`).
+
+    It runs its own `process` over the shared steps: an image can become several features (its
+    pan-and-scan crops), and the text around each placeholder is tokenized again.
+    """
 
     shrink_images_hint = "mm_processor_kwargs={'do_pan_and_scan': False}"
+    image_processor_name = "Gemma3ImageProcessor"
+    placeholder_token = "<start_of_image>"
 
-    def __init__(
-        self,
-        model_config: ModelConfig,
-        device: torch.device,
-        cache_bytes: int = DEFAULT_CACHE_BYTES,
-    ) -> None:
-        super().__init__(model_config, device, cache_bytes)
-        hf = model_config.hf_config
-        raw, _ = read_processor_files(model_config.model_path, "Gemma3ImageProcessor")
-        check_processor_flags(raw)
-        if raw.get("resample", _BILINEAR) != _BILINEAR:
-            raise ValueError(
-                f"image processor config has resample={raw['resample']}; vlmx supports 2"
-            )
+    def configure(self, raw: dict, _: dict) -> None:
+        hf = self.hf_config
+        check_processor_flags(raw, resample=(BILINEAR,))
         size = raw.get("size") or {}
         image_size = hf.vision_config.image_size
         self.height = size.get("height", image_size)
@@ -142,42 +132,45 @@ class Gemma3Processor(ImageProcessorBase[torch.Tensor]):
                 f"tower's image_size {image_size}; fix the checkpoint's processor config"
             )
         base = {k: v if raw.get(k) is None else raw[k] for k, v in PAN_AND_SCAN_DEFAULTS.items()}
-        self.base_kwargs = check_kwargs(base, model_config.mm_processor_kwargs or {})
-        rescale = raw.get("rescale_factor", 1 / 255)
-        mean = raw.get("image_mean", [0.5, 0.5, 0.5])
-        std = raw.get("image_std", [0.5, 0.5, 0.5])
-        self._mean, self._std = normalization_constants(mean, std, rescale, self.device)
+        self.base_kwargs = check_kwargs(base, self.engine_kwargs)
+        self.use_normalization(
+            raw.get("image_mean", [0.5, 0.5, 0.5]),
+            raw.get("image_std", [0.5, 0.5, 0.5]),
+            raw.get("rescale_factor", 1 / 255),
+        )
         self.mm_tokens = hf.mm_tokens_per_image
         self.boi_id: int = hf.boi_token_index
         self.eoi_id: int = hf.eoi_token_index
         self.soft_id: int = hf.image_token_index
-        self.tokenizer = AutoTokenizer.from_pretrained(model_config.tokenizer_path)
+        self.image_token_id = self.soft_id
         # NOTE: HF's tokenizer splits text at special tokens before anything else, so text is
         # re-tokenized only between them; non-special added tokens stay part of the text.
         self._special_ids = {
             i for i, t in self.tokenizer.added_tokens_decoder.items() if t.special
         } | {self.boi_id, self.eoi_id, self.soft_id}
 
-    # -- pixels -----------------------------------------------------------------------------
+    def prompt_settings(self, mm_processor_kwargs: dict) -> dict:
+        """Pan-and-scan settings of one prompt: the engine-wide ones, updated by its kwargs."""
+        return check_kwargs(self.base_kwargs, mm_processor_kwargs)
 
-    def preprocess(self, crops: list[torch.Tensor]) -> list[torch.Tensor]:
+    def preprocess(
+        self, crops: list[torch.Tensor], settings: dict | None = None
+    ) -> list[torch.Tensor]:
         """uint8 [3, h, w] crops -> pixel_values [3, S, S] (model dtype, on device), no cache.
 
         Crops of one input size are resized and normalized in one batch."""
-
-        def run(_, batch: torch.Tensor) -> torch.Tensor:  # [B, 3, h, w] uint8
-            batch = resize_uint8(batch, self.height, self.width, "bilinear")  # [B, 3, S, S]
-            return self.normalize(batch).to(self.dtype)
-
-        return preprocess_in_groups(crops, lambda crop: tuple(crop.shape[-2:]), self.device, run)
-
-    # -- prompt -----------------------------------------------------------------------------
+        return self.preprocess_resized(
+            crops,
+            lambda height, width: (self.height, self.width),
+            "bilinear",
+            lambda pixels: pixels.to(self.dtype),  # [B, 3, S, S]
+        )
 
     def process(
         self, prompt_token_ids: list[int], images: list[torch.Tensor], mm_processor_kwargs: dict
     ) -> ProcessedPrompt:
         check_image_tensors(images)
-        kw = check_kwargs(self.base_kwargs, mm_processor_kwargs or {})
+        kw = self.prompt_settings(mm_processor_kwargs or {})
         # per image: the whole image, then its crops
         crops: list[list[torch.Tensor]] = []
         keys: list[list[str]] = []
@@ -204,7 +197,7 @@ class Gemma3Processor(ImageProcessorBase[torch.Tensor]):
                 )
         else:
             num_boi = prompt_token_ids.count(self.boi_id)
-            check_placeholder_count(num_boi, len(images), "<start_of_image>")
+            check_placeholder_count(num_boi, len(images), self.placeholder_token)
             token_ids, spans = self._expand(prompt_token_ids, [len(c) - 1 for c in crops])
         features = []
         for (start, end), key, px in zip(spans, flat_keys, pixels, strict=True):

@@ -22,8 +22,6 @@ lm_head.weight (absent or ignored when tie_word_embeddings)
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 from transformers import PretrainedConfig
@@ -31,8 +29,8 @@ from transformers import PretrainedConfig
 from vlmx.layers.decoder import DecoderConfig, DecoderModel
 from vlmx.layers.pixel_shuffle import pixel_shuffle
 from vlmx.layers.siglip import SiglipVisionTower, patchify
-from vlmx.models.base import VLMBase
-from vlmx.models.idefics3_processor import Idefics3Processor  # noqa: F401
+from vlmx.models.base import VLMBase, profile_features
+from vlmx.models.idefics3_processor import Idefics3Processor, ImageSettings  # noqa: F401
 from vlmx.multimodal.inputs import MMFeature
 
 # checkpoint prefix -> module prefix, first match wins
@@ -44,14 +42,14 @@ _PREFIXES: tuple[tuple[str, str], ...] = (
 )
 
 
-@functools.lru_cache(maxsize=16)
 def vision_position_ids(
     num_rows: int, num_cols: int, num_patches_per_side: int, device: torch.device
 ) -> torch.Tensor:
     """Position ids of a frame of num_rows x num_cols patches, all valid: [rows * cols] int64.
 
     Matches HF `Idefics3VisionEmbeddings.forward` (a patch's fractional coordinate bucketed into
-    the `num_patches_per_side`-grid of learned positions), computed with the same float32 ops.
+    the `num_patches_per_side`-grid of learned positions), computed with the same float32 ops
+    on `device`, once per `image_features` call (one frame size).
     """
     boundaries = torch.arange(
         1 / num_patches_per_side, 1.0, 1 / num_patches_per_side, device=device
@@ -105,7 +103,9 @@ class Idefics3ForConditionalGeneration(VLMBase):
         )
         vision = hf_config.vision_config
         self.patch_size = vision.patch_size
+        self.tile_size = vision.image_size
         self.num_patches_per_side = vision.image_size // vision.patch_size
+        self.tokens_per_frame = self.num_patches_per_side**2 // hf_config.scale_factor**2
         self.image_token_id = hf_config.image_token_id
         self.vision_model = SiglipVisionTower(vision)
         self.connector = Idefics3Connector(hf_config)
@@ -126,12 +126,32 @@ class Idefics3ForConditionalGeneration(VLMBase):
         )  # [F * rows * cols, D_v]
         return self.connector(hidden.view(num_frames, rows * cols, -1), rows)
 
+    def profile_image_features(self, num_embeds: int) -> list[MMFeature]:
+        """Images of the processor's default grid (longest edge 4 tiles: 4 x 4 tiles and the
+        global view), or of fewer tiles when they would exceed `num_embeds`. Their layouts are
+        all `<image>` tokens: the tag and newline tokens cost the tower nothing."""
+        s = ImageSettings()
+        largest = (s.longest_edge // s.max_image_size) ** 2 + 1
+        num_frames = min(largest, num_embeds // self.tokens_per_frame)
+        num_frames = num_frames if num_frames >= 3 else 1  # a grid of 2+ tiles, or one frame
+        weight = self.embedding
+        shape = (num_frames, 3, self.tile_size, self.tile_size)
+        per_image = num_frames * self.tokens_per_frame
+
+        def data(_: int) -> dict[str, torch.Tensor]:
+            return {
+                "pixel_values": torch.randn(shape, device=weight.device, dtype=weight.dtype),
+                "layout_ids": torch.full((per_image,), self.image_token_id),
+            }
+
+        return profile_features(num_embeds, per_image, data)
+
     def encode_images(self, features: list[MMFeature]) -> list[torch.Tensor]:
         """All images' frames through the tower in one call per frame size (one size unless
         prompts set different max_image_size); one [len(layout), hidden] tensor per image."""
         if not features:
             return []
-        weight = self.text_model.embed_tokens.weight
+        weight = self.embedding
         frames = [f.data["pixel_values"].to(weight.device, weight.dtype) for f in features]
         by_size: dict[tuple[int, int], list[int]] = {}
         for i, f in enumerate(frames):
@@ -142,20 +162,16 @@ class Idefics3ForConditionalGeneration(VLMBase):
             counts = [frames[i].shape[0] for i in idxs]
             for i, chunk in zip(idxs, feats.split(counts)):
                 per_image[i] = chunk.flatten(0, 1)  # [frames_i * L, hidden]
-        out = []
         for feature, image_feats in zip(features, per_image):
             layout = feature.data["layout_ids"]  # [len] int64, CPU
-            image_rows = (layout == self.image_token_id).nonzero().flatten()  # [num_image_tokens]
-            if image_rows.numel() != image_feats.shape[0] or feature.num_embeds != layout.numel():
+            num_image_tokens = int((layout == self.image_token_id).sum())
+            if num_image_tokens != image_feats.shape[0] or feature.num_embeds != layout.numel():
                 raise ValueError(
-                    f"image {feature.mm_hash!r} has {image_rows.numel()} <image> tokens in a "
+                    f"image {feature.mm_hash!r} has {num_image_tokens} <image> tokens in a "
                     f"span of {feature.num_embeds}, but its frames yield {image_feats.shape[0]} "
                     "features"
                 )
-            embeds = self.embed_tokens(layout.to(weight.device, non_blocking=True))  # [len, hidden]
-            rows = image_rows.to(weight.device, non_blocking=True)
-            out.append(embeds.index_copy_(0, rows, image_feats.to(embeds.dtype)))
-        return out
+        return self.embed_blocks(features, "layout_ids", torch.cat(per_image))
 
 
 class SmolVLMForConditionalGeneration(Idefics3ForConditionalGeneration):

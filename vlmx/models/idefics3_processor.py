@@ -35,27 +35,24 @@ import math
 from dataclasses import dataclass, replace
 
 import torch
-from transformers import AutoTokenizer
 
-from vlmx.config import ModelConfig
 from vlmx.models.processing import (
-    DEFAULT_CACHE_BYTES,
+    Expansion,
     ImageProcessorBase,
-    check_image_tensors,
-    check_no_video_placeholders,
-    check_placeholder_count,
-    check_processor_flags,
-    normalization_constants,
     preprocess_in_groups,
-    read_processor_files,
-    reject_unknown_kwargs,
 )
-from vlmx.multimodal.inputs import MMFeature, PlaceholderRange, ProcessedPrompt
-from vlmx.multimodal.resize import resize_uint8
+from vlmx.models.processor_settings import (
+    BICUBIC,
+    LANCZOS,
+    check_processor_flags,
+    longest_edge_of,
+    reject_unknown_kwargs,
+    require_token_id,
+    special_token_id,
+)
 
 SUPPORTED_KWARGS = ("size", "max_image_size", "do_image_splitting", "do_resize")
 MAX_IMAGE_SIZE = 4096  # HF's cap on the longest edge after the first resize
-_LANCZOS, _BICUBIC = 1, 3  # PIL's resampling ids, as configs store them
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,33 +63,10 @@ class ImageSettings:
     max_image_size: int = 364  # max_image_size["longest_edge"], the side of a tile
     do_image_splitting: bool = True
     do_resize: bool = True
-    resample: int = _LANCZOS
+    resample: int = LANCZOS
     image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)  # IMAGENET_STANDARD_MEAN
     image_std: tuple[float, ...] = (0.5, 0.5, 0.5)  # IMAGENET_STANDARD_STD
     rescale_factor: float = 1 / 255
-
-    def kwargs(self) -> dict:
-        """The settings a prompt can change, as a hashable-by-repr dict."""
-        return {
-            "longest_edge": self.longest_edge,
-            "max_image_size": self.max_image_size,
-            "do_image_splitting": self.do_image_splitting,
-            "do_resize": self.do_resize,
-        }
-
-
-def _edge(value, name: str) -> int:
-    """A `{"longest_edge": n}` dict (HF's form) -> n, validated."""
-    if not isinstance(value, dict) or set(value) != {"longest_edge"}:
-        raise ValueError(
-            f"mm_processor_kwargs {name}={value!r} must be a dict {{'longest_edge': int}}"
-        )
-    edge = value["longest_edge"]
-    if isinstance(edge, bool) or not isinstance(edge, int) or edge <= 0:
-        raise ValueError(
-            f"mm_processor_kwargs {name}['longest_edge']={edge!r} must be a positive int"
-        )
-    return edge
 
 
 def apply_kwargs(settings: ImageSettings, kwargs: dict) -> ImageSettings:
@@ -106,9 +80,9 @@ def apply_kwargs(settings: ImageSettings, kwargs: dict) -> ImageSettings:
     )
     changes: dict = {}
     if "size" in kwargs:
-        changes["longest_edge"] = _edge(kwargs["size"], "size")
+        changes["longest_edge"] = longest_edge_of(kwargs["size"], "size")
     if "max_image_size" in kwargs:
-        changes["max_image_size"] = _edge(kwargs["max_image_size"], "max_image_size")
+        changes["max_image_size"] = longest_edge_of(kwargs["max_image_size"], "max_image_size")
     for key in ("do_image_splitting", "do_resize"):
         if key in kwargs:
             if not isinstance(kwargs[key], bool):
@@ -119,13 +93,9 @@ def apply_kwargs(settings: ImageSettings, kwargs: dict) -> ImageSettings:
 
 def resolve_image_settings(raw: dict) -> ImageSettings:
     """Class defaults < the checkpoint's image-processor config."""
-    check_processor_flags(raw, ("do_rescale", "do_normalize"))  # do_resize=false is honoured
-    resample = raw.get("resample", _LANCZOS)
-    if resample not in (_LANCZOS, _BICUBIC):
-        raise ValueError(
-            f"image processor config has resample={resample}; vlmx supports 1 (LANCZOS) and "
-            "3 (BICUBIC)"
-        )
+    # do_resize=false is honoured; resample 1 = LANCZOS, 3 = BICUBIC
+    check_processor_flags(raw, ("do_rescale", "do_normalize"), resample=(LANCZOS, BICUBIC))
+    resample = raw.get("resample") or LANCZOS
     default = ImageSettings()
     settings = ImageSettings(
         do_resize=raw.get("do_resize", True) is not False,
@@ -210,19 +180,12 @@ class Idefics3Processor(ImageProcessorBase[torch.Tensor]):
     """
 
     shrink_images_hint = "mm_processor_kwargs={'size': {'longest_edge': ...}}"
+    placeholder_token = "<image>"
+    video_token = "<video>"
 
-    def __init__(
-        self,
-        model_config: ModelConfig,
-        device: torch.device,
-        cache_bytes: int = DEFAULT_CACHE_BYTES,
-    ) -> None:
-        super().__init__(model_config, device, cache_bytes)
-        hf_config = model_config.hf_config
-        raw, processor = read_processor_files(model_config.model_path)
-        self.settings = apply_kwargs(
-            resolve_image_settings(raw), model_config.mm_processor_kwargs or {}
-        )
+    def configure(self, raw: dict, processor: dict) -> None:
+        hf_config = self.hf_config
+        self.settings = apply_kwargs(resolve_image_settings(raw), self.engine_kwargs)
         vision = hf_config.vision_config
         self.patch_size: int = vision.patch_size
         self.scale_factor: int = hf_config.scale_factor
@@ -235,30 +198,17 @@ class Idefics3Processor(ImageProcessorBase[torch.Tensor]):
             )
         self._check_tile(self.settings)
 
-        tokenizer = AutoTokenizer.from_pretrained(
-            model_config.tokenizer_path, trust_remote_code=model_config.trust_remote_code
-        )
-        self.image_token_id: int = hf_config.image_token_id
-        self.fake_token_id = self._special_id(tokenizer, "<fake_token_around_image>")
-        self.global_token_id = self._special_id(tokenizer, "<global-img>")
-        video = tokenizer.convert_tokens_to_ids("<video>")
-        self.video_token_id = None if video in (None, tokenizer.unk_token_id) else video
+        tokenizer = self.tokenizer
+        self.image_token_id = hf_config.image_token_id
+        self.fake_token_id = require_token_id(tokenizer, "<fake_token_around_image>", "Idefics3")
+        self.global_token_id = require_token_id(tokenizer, "<global-img>", "Idefics3")
+        self.video_token_id = special_token_id(tokenizer, "<video>")
         # NOTE: every piece between two special tokens is tokenized on its own, as HF does.
         self._newline = tokenizer.encode("\n", add_special_tokens=False)
         self._double_newline = tokenizer.encode("\n\n", add_special_tokens=False)
         self._tile_tags: dict[tuple[int, int], list[int]] = {}  # (row, col) -> ids of its tag
-        self._tokenizer = tokenizer
         s = self.settings
-        self._mean, self._std = normalization_constants(
-            s.image_mean, s.image_std, s.rescale_factor, self.device
-        )
-
-    @staticmethod
-    def _special_id(tokenizer, token: str) -> int:
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        if token_id is None or token_id == tokenizer.unk_token_id:
-            raise ValueError(f"the tokenizer has no {token} token; is this an Idefics3 checkpoint?")
-        return token_id
+        self.use_normalization(s.image_mean, s.image_std, s.rescale_factor)
 
     def _check_tile(self, s: ImageSettings) -> None:
         side = s.max_image_size // self.patch_size
@@ -272,9 +222,9 @@ class Idefics3Processor(ImageProcessorBase[torch.Tensor]):
                 "value"
             )
 
-    def image_settings(self, mm_processor_kwargs: dict) -> ImageSettings:
+    def prompt_settings(self, mm_processor_kwargs: dict) -> ImageSettings:
         """The engine-wide settings, updated by one prompt's `mm_processor_kwargs`."""
-        s = apply_kwargs(self.settings, mm_processor_kwargs or {})
+        s = apply_kwargs(self.settings, mm_processor_kwargs)
         self._check_tile(s)
         return s
 
@@ -286,7 +236,7 @@ class Idefics3Processor(ImageProcessorBase[torch.Tensor]):
             for c in range(1, cols + 1):
                 tag = self._tile_tags.get((r, c))
                 if tag is None:  # one special token up to row / column 6, plain text past it
-                    tag = self._tokenizer.encode(f"<row_{r}_col_{c}>", add_special_tokens=False)
+                    tag = self.tokenizer.encode(f"<row_{r}_col_{c}>", add_special_tokens=False)
                     self._tile_tags[(r, c)] = tag
                 ids += [self.fake_token_id, *tag, *frame]
             ids += self._newline if r < rows else self._double_newline
@@ -296,20 +246,20 @@ class Idefics3Processor(ImageProcessorBase[torch.Tensor]):
         """uint8 [3, H, W] images -> per image pixel_values [num_frames, 3, M, M] (model dtype,
         on the device): tiles row-major, then the global view. No cache. Images of one input
         size are resized and normalized as one batch."""
-        kernel = "lanczos" if s.resample == _LANCZOS else "bicubic"
+        kernel = "lanczos" if s.resample == LANCZOS else "bicubic"
         m = s.max_image_size
 
         def run(size: tuple[int, int], x: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] uint8
             plan = plan_image(*size, s)
             if plan.resized != size:
-                x = resize_uint8(x, *plan.resized, kernel)
+                x = self.resize(x, *plan.resized, kernel)
             if plan.tiled != plan.resized:
-                x = resize_uint8(x, *plan.tiled, kernel)  # [B, 3, h2, w2] uint8
+                x = self.resize(x, *plan.tiled, kernel)  # [B, 3, h2, w2] uint8
             if plan.rows:
                 b = x.shape[0]
                 tiles = x.reshape(b, 3, plan.rows, m, plan.cols, m).permute(0, 2, 4, 1, 3, 5)
                 tiles = tiles.reshape(b, plan.rows * plan.cols, 3, m, m)
-                whole = resize_uint8(x, m, m, kernel)[:, None]  # [B, 1, 3, M, M]
+                whole = self.resize(x, m, m, kernel)[:, None]  # [B, 1, 3, M, M]
                 x = torch.cat([tiles, whole], dim=1)  # [B, rows * cols + 1, 3, M, M]
             else:
                 x = x[:, None]  # [B, 1, 3, M, M]
@@ -317,51 +267,41 @@ class Idefics3Processor(ImageProcessorBase[torch.Tensor]):
 
         return preprocess_in_groups(images, lambda im: tuple(im.shape[-2:]), self.device, run)
 
-    def process(
-        self,
-        prompt_token_ids: list[int],
-        images: list[torch.Tensor],
-        mm_processor_kwargs: dict,
-    ) -> ProcessedPrompt:
-        check_image_tensors(images)
-        check_no_video_placeholders(prompt_token_ids, self.video_token_id, "<video>")
-        s = self.image_settings(mm_processor_kwargs)
-        num_placeholders = self._count_placeholders(prompt_token_ids)
-        check_placeholder_count(num_placeholders, len(images), "<image>")
-        plans = [plan_image(*image.shape[-2:], s) for image in images]
-        mm_hashes, pixel_values = self.cached_preprocess(
-            images, s.kwargs(), lambda todo: self.preprocess(todo, s)
-        )
+    def expand(self, image: torch.Tensor, pixels: torch.Tensor, s: ImageSettings) -> Expansion:
+        plan = plan_image(*image.shape[-2:], s)
+        layout = self.layout_ids(plan.rows, plan.cols)
+        data = {
+            "pixel_values": pixels,  # [num_frames, 3, M, M]
+            "layout_ids": torch.tensor(layout, dtype=torch.int64),  # [len(layout)] CPU
+        }
+        return Expansion(layout, 0, len(layout), data)
 
-        token_ids: list[int] = []
-        features: list[MMFeature] = []
+    def placeholder_spans(
+        self, ids: list[int], expansions: list[Expansion]
+    ) -> list[tuple[int, int]]:
+        """Per image, the next `<image>`: a lone one, or the frame of an expanded layout (HF's
+        ids), which must then be exactly this image's layout."""
+        spans = []
         cursor = 0
-        for image_idx, (plan, mm_hash, pixels) in enumerate(zip(plans, mm_hashes, pixel_values)):
-            layout = self.layout_ids(plan.rows, plan.cols)
-            start = prompt_token_ids.index(self.image_token_id, cursor)
-            if self._in_layout(prompt_token_ids, start):  # already expanded (e.g. HF's ids)
-                begin = start - layout.index(self.image_token_id)
-                if begin < cursor or prompt_token_ids[begin : begin + len(layout)] != layout:
-                    raise ValueError(
-                        f"image {image_idx}: the prompt holds an expanded image layout that does "
-                        f"not match this image at these settings ({plan.rows}x{plan.cols} tiles "
-                        f"of {self.image_seq_len} tokens + a global view); pass one <image> per "
-                        "image and let vlmx expand it"
-                    )
-                token_ids += prompt_token_ids[cursor:begin]
-                cursor = begin + len(layout)
-            else:  # one <image> per image
-                token_ids += prompt_token_ids[cursor:start]
+        for image_idx, e in enumerate(expansions):
+            layout = e.token_ids
+            start = ids.index(self.image_token_id, cursor)
+            if not self._in_layout(ids, start):  # one <image> per image
+                spans.append((start, start + 1))
                 cursor = start + 1
-            placeholder = PlaceholderRange(offset=len(token_ids), length=len(layout))
-            token_ids += layout
-            data = {
-                "pixel_values": pixels,  # [num_frames, 3, M, M]
-                "layout_ids": torch.tensor(layout, dtype=torch.int64),  # [len(layout)] CPU
-            }
-            features.append(MMFeature(mm_hash=mm_hash, placeholder=placeholder, data=data))
-        token_ids += prompt_token_ids[cursor:]
-        return ProcessedPrompt(prompt_token_ids=token_ids, mm_features=features)
+                continue
+            begin = start - layout.index(self.image_token_id)
+            num_tiles = layout.count(self.fake_token_id) - 2  # one per tile, two around the global
+            if begin < cursor or ids[begin : begin + len(layout)] != layout:
+                raise ValueError(
+                    f"image {image_idx}: the prompt holds an expanded image layout that does "
+                    f"not match this image at these settings ({num_tiles} tiles of "
+                    f"{self.image_seq_len} tokens + a global view); pass one <image> per image "
+                    "and let vlmx expand it"
+                )
+            spans.append((begin, begin + len(layout)))
+            cursor = begin + len(layout)
+        return spans
 
     def _in_layout(self, ids: list[int], idx: int) -> bool:
         """Whether the <image> at `idx` opens a frame of an expanded layout: a run of exactly
@@ -381,7 +321,7 @@ class Idefics3Processor(ImageProcessorBase[torch.Tensor]):
                 return False
         return False
 
-    def _count_placeholders(self, ids: list[int]) -> int:
+    def count_placeholders(self, ids: list[int]) -> int:
         """Lone-form <image> tokens (adjacent ones count one each, as in HF's text) plus expanded
         layouts (one `<global-img>` frame each)."""
         count = 0

@@ -1,80 +1,93 @@
-"""What the engine expects of a model family: a processor and a model.
+"""What the engine expects of a model family: a `Processor` (host side, once per request before
+scheduling) and a `Model` (device side). The runner is typed against `Model` and calls every
+member below unconditionally; the engine against `Processor`.
 
-A family module (`models/<family>.py`) provides both and is named in `models/registry.py`.
-
-Processor (host side, runs once per request before scheduling):
-
-```python
-class Processor:
-    shrink_images_hint: str  # how a user makes images cost fewer tokens, quoted in errors
-    def __init__(self, model_config: ModelConfig, device: torch.device) -> None: ...
-    def process(
-        self,
-        prompt_token_ids: list[int],      # tokenized prompt, one placeholder token per image
-        images: list[torch.Tensor],       # uint8 [3, H, W], RGB, on the CPU
-        mm_processor_kwargs: dict,        # per-prompt overrides of the engine-wide kwargs
-    ) -> ProcessedPrompt: ...             # expanded ids, one MMFeature per image, positions
-```
-
-Model (device side), an `nn.Module` built under the target device and dtype:
-
-```python
-class Model(nn.Module):
-    def __init__(self, hf_config: PretrainedConfig) -> None: ...
-    num_layers: int; num_kv_heads: int; head_dim: int   # KV cache shape
-    uses_mrope: bool                                     # positions are [3, T] when True, else [T]
-    chunk_images: bool = True   # False: image tokens attend bidirectionally, so an image's span
-                                # must be prefilled in one step (the scheduler keeps it whole)
-    def embed_tokens(self, input_ids: Tensor) -> Tensor            # [T] -> [T, hidden]
-    def encode_images(self, features: list[MMFeature]) -> list[Tensor]
-        # one [feature.num_embeds, hidden] tensor per image, all images in one batched call
-    def forward(self, inputs_embeds, positions, kv_caches, attn_metadata) -> Tensor  # [T, hidden]
-    def compute_logits(self, hidden_states: Tensor) -> Tensor      # [N, hidden] -> [N, vocab]
-    def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None
-```
+A family module (`models/<family>.py`) provides both and is named in `models/registry.py`; see
+docs/ADDING_A_MODEL.md. `models.base.VLMBase` implements the text half of `Model` and
+`models.processing.ImageProcessorBase` the shared pipeline of `Processor`.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from typing import Protocol
 
-import torch
+from torch import Tensor, nn
 
 from vlmx.layers.attention import AttentionMetadata
+from vlmx.layers.decoder import DecoderDims
 from vlmx.multimodal.inputs import MMFeature, ProcessedPrompt
 
 
+class ProcessorCache(Protocol):
+    def clear(self) -> None: ...
+
+    def __len__(self) -> int: ...
+
+
 class Processor(Protocol):
-    shrink_images_hint: str  # e.g. "mm_processor_kwargs={'max_pixels': ...}", for error messages
+    """Built as `cls(model_config, tokenizer, device)`: `tokenizer` is the engine's (the
+    processor reads its special token ids and, where a family needs it, tokenizes the text it
+    inserts), `device` where the encoder inputs go."""
+
+    shrink_images_hint: str  # how a user makes images cost fewer tokens, quoted in errors
+    cache: ProcessorCache  # preprocessed images by mm_hash; `LLM.reset_mm_cache` clears it
 
     def process(
         self,
-        prompt_token_ids: list[int],
-        images: list[torch.Tensor],
-        mm_processor_kwargs: dict,
-    ) -> ProcessedPrompt: ...
+        prompt_token_ids: list[int],  # tokenized prompt, one placeholder per image
+        images: list[Tensor],  # uint8 [3, H, W], RGB, on the CPU
+        mm_processor_kwargs: dict,  # per-prompt overrides of the engine-wide kwargs
+    ) -> ProcessedPrompt: ...  # expanded ids, one MMFeature per image (M-RoPE positions)
 
 
-class Model(Protocol):
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    uses_mrope: bool
-    chunk_images: bool
+class Model(nn.Module, ABC):
+    """A family's model, an `nn.Module` built under the target device and dtype as
+    `cls(hf_config)`; weights arrive through `load_weights`."""
 
-    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor: ...
+    config: DecoderDims  # the decoder's sizes (`DecoderConfig` / `GemmaConfig`)
+    uses_mrope: bool  # positions are [3, T] when True, else [T]
+    # False: image tokens attend bidirectionally, so an image's span must be prefilled in one
+    # step (the scheduler keeps it whole)
+    chunk_images: bool = True
 
-    def encode_images(self, features: list[MMFeature]) -> list[torch.Tensor]: ...
+    # the KV cache's shape, and the width of the embeddings, from `config`
+    num_layers = property(lambda self: self.config.num_layers)
+    num_kv_heads = property(lambda self: self.config.num_kv_heads)
+    head_dim = property(lambda self: self.config.head_dim)
+    hidden_size = property(lambda self: self.config.hidden_size)
 
+    @abstractmethod
+    def embed_tokens(self, input_ids: Tensor) -> Tensor:
+        """[T] int64 -> [T, hidden]."""
+
+    @abstractmethod
+    def encode_images(self, features: list[MMFeature]) -> list[Tensor]:
+        """One [feature.num_embeds, hidden] tensor per image, all images in one batched call."""
+
+    @abstractmethod
+    def profile_image_features(self, num_embeds: int) -> list[MMFeature]:
+        """Dummy encoder inputs for memory profiling, on the model's device and dtype: at least
+        one image, embeddings summing to about `num_embeds`, each image at the largest size the
+        family's processor makes under its default settings (smaller where that one image
+        would exceed `num_embeds` and the family allows smaller images). `encode_images` of
+        them peaks as the largest encoder step the scheduler can build."""
+
+    @abstractmethod
     def forward(
         self,
-        inputs_embeds: torch.Tensor,
-        positions: torch.Tensor,
-        kv_caches: list[torch.Tensor],
+        inputs_embeds: Tensor,  # [T, hidden]
+        positions: Tensor,  # [T] int64, or [3, T] with M-RoPE
+        kv_caches: list[Tensor],  # one per layer
         attn_metadata: AttentionMetadata,
-    ) -> torch.Tensor: ...
+    ) -> Tensor:
+        """[T, hidden] hidden states after the decoder's final norm."""
 
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor: ...
+    @abstractmethod
+    def compute_logits(self, hidden_states: Tensor) -> Tensor:
+        """[N, hidden] -> [N, vocab]."""
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None: ...
+    @abstractmethod
+    def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None:
+        """Load (checkpoint name, tensor) pairs; raise on missing or unexpected names."""

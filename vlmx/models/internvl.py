@@ -31,12 +31,12 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from vlmx.layers.activation import get_act_fn
 from vlmx.layers.decoder import DecoderConfig, DecoderModel
 from vlmx.layers.intern_vit import InternVisionModel
 from vlmx.layers.pixel_shuffle import pixel_shuffle
-from vlmx.models.base import VLMBase
-from vlmx.models.internvl_processor import InternVLProcessor  # noqa: F401
+from vlmx.layers.projector import InternVLProjector
+from vlmx.models.base import VLMBase, profile_features
+from vlmx.models.internvl_processor import InternVLProcessor, TileSettings  # noqa: F401
 from vlmx.models.loader import text_config
 from vlmx.multimodal.inputs import MMFeature
 
@@ -52,23 +52,6 @@ _PREFIXES: tuple[tuple[str, str], ...] = (
     ("lm_head.", "lm_head."),
 )
 _TEXT_MODEL_TYPES = ("qwen2", "llama")
-
-
-class InternVLProjector(nn.Module):
-    """Matches HF `InternVLMultiModalProjector`: LayerNorm, Linear, act, Linear.
-
-    [N, 4 * Dv] -> [N, hidden] (4 = (1 / downsample_ratio) ** 2).
-    """
-
-    def __init__(self, in_dim: int, hidden_size: int, act: str) -> None:
-        super().__init__()
-        self.layer_norm = nn.LayerNorm(in_dim)
-        self.linear_1 = nn.Linear(in_dim, hidden_size)
-        self.act = get_act_fn(act)
-        self.linear_2 = nn.Linear(hidden_size, hidden_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.act(self.linear_1(self.layer_norm(x))))
 
 
 class InternVLWithoutHead(nn.Module):
@@ -126,6 +109,7 @@ class InternVLForConditionalGeneration(VLMBase):
             raise ValueError(f"downsample_ratio {ratio} must be 1 / an integer (e.g. 0.5)")
         image_size = vc.image_size[0] if isinstance(vc.image_size, (list, tuple)) else vc.image_size
         patch = vc.patch_size[0] if isinstance(vc.patch_size, (list, tuple)) else vc.patch_size
+        self.tile_size = image_size
         self.grid = image_size // patch  # patches per side of a tile
         self.tokens_per_tile = (self.grid // self.scale) ** 2
 
@@ -135,6 +119,21 @@ class InternVLForConditionalGeneration(VLMBase):
         )
         self.language_model = DecoderModel(self.config)
         self.lm_head = self.build_lm_head(tied=False)
+
+    def profile_image_features(self, num_embeds: int) -> list[MMFeature]:
+        """Images of the processor's default max_patches tiles and a thumbnail (12 + 1), or of
+        fewer tiles when they would exceed `num_embeds`."""
+        largest = TileSettings().max_patches + 1
+        num_tiles = min(largest, num_embeds // self.tokens_per_tile)
+        num_tiles = num_tiles if num_tiles >= 3 else 1  # a grid of 2+ tiles, or one tile
+        weight = self.multi_modal_projector.linear_1.weight
+        shape = (num_tiles, 3, self.tile_size, self.tile_size)
+
+        def data(_: int) -> dict[str, torch.Tensor]:
+            pixels = torch.randn(shape, device=weight.device, dtype=weight.dtype)
+            return {"pixel_values": pixels}
+
+        return profile_features(num_embeds, num_tiles * self.tokens_per_tile, data)
 
     def encode_images(self, features: list[MMFeature]) -> list[torch.Tensor]:
         """All tiles of all images through the tower in one call; one [num_embeds_i, hidden] each.

@@ -23,22 +23,18 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from vlmx.config import ModelConfig
 from vlmx.models.processing import (
-    DEFAULT_CACHE_BYTES,
+    Expansion,
     ImageProcessorBase,
-    check_image_tensors,
-    check_no_video_placeholders,
-    check_placeholder_count,
-    check_processor_flags,
-    find_token_runs,
-    normalization_constants,
     preprocess_in_groups,
-    read_processor_files,
+)
+from vlmx.models.processor_settings import (
+    BICUBIC,
+    check_processor_flags,
+    first_set,
+    positive_int,
     reject_unknown_kwargs,
 )
-from vlmx.multimodal.inputs import MMFeature, PlaceholderRange, ProcessedPrompt
-from vlmx.multimodal.resize import resize_uint8
 
 # mm_processor_kwargs: vLLM's names and HF's, each pair meaning the same thing.
 KWARG_ALIASES = {
@@ -49,7 +45,6 @@ KWARG_ALIASES = {
     "dynamic_image_size": "crop_to_patches",
     "crop_to_patches": "crop_to_patches",
 }
-_BICUBIC = 3  # PIL's resampling id, as configs store it
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,10 +58,6 @@ class TileSettings:
     image_mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)  # OPENAI_CLIP_MEAN
     image_std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)  # OPENAI_CLIP_STD
     rescale_factor: float = 1 / 255
-
-
-def _first(*values):
-    return next((v for v in values if v is not None), None)
 
 
 def normalize_kwargs(kwargs: dict) -> dict:
@@ -84,8 +75,8 @@ def normalize_kwargs(kwargs: dict) -> dict:
         if name == "crop_to_patches":
             if not isinstance(value, bool):
                 raise ValueError(f"mm_processor_kwargs {key}={value!r} must be True or False")
-        elif isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"mm_processor_kwargs {key}={value!r} must be a positive int")
+        else:
+            positive_int(value, key)
         if name in out and out[name] != value:
             raise ValueError(
                 f"mm_processor_kwargs give {name} twice with different values ({key}={value!r} "
@@ -97,22 +88,20 @@ def normalize_kwargs(kwargs: dict) -> dict:
 
 def resolve_tile_settings(raw: dict, engine_kwargs: dict) -> TileSettings:
     """Defaults < image processor file < engine-wide `mm_processor_kwargs`."""
-    check_processor_flags(raw)
-    if _first(raw.get("resample"), _BICUBIC) != _BICUBIC:
-        raise ValueError(f"image processor config has resample={raw['resample']}; vlmx supports 3")
+    check_processor_flags(raw, resample=(BICUBIC,))
     default = TileSettings()
     size = raw.get("size") or {}
-    height = _first(size.get("height"), default.tile_size)
-    width = _first(size.get("width"), default.tile_size)
+    height = first_set(size.get("height"), default.tile_size)
+    width = first_set(size.get("width"), default.tile_size)
     if height != width:
         raise ValueError(f"image processor size {size} is not square; InternVL tiles are square")
     settings = TileSettings(
         tile_size=int(height),
-        min_patches=int(_first(raw.get("min_patches"), default.min_patches)),
-        max_patches=int(_first(raw.get("max_patches"), default.max_patches)),
-        image_mean=tuple(_first(raw.get("image_mean"), default.image_mean)),
-        image_std=tuple(_first(raw.get("image_std"), default.image_std)),
-        rescale_factor=float(_first(raw.get("rescale_factor"), default.rescale_factor)),
+        min_patches=int(first_set(raw.get("min_patches"), default.min_patches)),
+        max_patches=int(first_set(raw.get("max_patches"), default.max_patches)),
+        image_mean=tuple(first_set(raw.get("image_mean"), default.image_mean)),
+        image_std=tuple(first_set(raw.get("image_std"), default.image_std)),
+        rescale_factor=float(first_set(raw.get("rescale_factor"), default.rescale_factor)),
     )
     return apply_kwargs(settings, engine_kwargs)
 
@@ -180,17 +169,16 @@ class InternVLProcessor(ImageProcessorBase[torch.Tensor]):
     """
 
     shrink_images_hint = "mm_processor_kwargs={'max_dynamic_patch': ...}"
+    image_processor_name = "GotOcr2ImageProcessor"
+    placeholder_token = "<IMG_CONTEXT>"
+    placeholder_hint = (
+        "the chat template writes it for an {'type': 'image'} part; llm.chat does it for you"
+    )
+    video_token = "<video>"
 
-    def __init__(
-        self,
-        model_config: ModelConfig,
-        device: torch.device,
-        cache_bytes: int = DEFAULT_CACHE_BYTES,
-    ) -> None:
-        super().__init__(model_config, device, cache_bytes)
-        hf_config = model_config.hf_config
-        raw, processor = read_processor_files(model_config.model_path, "GotOcr2ImageProcessor")
-        self.settings = resolve_tile_settings(raw, model_config.mm_processor_kwargs or {})
+    def configure(self, image_config: dict, processor: dict) -> None:
+        hf_config = self.hf_config
+        self.settings = resolve_tile_settings(image_config, self.engine_kwargs)
         vision = hf_config.vision_config
         image_size = vision.image_size
         image_size = image_size[0] if isinstance(image_size, (list, tuple)) else image_size
@@ -204,7 +192,9 @@ class InternVLProcessor(ImageProcessorBase[torch.Tensor]):
         scale = int(round(1 / hf_config.downsample_ratio))
         tokens_per_tile = (image_size // patch // scale) ** 2
         self.image_seq_length = int(
-            _first(processor.get("image_seq_length"), getattr(hf_config, "image_seq_length", None))
+            first_set(
+                processor.get("image_seq_length"), getattr(hf_config, "image_seq_length", None)
+            )
             or tokens_per_tile
         )
         if self.image_seq_length != tokens_per_tile:
@@ -213,23 +203,14 @@ class InternVLProcessor(ImageProcessorBase[torch.Tensor]):
                 f"{tokens_per_tile} tokens per tile ((image_size / patch_size * "
                 f"downsample_ratio) ** 2); fix the checkpoint's processor config"
             )
-        self.image_token_id: int = hf_config.image_token_id
-        self.start_token_id, self.end_token_id, self.video_token_id = self._named_token_ids(
-            model_config
-        )
+        self.image_token_id = hf_config.image_token_id
+        self.start_token_id, self.end_token_id, self.video_token_id = self._named_token_ids()
         s = self.settings
-        self._mean, self._std = normalization_constants(
-            s.image_mean, s.image_std, s.rescale_factor, self.device
-        )
+        self.use_normalization(s.image_mean, s.image_std, s.rescale_factor)
 
-    def _named_token_ids(self, model_config: ModelConfig) -> tuple[int, int, int | None]:
+    def _named_token_ids(self) -> tuple[int, int, int | None]:
         """Ids of <img>, </img> and <video>, read from the tokenizer as HF's processor does."""
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(
-            model_config.tokenizer_path or model_config.model_path,
-            trust_remote_code=model_config.trust_remote_code,
-        )
+        tokenizer = self.tokenizer
         vocab = tokenizer.get_vocab()
         start = getattr(tokenizer, "start_image_token", None) or "<img>"
         end = getattr(tokenizer, "end_image_token", None) or "</img>"
@@ -244,15 +225,14 @@ class InternVLProcessor(ImageProcessorBase[torch.Tensor]):
             raise ValueError(f"the tokenizer lacks the image tokens {start!r} / {end!r}")
         return vocab[start], vocab[end], vocab.get(video)
 
-    def tile_settings(self, mm_processor_kwargs: dict) -> TileSettings:
+    def prompt_settings(self, mm_processor_kwargs: dict) -> TileSettings:
         """Settings for one prompt: the engine-wide ones, updated by its kwargs."""
-        return apply_kwargs(self.settings, mm_processor_kwargs or {})
+        return apply_kwargs(self.settings, mm_processor_kwargs)
 
     def num_image_tokens(self, height: int, width: int, mm_processor_kwargs: dict) -> int:
         """Embeddings (<IMG_CONTEXT> tokens) an image of `height` x `width` pixels becomes."""
-        return self.image_seq_length * num_tiles(
-            height, width, self.tile_settings(mm_processor_kwargs)
-        )
+        s = self.prompt_settings(mm_processor_kwargs or {})
+        return self.image_seq_length * num_tiles(height, width, s)
 
     def preprocess(self, images: list[torch.Tensor], s: TileSettings) -> list[torch.Tensor]:
         """uint8 [3, H, W] images -> per image pixel_values [num_tiles, 3, S, S] (model dtype, on
@@ -267,69 +247,17 @@ class InternVLProcessor(ImageProcessorBase[torch.Tensor]):
         def run(group: tuple[int, ...], batch: torch.Tensor) -> torch.Tensor:  # [B, 3, H, W] uint8
             _, _, cols, rows = group
             b = batch.shape[0]
-            canvas = resize_uint8(batch, rows * tile, cols * tile, "bicubic")  # [B, 3, rS, cS]
+            canvas = self.resize(batch, rows * tile, cols * tile, "bicubic")  # [B, 3, rS, cS]
             tiles = canvas.reshape(b, 3, rows, tile, cols, tile).permute(0, 2, 4, 1, 3, 5)
             tiles = tiles.reshape(b, rows * cols, 3, tile, tile)  # row-major tiles
             if rows * cols > 1:
-                thumb = resize_uint8(batch, tile, tile, "bicubic")  # [B, 3, S, S]
+                thumb = self.resize(batch, tile, tile, "bicubic")  # [B, 3, S, S]
                 tiles = torch.cat([tiles, thumb[:, None]], dim=1)
             return self.normalize(tiles).to(self.dtype)
 
         return preprocess_in_groups(images, key, self.device, run)  # [num_tiles, 3, S, S] each
 
-    def process(
-        self,
-        prompt_token_ids: list[int],
-        images: list[torch.Tensor],
-        mm_processor_kwargs: dict,
-    ) -> ProcessedPrompt:
-        check_image_tensors(images)
-        check_no_video_placeholders(prompt_token_ids, self.video_token_id, "<video>")
-        s = self.tile_settings(mm_processor_kwargs)
-        runs = find_token_runs(prompt_token_ids, self.image_token_id)
-        check_placeholder_count(
-            len(runs),
-            len(images),
-            "<IMG_CONTEXT>",
-            hint="the chat template writes it for an {'type': 'image'} part; llm.chat does it "
-            "for you",
-        )
-        settings = {"crop": s.crop_to_patches, "min": s.min_patches, "max": s.max_patches}
-        mm_hashes, pixel_values = self.cached_preprocess(
-            images, settings, lambda todo: self.preprocess(todo, s)
-        )
-
-        token_ids: list[int] = []
-        features: list[MMFeature] = []
-        cursor = 0  # next unread index of prompt_token_ids
-        for image_idx, ((start, end), mm_hash, pixels) in enumerate(
-            zip(runs, mm_hashes, pixel_values, strict=True)
-        ):
-            num_tokens = self.image_seq_length * pixels.shape[0]
-            expanded = (
-                end - start == num_tokens
-                and start > 0
-                and prompt_token_ids[start - 1] == self.start_token_id
-                and end < len(prompt_token_ids)
-                and prompt_token_ids[end] == self.end_token_id
-            )
-            if expanded:
-                token_ids += prompt_token_ids[cursor:start]
-            elif end - start == 1:
-                token_ids += prompt_token_ids[cursor:start] + [self.start_token_id]
-            else:
-                raise ValueError(
-                    f"image {image_idx} needs 1 placeholder token (<IMG_CONTEXT>) or exactly "
-                    f"{num_tokens} between <img> and </img>, but the prompt has a run of "
-                    f"{end - start}"
-                )
-            placeholder = PlaceholderRange(offset=len(token_ids), length=num_tokens)
-            token_ids += [self.image_token_id] * num_tokens
-            if not expanded:
-                token_ids.append(self.end_token_id)
-            features.append(
-                MMFeature(mm_hash=mm_hash, placeholder=placeholder, data={"pixel_values": pixels})
-            )
-            cursor = end
-        token_ids += prompt_token_ids[cursor:]
-        return ProcessedPrompt(prompt_token_ids=token_ids, mm_features=features)
+    def expand(self, image: torch.Tensor, pixels: torch.Tensor, s: TileSettings) -> Expansion:
+        num_tokens = self.image_seq_length * pixels.shape[0]
+        token_ids = [self.start_token_id, *[self.image_token_id] * num_tokens, self.end_token_id]
+        return Expansion(token_ids, 1, num_tokens, {"pixel_values": pixels})

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 
-from vlmx.models.registry import get_model_class
+from vlmx.models.registry import get_model_class, resolve_architecture
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +42,18 @@ def resolve_model_path(model: str, revision: str | None = None) -> str:
 def load_hf_config(
     model_path: str, hf_overrides: dict | None = None, trust_remote_code: bool = False
 ) -> PretrainedConfig:
-    if not os.path.isfile(os.path.join(model_path, "config.json")):
+    """The checkpoint's config, read by transformers' own classes for the architectures vlmx
+    supports. Code shipped in a model folder is never run (whatever `trust_remote_code` says):
+    an architecture vlmx has no reader for is refused before transformers looks at it."""
+    path = os.path.join(model_path, "config.json")
+    if not os.path.isfile(path):
         raise ValueError(f"{model_path!r} holds no config.json; is it a Hugging Face checkpoint?")
-    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-    for key, value in (hf_overrides or {}).items():
+    with open(path) as f:
+        raw = json.load(f)
+    overrides = hf_overrides or {}
+    resolve_architecture(overrides.get("architectures", raw.get("architectures")))
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=False)
+    for key, value in overrides.items():
         setattr(config, key, value)
     return config
 

@@ -4,7 +4,8 @@ HF references (transformers 5.24): `LlavaForConditionalGeneration` with a `Pixtr
 (e.g. mistral-community/pixtral-12b) and `Mistral3ForConditionalGeneration` (e.g.
 mistralai/Mistral-Small-3.1-24B-Instruct-2503). Both share the vision tower
 (`layers/pixtral_vision.py`), the processor (`pixtral_processor.py`) and a Mistral decoder
-(`layers/decoder.py`, Llama-style, no biases). They differ in the projector:
+(`layers/decoder.py`, Llama-style, no biases). They differ in the projector
+(`layers/projector.py`):
 
 ```
 Llava:     hidden_states[vision_feature_layer(s)] (concatenated)  [N, D * L]
@@ -34,13 +35,16 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from vlmx.layers.activation import get_act_fn
 from vlmx.layers.decoder import DecoderConfig, DecoderModel
-from vlmx.layers.norm import RMSNorm
 from vlmx.layers.pixtral_vision import Grid2D, PixtralVisionTower
-from vlmx.models.base import VLMBase
+from vlmx.layers.projector import Mistral3Projector, ProjectorMLP
+from vlmx.models.base import VLMBase, profile_features
 from vlmx.models.loader import text_config
-from vlmx.models.pixtral_processor import PixtralProcessor, check_pixtral_vision
+from vlmx.models.pixtral_processor import (
+    PixtralProcessor,
+    check_pixtral_vision,
+    image_token_layout,
+)
 from vlmx.multimodal.inputs import MMFeature
 
 __all__ = [
@@ -60,61 +64,6 @@ _PREFIXES: tuple[tuple[str, str], ...] = (
     ("multi_modal_projector.", "multi_modal_projector."),
     ("lm_head.", "lm_head."),
 )
-
-
-class ProjectorMLP(nn.Module):
-    """`linear_2(act(linear_1(x)))`: HF `LlavaMultiModalProjector`, and the tail of
-    `Mistral3MultiModalProjector`. x: [N, in_dim] -> [N, hidden]"""
-
-    def __init__(self, in_dim: int, hidden: int, act: str, bias: bool) -> None:
-        super().__init__()
-        self.linear_1 = nn.Linear(in_dim, hidden, bias=bias)
-        self.linear_2 = nn.Linear(hidden, hidden, bias=bias)
-        self.act = get_act_fn(act)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.act(self.linear_1(x)))
-
-
-class Mistral3PatchMerger(nn.Module):
-    """Matches HF `Mistral3PatchMerger`: per image, each `m x m` block of its patch grid is
-    concatenated in `F.unfold`'s order (channel-major: feature `c * m * m + i * m + j` holds
-    channel c of the block's patch (i, j)), blocks row-major, then `merging_layer`.
-    [N, D] + grids -> [N / m^2, D]
-    """
-
-    def __init__(self, dim: int, merge_size: int) -> None:
-        super().__init__()
-        self.merge_size = merge_size
-        self.merging_layer = nn.Linear(dim * merge_size**2, dim, bias=False)
-
-    def forward(self, x: torch.Tensor, grids: list[Grid2D]) -> torch.Tensor:
-        m, d = self.merge_size, x.shape[-1]
-        blocks = []
-        for image, (rows, cols) in zip(x.split([r * c for r, c in grids]), grids, strict=True):
-            grid = image.view(rows // m, m, cols // m, m, d).permute(0, 2, 4, 1, 3)
-            blocks.append(grid.reshape(-1, d * m * m))  # [rows * cols / m^2, D * m^2]
-        return self.merging_layer(torch.cat(blocks))
-
-
-class Mistral3Projector(nn.Module):
-    """Matches HF `Mistral3MultiModalProjector`: norm -> patch merger -> linear-act-linear."""
-
-    def __init__(self, hf_config: PretrainedConfig) -> None:
-        super().__init__()
-        dim = hf_config.vision_config.hidden_size
-        tc = text_config(hf_config)
-        self.norm = RMSNorm(dim, tc.rms_norm_eps)
-        self.patch_merger = Mistral3PatchMerger(dim, hf_config.spatial_merge_size)
-        self.linear_1 = nn.Linear(dim, tc.hidden_size, bias=hf_config.multimodal_projector_bias)
-        self.linear_2 = nn.Linear(
-            tc.hidden_size, tc.hidden_size, bias=hf_config.multimodal_projector_bias
-        )
-        self.act = get_act_fn(hf_config.projector_hidden_act)
-
-    def forward(self, x: torch.Tensor, grids: list[Grid2D]) -> torch.Tensor:
-        x = self.patch_merger(self.norm(x), grids)
-        return self.linear_2(self.act(self.linear_1(x)))
 
 
 class _PixtralVLM(VLMBase):
@@ -168,6 +117,29 @@ class _PixtralVLM(VLMBase):
         """Selected hidden states of the tower ([N, D] each) -> [num_image_tokens, hidden]."""
         raise NotImplementedError
 
+    def profile_image_features(self, num_embeds: int) -> list[MMFeature]:
+        """Square images of the tower's image_size (the longest edge its checkpoints' processors
+        resize to), or smaller when one would exceed `num_embeds` tokens."""
+        p, m = self.vision_tower.patch_size, self.merge_size
+        side = self.hf_config.vision_config.image_size // (p * m)  # image tokens per side
+        while side > 1 and side * (side + 1) > num_embeds:  # a row: side tokens and a break
+            side -= 1
+        rows = side * m  # patches per side
+        weight = self.embedding
+        # NOTE: id 0 stands in for [IMG_BREAK] / [IMG_END]: their embeddings cost the same.
+        layout = torch.tensor(image_token_layout(side, side, self.image_token_id, 0, 0))
+
+        def data(_: int) -> dict[str, torch.Tensor]:
+            dim = self.vision_tower.patch_conv.in_features  # 3 * p * p
+            pixels = torch.randn(rows * rows, dim, device=weight.device, dtype=weight.dtype)
+            return {
+                "pixel_values": pixels,
+                "image_size": torch.tensor([rows * p, rows * p]),
+                "token_ids": layout,
+            }
+
+        return profile_features(num_embeds, layout.numel(), data)
+
     def encode_images(self, features: list[MMFeature]) -> list[torch.Tensor]:
         """All images through the tower and projector in one call; one block per image."""
         if not features:
@@ -175,7 +147,7 @@ class _PixtralVLM(VLMBase):
         p, m = self.vision_tower.patch_size, self.merge_size
         sizes = torch.stack([f.data["image_size"].reshape(2) for f in features]).tolist()
         grids: list[Grid2D] = [(h // p, w // p) for h, w in sizes]
-        weight = self.language_model.embed_tokens.weight
+        weight = self.embedding
         pixel_values = torch.cat([f.data["pixel_values"] for f in features])
         pixel_values = pixel_values.to(device=weight.device, dtype=weight.dtype)
         num_patches = sum(r * c for r, c in grids)
@@ -196,12 +168,7 @@ class _PixtralVLM(VLMBase):
                 )
         states = self.vision_tower(pixel_values, grids, self.feature_layers)
         image_embeds = self.project(states, grids)  # [sum(rows * cols), hidden]
-        block_ids = torch.cat([f.data["token_ids"] for f in features])  # [sum(num_embeds)]
-        block_ids = block_ids.to(weight.device, non_blocking=True)
-        blocks = self.embed_tokens(block_ids)  # [sum(num_embeds), hidden]: breaks and end
-        is_image = (block_ids == self.image_token_id).unsqueeze(-1)  # [sum(num_embeds), 1]
-        blocks = blocks.masked_scatter(is_image, image_embeds.to(blocks.dtype))
-        return list(blocks.split([f.num_embeds for f in features]))
+        return self.embed_blocks(features, "token_ids", image_embeds)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         if self.lm_head is not None:
@@ -257,7 +224,15 @@ class Mistral3ForConditionalGeneration(_PixtralVLM):
                 f"vision_feature_layer={hf_config.vision_feature_layer}: Mistral 3's projector "
                 "normalises and merges one hidden state; vlmx supports a single int"
             )
-        return Mistral3Projector(hf_config)
+        tc = text_config(hf_config)
+        return Mistral3Projector(
+            hf_config.vision_config.hidden_size,
+            tc.hidden_size,
+            hf_config.projector_hidden_act,
+            hf_config.multimodal_projector_bias,
+            hf_config.spatial_merge_size,
+            tc.rms_norm_eps,
+        )
 
     def project(self, states: list[torch.Tensor], grids: list[Grid2D]) -> torch.Tensor:
         return self.multi_modal_projector(states[0], grids)

@@ -30,25 +30,22 @@ from __future__ import annotations
 import math
 
 import torch
-from transformers import AutoTokenizer
 
-from vlmx.config import ModelConfig
 from vlmx.layers.siglip import patchify
 from vlmx.models.processing import (
-    DEFAULT_CACHE_BYTES,
+    Expansion,
     ImageProcessorBase,
-    check_image_tensors,
-    check_processor_flags,
-    normalization_constants,
-    preprocess_in_groups,
-    read_processor_files,
-    reject_unknown_kwargs,
 )
-from vlmx.multimodal.inputs import MMFeature, PlaceholderRange, ProcessedPrompt
-from vlmx.multimodal.resize import resize_uint8
+from vlmx.models.processor_settings import (
+    BICUBIC,
+    check_processor_flags,
+    longest_edge_of,
+    positive_int,
+    reject_unknown_kwargs,
+    special_token_id,
+)
 
 SUPPORTED_KWARGS = ("longest_edge", "size")
-_BICUBIC = 3  # PIL's resampling id, as configs store it
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # PixtralImageProcessor's class defaults
 _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -104,20 +101,9 @@ def check_kwargs(longest_edge: int, overrides: dict) -> int:
         "Pixtral / Mistral 3",
         "longest_edge (int) or size={'longest_edge': int}",
     )
-    if "size" in overrides:
-        size = overrides["size"]
-        if not isinstance(size, dict) or set(size) != {"longest_edge"}:
-            raise ValueError(
-                f"mm_processor_kwargs size={size!r} is not supported; pass "
-                "size={'longest_edge': n} (Pixtral resizes by its longest edge only)"
-            )
-        longest_edge = size["longest_edge"]
-    longest_edge = overrides.get("longest_edge", longest_edge)
-    if isinstance(longest_edge, bool) or not isinstance(longest_edge, int) or longest_edge <= 0:
-        raise ValueError(
-            f"mm_processor_kwargs longest_edge={longest_edge!r} must be a positive int"
-        )
-    return longest_edge
+    if "size" in overrides:  # NOTE: Pixtral resizes by the longest edge only
+        longest_edge = longest_edge_of(overrides["size"], "size")
+    return positive_int(overrides.get("longest_edge", longest_edge), "longest_edge")
 
 
 class PixtralProcessor(ImageProcessorBase[tuple[torch.Tensor, torch.Tensor]]):
@@ -129,22 +115,13 @@ class PixtralProcessor(ImageProcessorBase[tuple[torch.Tensor, torch.Tensor]]):
     """
 
     shrink_images_hint = "mm_processor_kwargs={'longest_edge': ...}"
+    image_processor_name = "PixtralImageProcessor"
+    placeholder_token = "[IMG]"
 
-    def __init__(
-        self,
-        model_config: ModelConfig,
-        device: torch.device,
-        cache_bytes: int = DEFAULT_CACHE_BYTES,
-    ) -> None:
-        super().__init__(model_config, device, cache_bytes)
-        hf_config = model_config.hf_config
+    def configure(self, image: dict, processor: dict) -> None:
+        hf_config = self.hf_config
         check_pixtral_vision(hf_config)
-        image, processor = read_processor_files(model_config.model_path, "PixtralImageProcessor")
-        check_processor_flags(image)
-        if image.get("resample", _BICUBIC) != _BICUBIC:
-            raise ValueError(
-                f"image processor config has resample={image['resample']}; vlmx supports 3"
-            )
+        check_processor_flags(image, resample=(BICUBIC,))
         size = image.get("size") or {"longest_edge": 1024}
         if "longest_edge" not in size:
             raise ValueError(
@@ -162,19 +139,13 @@ class PixtralProcessor(ImageProcessorBase[tuple[torch.Tensor, torch.Tensor]]):
                 f"{model_merge}); fix the checkpoint's processor_config.json"
             )
         self.unit = self.patch_size * self.merge_size  # pixels per image token, each side
-        self.longest_edge = check_kwargs(
-            size["longest_edge"], model_config.mm_processor_kwargs or {}
-        )
-        self._mean, self._std = normalization_constants(
+        self.longest_edge = check_kwargs(size["longest_edge"], self.engine_kwargs)
+        self.use_normalization(
             image.get("image_mean", _CLIP_MEAN),
             image.get("image_std", _CLIP_STD),
             float(image.get("rescale_factor", 1 / 255)),
-            self.device,
         )
 
-        tokenizer = AutoTokenizer.from_pretrained(
-            model_config.tokenizer_path, trust_remote_code=model_config.trust_remote_code
-        )
         self.token_names = {
             key: processor.get(key, default)
             for key, default in (
@@ -185,11 +156,11 @@ class PixtralProcessor(ImageProcessorBase[tuple[torch.Tensor, torch.Tensor]]):
         }
         ids = {}
         for key, name in self.token_names.items():
-            token_id = tokenizer.convert_tokens_to_ids(name)
-            if token_id is None or token_id == tokenizer.unk_token_id:
+            ids[key] = special_token_id(self.tokenizer, name)
+            if ids[key] is None:
                 raise ValueError(f"the tokenizer has no {key} {name!r}")
-            ids[key] = token_id
-        self.image_token_id: int = hf_config.image_token_id
+        self.placeholder_token = self.token_names["image_token"]
+        self.image_token_id = hf_config.image_token_id
         if ids["image_token"] != self.image_token_id:
             raise ValueError(
                 f"the tokenizer's {self.token_names['image_token']} is id {ids['image_token']} "
@@ -198,31 +169,21 @@ class PixtralProcessor(ImageProcessorBase[tuple[torch.Tensor, torch.Tensor]]):
         self.image_break_token_id: int = ids["image_break_token"]
         self.image_end_token_id: int = ids["image_end_token"]
 
-    def image_settings(self, mm_processor_kwargs: dict) -> dict:
+    def prompt_settings(self, mm_processor_kwargs: dict) -> dict:
         """The settings that shape one prompt's images (part of each image's mm_hash)."""
         return {
-            "longest_edge": check_kwargs(self.longest_edge, mm_processor_kwargs or {}),
+            "longest_edge": check_kwargs(self.longest_edge, mm_processor_kwargs),
             "unit": self.unit,
         }
 
     def num_image_tokens(self, height: int, width: int, mm_processor_kwargs: dict) -> int:
         """Prompt tokens (image tokens, breaks and the end token) an image expands to."""
-        longest_edge = self.image_settings(mm_processor_kwargs)["longest_edge"]
+        longest_edge = self.prompt_settings(mm_processor_kwargs or {})["longest_edge"]
         h, w = resized_size(height, width, longest_edge, self.unit)
         return (h // self.unit) * (w // self.unit + 1)
 
-    def layout(self, image_size: torch.Tensor) -> list[int]:
-        h, w = (int(x) for x in image_size)
-        return image_token_layout(
-            h // self.unit,
-            w // self.unit,
-            self.image_token_id,
-            self.image_break_token_id,
-            self.image_end_token_id,
-        )
-
     def preprocess(
-        self, images: list[torch.Tensor], longest_edge: int
+        self, images: list[torch.Tensor], settings: dict
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """uint8 [3, H, W] images -> per image (pixel_values, image_size), no cache.
 
@@ -230,55 +191,44 @@ class PixtralProcessor(ImageProcessorBase[tuple[torch.Tensor, torch.Tensor]]):
         image_size: [2] int64 on the CPU, the resized (h, w) in pixels.
         Images that share (input size, target size) are resized and normalized in one batch.
         """
+        longest_edge = settings["longest_edge"]
 
-        def key(image: torch.Tensor) -> tuple[int, ...]:
-            height, width = image.shape[-2:]
-            return (height, width, *resized_size(height, width, longest_edge, self.unit))
+        def target(height: int, width: int) -> tuple[int, int]:
+            return resized_size(height, width, longest_edge, self.unit)
 
-        def run(
-            group: tuple[int, ...], batch: torch.Tensor
-        ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-            _, _, height, width = group
-            batch = resize_uint8(batch, height, width, "bicubic")  # [B, 3, h, w] uint8
-            pixels = self.normalize(batch)  # [B, 3, h, w] float32
+        def finish(pixels: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            image_size = torch.tensor(pixels.shape[-2:])  # [2] int64 (h, w), CPU
             patches = patchify(pixels, self.patch_size).to(self.dtype)  # [B, n, 3 * p * p]
-            image_size = torch.tensor([height, width])  # [2] int64, CPU
             return [(x, image_size) for x in patches]
 
-        return preprocess_in_groups(images, key, self.device, run)
+        return self.preprocess_resized(images, target, "bicubic", finish)
 
-    def process(
-        self,
-        prompt_token_ids: list[int],
-        images: list[torch.Tensor],
-        mm_processor_kwargs: dict,
-    ) -> ProcessedPrompt:
-        check_image_tensors(images)
-        kw = self.image_settings(mm_processor_kwargs)
-        mm_hashes, outputs = self.cached_preprocess(
-            images, kw, lambda todo: self.preprocess(todo, kw["longest_edge"])
+    def expand(
+        self, image: torch.Tensor, output: tuple[torch.Tensor, torch.Tensor], settings: dict
+    ) -> Expansion:
+        pixel_values, image_size = output
+        h, w = (int(x) for x in image_size)
+        layout = image_token_layout(
+            h // self.unit,
+            w // self.unit,
+            self.image_token_id,
+            self.image_break_token_id,
+            self.image_end_token_id,
         )
-        layouts = [self.layout(image_size) for _, image_size in outputs]
-        spans = self._find_placeholders(prompt_token_ids, layouts)
+        data = {
+            "pixel_values": pixel_values,  # [(h / p) * (w / p), 3 * p * p] on the device
+            "image_size": image_size,  # [2] int64 resized (h, w), CPU
+            "token_ids": torch.tensor(layout),  # [num_embeds] int64 block ids, CPU
+        }
+        return Expansion(layout, 0, len(layout), data)
 
-        token_ids: list[int] = []
-        features: list[MMFeature] = []
-        cursor = 0
-        for (start, end), layout, mm_hash, (pixel_values, image_size) in zip(
-            spans, layouts, mm_hashes, outputs, strict=True
-        ):
-            token_ids += prompt_token_ids[cursor:start]
-            placeholder = PlaceholderRange(offset=len(token_ids), length=len(layout))
-            token_ids += layout
-            data = {
-                "pixel_values": pixel_values,  # [(h / p) * (w / p), 3 * p * p] on the device
-                "image_size": image_size,  # [2] int64 resized (h, w), CPU
-                "token_ids": torch.tensor(layout),  # [num_embeds] int64 block ids, CPU
-            }
-            features.append(MMFeature(mm_hash=mm_hash, placeholder=placeholder, data=data))
-            cursor = end
-        token_ids += prompt_token_ids[cursor:]
-        return ProcessedPrompt(prompt_token_ids=token_ids, mm_features=features)
+    def check_placeholders(self, prompt_token_ids: list[int], num_images: int) -> None:
+        """Checked by `placeholder_spans`, once each image's layout is known."""
+
+    def placeholder_spans(
+        self, ids: list[int], expansions: list[Expansion]
+    ) -> list[tuple[int, int]]:
+        return self._find_placeholders(ids, [e.token_ids for e in expansions])
 
     def _find_placeholders(self, ids: list[int], layouts: list[list[int]]) -> list[tuple[int, int]]:
         """(start, end) in `ids` of each image's placeholder: its whole block when the prompt

@@ -12,26 +12,19 @@ hub checkpoints: visual.*         model.{embed_tokens,layers,norm}.*            
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from vlmx.device import host_to_device
 from vlmx.layers.decoder import DecoderConfig, DecoderModel
-from vlmx.layers.rotary import VisionRotaryEmbedding
-from vlmx.layers.vision import (
-    Grid,
-    PatchEmbed,
-    PatchMerger,
-    VisionBlock,
-    run_vision_blocks,
-    vision_cu_seqlens,
-    vision_position_ids,
-)
-from vlmx.models.base import VLMBase
+from vlmx.layers.qwen_vision import Qwen2VisionTransformer
+from vlmx.layers.vision import Grid
+from vlmx.models.base import VLMBase, profile_features
 from vlmx.models.loader import text_config
-from vlmx.models.qwen2_vl_processor import Qwen2VLProcessor  # noqa: F401
-from vlmx.multimodal.inputs import MMFeature, PlaceholderRange
+from vlmx.models.qwen2_vl_processor import ImageSettings, Qwen2VLProcessor  # noqa: F401
+from vlmx.multimodal.inputs import MMFeature
 
 # HF `Qwen2VLRotaryEmbedding` falls back to this when the config names no section.
 DEFAULT_MROPE_SECTION = [16, 24, 24]
@@ -44,54 +37,6 @@ _PREFIXES: tuple[tuple[str, str], ...] = (
     ("model.", "language_model."),
     ("lm_head.", "lm_head."),
 )
-
-
-def vision_rope_theta(vision_config) -> float:
-    params = getattr(vision_config, "rope_parameters", None) or {}
-    return float(params.get("rope_theta", 10000.0))
-
-
-def patch_dim(vision_config) -> int:
-    """Length of one flattened patch: C * temporal_patch_size * patch_size**2."""
-    vc = vision_config
-    return vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
-
-
-class Qwen2VisionTransformer(nn.Module):
-    """Matches HF `Qwen2VisionTransformerPretrainedModel`.
-
-    pixel_values [N, C*tp*p*p] + one (t, h, w) grid per image -> [N / merge_size**2, hidden]
-    (the merged tokens, images one after another).
-    """
-
-    def __init__(self, vision_config) -> None:
-        super().__init__()
-        vc = vision_config
-        self.merge_size = vc.spatial_merge_size
-        self.patch_embed = PatchEmbed(patch_dim(vc), vc.embed_dim)
-        self.rotary_pos_emb = VisionRotaryEmbedding(
-            vc.embed_dim // vc.num_heads, vision_rope_theta(vc)
-        )
-        self.blocks = nn.ModuleList(
-            VisionBlock(
-                vc.embed_dim,
-                vc.num_heads,
-                int(vc.embed_dim * vc.mlp_ratio),
-                vc.hidden_act,
-                norm="layer_norm",
-                gated_mlp=False,
-            )
-            for _ in range(vc.depth)
-        )
-        self.merger = PatchMerger(vc.hidden_size, vc.embed_dim, vc.spatial_merge_size)
-
-    def forward(self, pixel_values: torch.Tensor, grids: list[Grid]) -> torch.Tensor:
-        pos_hw = vision_position_ids(grids, self.merge_size)  # [N, 2] CPU
-        cu_seqlens = vision_cu_seqlens(grids)
-        x = self.patch_embed(pixel_values)  # [N, embed_dim]
-        cos, sin = self.rotary_pos_emb(host_to_device(pos_hw, x.device))
-        x = run_vision_blocks(self.blocks, x, cos, sin, lambda i: cu_seqlens)
-        return self.merger(x)
 
 
 class Qwen2VLForConditionalGeneration(VLMBase):
@@ -125,22 +70,19 @@ class Qwen2VLForConditionalGeneration(VLMBase):
         return Qwen2VisionTransformer(vision_config)
 
     def profile_image_features(self, num_embeds: int) -> list[MMFeature]:
-        """Random square images worth `num_embeds` embeddings in all, for memory profiling."""
-        side = 64  # patches per side: 1024 embeddings per image after the 2x2 merge
-        per_image = side * side // self.merge_size**2
+        """Square images of the processor's default max_pixels (1280 tokens), or of at most
+        `num_embeds` tokens when that is less."""
+        s = ImageSettings()
+        largest = s.max_pixels // (s.patch_size * s.merge_size) ** 2  # tokens of one image
+        side = math.isqrt(max(1, min(largest, num_embeds))) * self.merge_size  # patches per side
         dim = self.visual.patch_embed.proj.in_features
-        weight = self.language_model.embed_tokens.weight
-        features = []
-        for i in range(max(1, num_embeds // per_image)):
+        weight = self.embedding
+
+        def data(_: int) -> dict[str, torch.Tensor]:
             pixels = torch.randn(side * side, dim, device=weight.device, dtype=weight.dtype)
-            features.append(
-                MMFeature(
-                    mm_hash=f"profile-{i}",
-                    placeholder=PlaceholderRange(0, per_image),
-                    data={"pixel_values": pixels, "image_grid_thw": torch.tensor([1, side, side])},
-                )
-            )
-        return features
+            return {"pixel_values": pixels, "image_grid_thw": torch.tensor([1, side, side])}
+
+        return profile_features(num_embeds, side * side // self.merge_size**2, data)
 
     def encode_images(self, features: list[MMFeature]) -> list[torch.Tensor]:
         """All images through the vision tower in one call; one [num_embeds_i, hidden] each."""
@@ -148,7 +90,7 @@ class Qwen2VLForConditionalGeneration(VLMBase):
             return []
         grid_rows = torch.stack([f.data["image_grid_thw"].reshape(3) for f in features])
         grids: list[Grid] = [(t, h, w) for t, h, w in grid_rows.tolist()]
-        weight = self.language_model.embed_tokens.weight
+        weight = self.embedding
         pixel_values = torch.cat([f.data["pixel_values"] for f in features])
         pixel_values = pixel_values.to(device=weight.device, dtype=weight.dtype)
         num_patches = sum(t * h * w for t, h, w in grids)

@@ -25,27 +25,21 @@ from dataclasses import dataclass
 
 import torch
 
-from vlmx.config import ModelConfig
 from vlmx.models.processing import (
-    DEFAULT_CACHE_BYTES,
+    Expansion,
     ImageProcessorBase,
-    check_image_tensors,
-    check_no_video_placeholders,
-    check_placeholder_count,
+)
+from vlmx.models.processor_settings import (
+    BICUBIC,
     check_processor_flags,
-    find_token_runs,
-    normalization_constants,
-    preprocess_in_groups,
-    read_processor_files,
+    first_set,
+    positive_int,
     reject_unknown_kwargs,
 )
-from vlmx.multimodal.inputs import MMFeature, PlaceholderRange, ProcessedPrompt
-from vlmx.multimodal.resize import resize_uint8
+from vlmx.multimodal.inputs import MMFeature
 
 SUPPORTED_KWARGS = ("min_pixels", "max_pixels")
 MAX_ASPECT_RATIO = 200
-
-_BICUBIC = 3  # PIL's resampling id, as configs store it
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,33 +85,27 @@ def smart_resize(
     return h_bar, w_bar
 
 
-def _first(*values):
-    return next((v for v in values if v is not None), None)
-
-
 def resolve_image_settings(raw: dict, mm_processor_kwargs: dict) -> ImageSettings:
     """Defaults < checkpoint file < engine-wide `mm_processor_kwargs`.
 
     In the file, top-level min_pixels / max_pixels win over `size` (as in HF's `__init__`).
     """
-    check_processor_flags(raw)
+    check_processor_flags(raw, resample=(BICUBIC,))
     size = raw.get("size") or {}
-    min_pixels = _first(raw.get("min_pixels"), size.get("shortest_edge"), size.get("min_pixels"))
-    max_pixels = _first(raw.get("max_pixels"), size.get("longest_edge"), size.get("max_pixels"))
-    if _first(raw.get("resample"), _BICUBIC) != _BICUBIC:
-        raise ValueError(f"image processor config has resample={raw['resample']}; vlmx supports 3")
+    min_pixels = first_set(raw.get("min_pixels"), size.get("shortest_edge"), size.get("min_pixels"))
+    max_pixels = first_set(raw.get("max_pixels"), size.get("longest_edge"), size.get("max_pixels"))
     default = ImageSettings()
     kwargs = check_kwargs(
         {
-            "min_pixels": _first(min_pixels, default.min_pixels),
-            "max_pixels": _first(max_pixels, default.max_pixels),
+            "min_pixels": first_set(min_pixels, default.min_pixels),
+            "max_pixels": first_set(max_pixels, default.max_pixels),
         },
         mm_processor_kwargs,
     )
     for key in ("patch_size", "temporal_patch_size", "merge_size", "rescale_factor"):
-        kwargs[key] = _first(raw.get(key), getattr(default, key))
+        kwargs[key] = first_set(raw.get(key), getattr(default, key))
     for key in ("image_mean", "image_std"):
-        kwargs[key] = tuple(_first(raw.get(key), getattr(default, key)))
+        kwargs[key] = tuple(first_set(raw.get(key), getattr(default, key)))
     return ImageSettings(**kwargs)
 
 
@@ -126,8 +114,7 @@ def check_kwargs(base: dict, overrides: dict) -> dict:
     reject_unknown_kwargs(overrides, SUPPORTED_KWARGS, "Qwen2-VL")
     merged = {**base, **overrides}
     for key, value in merged.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"mm_processor_kwargs {key}={value!r} must be a positive int")
+        positive_int(value, key)
     if merged["min_pixels"] > merged["max_pixels"]:
         raise ValueError(
             f"mm_processor_kwargs min_pixels={merged['min_pixels']} is larger than "
@@ -170,21 +157,15 @@ class Qwen2VLProcessor(ImageProcessorBase[tuple[torch.Tensor, torch.Tensor]]):
     """
 
     shrink_images_hint = "mm_processor_kwargs={'max_pixels': ...}"
+    image_processor_name = "Qwen2VLImageProcessor"
+    placeholder_token = "<|image_pad|>"
+    placeholder_example = "<|vision_start|><|image_pad|><|vision_end|>"
+    video_token = "<|video_pad|>"
 
-    def __init__(
-        self,
-        model_config: ModelConfig,
-        device: torch.device,
-        cache_bytes: int = DEFAULT_CACHE_BYTES,
-    ) -> None:
-        super().__init__(model_config, device, cache_bytes)
-        hf_config = model_config.hf_config
-        self.settings = resolve_image_settings(
-            read_processor_files(model_config.model_path, "Qwen2VLImageProcessor")[0],
-            model_config.mm_processor_kwargs or {},
-        )
+    def configure(self, image_config: dict, _: dict) -> None:
+        s = self.settings = resolve_image_settings(image_config, self.engine_kwargs)
+        hf_config = self.hf_config
         vision = hf_config.vision_config
-        s = self.settings
         ours = (s.patch_size, s.temporal_patch_size, s.merge_size)
         theirs = (vision.patch_size, vision.temporal_patch_size, vision.spatial_merge_size)
         if ours != theirs:
@@ -192,27 +173,25 @@ class Qwen2VLProcessor(ImageProcessorBase[tuple[torch.Tensor, torch.Tensor]]):
                 f"image processor (patch_size, temporal_patch_size, merge_size)={ours} does not "
                 f"match the model's vision_config {theirs}; fix the checkpoint's processor config"
             )
-        self.image_token_id: int = hf_config.image_token_id
-        self.video_token_id: int | None = getattr(hf_config, "video_token_id", None)
-        self._mean, self._std = normalization_constants(
-            s.image_mean, s.image_std, s.rescale_factor, self.device
-        )
+        self.image_token_id = hf_config.image_token_id
+        self.video_token_id = getattr(hf_config, "video_token_id", None)
+        self.use_normalization(s.image_mean, s.image_std, s.rescale_factor)
         self._merge = s.merge_size
         self._factor = s.patch_size * s.merge_size  # both sides of a resized image divide by it
 
-    def image_settings(self, mm_processor_kwargs: dict) -> dict:
+    def prompt_settings(self, mm_processor_kwargs: dict) -> dict:
         """min_pixels / max_pixels for one prompt: the engine-wide values, updated by its kwargs."""
         base = {"min_pixels": self.settings.min_pixels, "max_pixels": self.settings.max_pixels}
-        return check_kwargs(base, mm_processor_kwargs or {})
+        return check_kwargs(base, mm_processor_kwargs)
 
     def num_image_tokens(self, height: int, width: int, mm_processor_kwargs: dict) -> int:
         """Placeholder tokens an image of `height` x `width` pixels expands to."""
-        kw = self.image_settings(mm_processor_kwargs)
+        kw = self.prompt_settings(mm_processor_kwargs or {})
         h, w = smart_resize(height, width, self._factor, kw["min_pixels"], kw["max_pixels"])
         return (h // self.settings.patch_size) * (w // self.settings.patch_size) // self._merge**2
 
     def preprocess(
-        self, images: list[torch.Tensor], min_pixels: int, max_pixels: int
+        self, images: list[torch.Tensor], settings: dict
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """uint8 [3, H, W] images -> per image (pixel_values, image_grid_thw), no cache.
 
@@ -221,82 +200,54 @@ class Qwen2VLProcessor(ImageProcessorBase[tuple[torch.Tensor, torch.Tensor]]):
         Images that share (input size, target size) are resized and normalized in one batch.
         """
         s = self.settings
+        min_pixels, max_pixels = settings["min_pixels"], settings["max_pixels"]
 
-        def key(image: torch.Tensor) -> tuple[int, ...]:
-            height, width = image.shape[-2:]
-            target = smart_resize(height, width, self._factor, min_pixels, max_pixels)
-            return (height, width, *target)
-
-        def run(
-            group: tuple[int, ...], batch: torch.Tensor
-        ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-            _, _, height, width = group
-            batch = resize_uint8(batch, height, width, "bicubic")  # [B, 3, h, w] uint8
-            pixels = self.normalize(batch)  # [B, 3, h, w] float32
+        def finish(pixels: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            height, width = pixels.shape[-2:]  # [B, 3, h, w] float32
             patches = patchify(pixels, s.patch_size, s.merge_size, s.temporal_patch_size)
             patches = patches.to(self.dtype)  # [B, gh * gw, 3 * T * p * p]
             grid_thw = torch.tensor([1, height // s.patch_size, width // s.patch_size])  # [3]
             return [(x, grid_thw) for x in patches]
 
-        return preprocess_in_groups(images, key, self.device, run)
-
-    def process(
-        self,
-        prompt_token_ids: list[int],
-        images: list[torch.Tensor],
-        mm_processor_kwargs: dict,
-    ) -> ProcessedPrompt:
-        check_image_tensors(images)
-        check_no_video_placeholders(prompt_token_ids, self.video_token_id, "<|video_pad|>")
-        kw = self.image_settings(mm_processor_kwargs)
-        runs = find_token_runs(prompt_token_ids, self.image_token_id)
-        check_placeholder_count(
-            len(runs), len(images), "<|image_pad|>", "<|vision_start|><|image_pad|><|vision_end|>"
-        )
-        mm_hashes, outputs = self.cached_preprocess(
-            images, kw, lambda todo: self.preprocess(todo, kw["min_pixels"], kw["max_pixels"])
+        return self.preprocess_resized(
+            images,
+            lambda height, width: smart_resize(height, width, self._factor, min_pixels, max_pixels),
+            "bicubic",
+            finish,
         )
 
-        token_ids: list[int] = []
-        features: list[MMFeature] = []
+    def expand(
+        self, image: torch.Tensor, output: tuple[torch.Tensor, torch.Tensor], settings: dict
+    ) -> Expansion:
+        pixel_values, grid_thw = output
+        num_tokens = int(grid_thw.prod()) // self._merge**2
+        data = {"pixel_values": pixel_values, "image_grid_thw": grid_thw}
+        return Expansion([self.image_token_id] * num_tokens, 0, num_tokens, data)
+
+    def prompt_extras(self, token_ids: list[int], features: list[MMFeature]) -> dict:
+        """M-RoPE positions (HF `get_rope_index`): text counts on along all three axes; an
+        image's tokens take (start, start + row, start + column), and the text after it starts
+        at start + max(rows, columns)."""
         positions: list[torch.Tensor] = []  # [3, n] int64 pieces
-        cursor = 0  # next unread index of prompt_token_ids
+        cursor = 0  # next token index without a position
         next_pos = 0  # next M-RoPE position
-        for image_idx, ((start, end), mm_hash, (pixel_values, grid_thw)) in enumerate(
-            zip(runs, mm_hashes, outputs, strict=True)
-        ):
-            _, grid_h, grid_w = (int(x) for x in grid_thw)
+        for feature in features:
+            num_text = feature.placeholder.offset - cursor
+            positions.append(torch.arange(num_text).expand(3, -1) + next_pos)
+            next_pos += num_text
+            _, grid_h, grid_w = (int(x) for x in feature.data["image_grid_thw"])
             llm_h, llm_w = grid_h // self._merge, grid_w // self._merge
-            num_tokens = llm_h * llm_w
-            if end - start not in (1, num_tokens):
-                raise ValueError(
-                    f"image {image_idx} needs 1 placeholder token (<|image_pad|>) or exactly "
-                    f"{num_tokens}, but the prompt has a run of {end - start}"
-                )
-            text = prompt_token_ids[cursor:start]
-            token_ids += text
-            positions.append(torch.arange(len(text)).expand(3, -1) + next_pos)
-            next_pos += len(text)
-            placeholder = PlaceholderRange(offset=len(token_ids), length=num_tokens)
-            token_ids += [self.image_token_id] * num_tokens
             rows = torch.arange(llm_h).repeat_interleave(llm_w)  # [num_tokens] row of each token
             cols = torch.arange(llm_w).repeat(llm_h)  # [num_tokens] column of each token
             positions.append(torch.stack([torch.zeros_like(rows), rows, cols]) + next_pos)
             next_pos += max(llm_h, llm_w)
-            data = {"pixel_values": pixel_values, "image_grid_thw": grid_thw}
-            features.append(MMFeature(mm_hash=mm_hash, placeholder=placeholder, data=data))
-            cursor = end
-        text = prompt_token_ids[cursor:]
-        token_ids += text
-        positions.append(torch.arange(len(text)).expand(3, -1) + next_pos)
-        next_pos += len(text)
-
-        mrope_positions = torch.cat(positions, dim=1)  # [3, num_tokens] int64
+            cursor = feature.placeholder.end
+        num_text = len(token_ids) - cursor
+        positions.append(torch.arange(num_text).expand(3, -1) + next_pos)
+        next_pos += num_text
         # NOTE: positions never decrease along the prompt, so next_pos == max position + 1, and
         # this equals HF's `llm_positions.max() + 1 - len(input_ids)`.
-        return ProcessedPrompt(
-            prompt_token_ids=token_ids,
-            mm_features=features,
-            mrope_positions=mrope_positions,
-            mrope_position_delta=next_pos - len(token_ids),
-        )
+        return {
+            "mrope_positions": torch.cat(positions, dim=1),  # [3, num_tokens] int64
+            "mrope_position_delta": next_pos - len(token_ids),
+        }

@@ -11,17 +11,22 @@ each pass, per output pixel o:  (sum_j src[index[o, j]] * w[o, j] + 2**(p-1)) >>
 ```
 
 The taps (`index`, `w`, `p`) are torch's `_compute_indices_min_size_weights_aa` /
-`_compute_index_ranges_int16_weights`; only the filter kernel and its support differ.
+`_compute_index_ranges_int16_weights`; only the filter kernel and its support differ. A caller
+that resizes the same sizes again (a processor) owns a `ResizeTaps` and passes it in, so the taps
+are built and copied to the device once per (sizes, filter, device).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Literal
 
 import torch
+from torch import Tensor
 from torchvision.transforms.v2 import functional as tvF
 
 Filter = Literal["bicubic", "bilinear", "lanczos"]
@@ -59,7 +64,9 @@ _FILTERS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], float]] = {
 }
 
 
-@functools.lru_cache(maxsize=256)
+Taps = tuple[torch.Tensor, torch.Tensor, int]  # index [out, taps], weights [out, taps], p
+
+
 def _taps(
     in_size: int, out_size: int, filter: Filter, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -93,9 +100,42 @@ def _taps(
     return index.to(device), fixed.to(device, torch.int32), precision
 
 
-def _resample_axis(x: torch.Tensor, dim: int, out_size: int, filter: Filter) -> torch.Tensor:
+class ResizeTaps:
+    """A bounded LRU of the taps of `resize_uint8_fixed_point`, owned by its caller (each
+    processor holds one): (in size, out size, filter, device) -> taps on that device.
+    Safe to share between the threads that process prompts."""
+
+    def __init__(self, max_entries: int = 256) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple, Taps] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, in_size: int, out_size: int, filter: Filter, device: torch.device) -> Taps:
+        key = (in_size, out_size, filter, device)
+        with self._lock:
+            taps = self._entries.get(key)
+            if taps is not None:
+                self._entries.move_to_end(key)
+                return taps
+        taps = _taps(in_size, out_size, filter, device)  # NOTE: built outside the lock
+        with self._lock:
+            self._entries[key] = taps
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+        return taps
+
+
+def _resample_axis(
+    x: torch.Tensor, dim: int, out_size: int, filter: Filter, taps: ResizeTaps | None
+) -> torch.Tensor:
     """One fixed-point pass along `dim` of an int32 [B, C, H, W] tensor holding 0..255."""
-    index, weights, precision = _taps(x.shape[dim], out_size, filter, x.device)
+    if taps is None:
+        index, weights, precision = _taps(x.shape[dim], out_size, filter, x.device)
+    else:
+        index, weights, precision = taps.get(x.shape[dim], out_size, filter, x.device)
     shape = [1, 1, 1, 1]
     shape[dim] = out_size
     acc = torch.full((), 1 << (precision - 1), dtype=torch.int32, device=x.device)
@@ -105,15 +145,16 @@ def _resample_axis(x: torch.Tensor, dim: int, out_size: int, filter: Filter) -> 
 
 
 def resize_uint8_fixed_point(
-    images: torch.Tensor, height: int, width: int, filter: Filter
-) -> torch.Tensor:
+    images: Tensor, height: int, width: int, filter: Filter, taps: ResizeTaps | None = None
+) -> Tensor:
     """uint8 [B, C, H, W] -> [B, C, height, width]: torch's CPU uint8 kernel in tensor ops, on
-    the images' device (a width pass, then a height pass, each rounded to 0..255)."""
+    the images' device (a width pass, then a height pass, each rounded to 0..255). The taps
+    come from `taps` when given, else they are built for this call."""
     x = images.to(torch.int32)  # [B, C, H, W]
     if width != x.shape[-1]:
-        x = _resample_axis(x, 3, width, filter)
+        x = _resample_axis(x, 3, width, filter, taps)
     if height != x.shape[-2]:
-        x = _resample_axis(x, 2, height, filter)
+        x = _resample_axis(x, 2, height, filter, taps)
     return x.to(torch.uint8)
 
 
@@ -129,16 +170,18 @@ def _torch_has_lanczos() -> bool:
     return True
 
 
-def resize_uint8(images: torch.Tensor, height: int, width: int, filter: Filter) -> torch.Tensor:
+def resize_uint8(
+    images: Tensor, height: int, width: int, filter: Filter, taps: ResizeTaps | None = None
+) -> Tensor:
     """uint8 [B, C, H, W] -> [B, C, height, width], antialiased, on any device equal to torch's
-    CPU uint8 kernel.
+    CPU uint8 kernel (`taps`: the caller's cache of the fixed-point kernel's taps).
 
     On the CPU this calls that kernel as HF does (torchvision's `resize` for bicubic and
     bilinear; `interpolate` for lanczos, which torchvision lacks); elsewhere it runs
     `resize_uint8_fixed_point`.
     """
     if images.device.type != "cpu" or (filter == "lanczos" and not _torch_has_lanczos()):
-        return resize_uint8_fixed_point(images, height, width, filter)
+        return resize_uint8_fixed_point(images, height, width, filter, taps)
     if filter == "lanczos":
         return torch.nn.functional.interpolate(
             images, size=[height, width], mode="lanczos", antialias=True, align_corners=False

@@ -20,6 +20,9 @@ class Executor(abc.ABC):
 
     num_blocks: int  # KV blocks every worker holds (the scheduler's pool size)
     cuda_graphs: bool  # decode steps replay CUDA graphs
+    # Device bytes the engine's requests may hold in encoder inputs, kept out of the KV cache
+    # (None: no bound, on the CPU)
+    mm_input_bytes: int | None
 
     @abc.abstractmethod
     def launch(self, step: SchedulerOutput) -> object: ...
@@ -48,6 +51,7 @@ class InProcessExecutor(Executor):
         self.num_blocks = self.worker.determine_num_blocks()
         self.worker.initialize_kv_cache(self.num_blocks)
         self.cuda_graphs = self.runner.graphs is not None
+        self.mm_input_bytes = self.worker.mm_input_bytes
 
     @property
     def runner(self):

@@ -94,19 +94,22 @@ class ModelRunner:
             if self.device.type == "cuda"
             else None
         )
+        # NOTE: the parts below get functions that do not hold the runner: a reference cycle
+        # would outlive the engine (LLMEngine freezes the collector's generations).
+        device = self.device
+        self._to_device = (
+            self.staging.to_device
+            if self.staging is not None
+            else lambda array, dtype: host_to_device(array, device, dtype)
+        )
         self.input_batch = InputBatch(
             self.block_size,
             eos_token_ids,
             uses_mrope=model.uses_mrope,
             bidirectional_images=not model.chunk_images,
-            make_generator=lambda seed: make_generator(seed, self.device),
+            make_generator=lambda seed: make_generator(seed, device),
         )
         self.encoder = EncoderRunner(model, self._to_device)
-
-    def _to_device(self, array: np.ndarray | list | torch.Tensor, dtype: torch.dtype):
-        if self.staging is None:
-            return host_to_device(array, self.device, dtype)
-        return self.staging.to_device(array, dtype)
 
     def _graphs_supported(self) -> bool:
         """Decode steps can be captured when every layer attends through the fast path."""
@@ -186,7 +189,7 @@ class ModelRunner:
             return
         hidden = torch.zeros(
             self.logits_sizes[-1],
-            self.model.config.hidden_size,
+            self.model.hidden_size,
             device=self.device,
             dtype=self.dtype,
         )

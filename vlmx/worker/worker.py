@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from vlmx.config import EngineConfig
+from vlmx.config import MM_INPUT_SHARE, EngineConfig
 from vlmx.models.interface import Model
 from vlmx.models.loader import build_model
 from vlmx.step import RunnerOutput, SchedulerOutput
@@ -23,17 +23,24 @@ _CPU_KV_BYTES = 4 << 30  # KV cache budget on the CPU, where nothing to profile 
 
 
 def kv_blocks_for_budget(
-    total_bytes: float, utilization: float, peak_bytes: int, bytes_per_block: int
+    total_bytes: float,
+    utilization: float,
+    peak_bytes: int,
+    reserved_bytes: int,
+    bytes_per_block: int,
 ) -> int:
     """KV blocks that fit: `utilization` of the device's memory, less the profiled peak of the
-    largest step (weights included), in blocks of `bytes_per_block`.
+    largest step (weights included) and the memory reserved for what lives between steps
+    (preprocessed images), in blocks of `bytes_per_block`.
 
     ```
-    |<------------------ total * gpu_memory_utilization ------------------>|
-    | weights | peak of the largest step (encoder, decoder) | KV blocks ... |
+    |<---------------------- total * gpu_memory_utilization ---------------------->|
+    | weights | largest step (encoder, decoder) | images (reserved) | KV blocks ... |
+    |<------------- peak_bytes -------------->|
     ```
     """
-    return max(0, int((total_bytes * utilization - peak_bytes) // bytes_per_block))
+    budget = total_bytes * utilization - peak_bytes - reserved_bytes
+    return max(0, int(budget // bytes_per_block))
 
 
 class Worker:
@@ -46,6 +53,11 @@ class Worker:
             mc.architecture, mc.hf_config, mc.model_path, config.device, mc.dtype, mc.load_format
         )
         self.runner = ModelRunner(self.model, config, eos_token_ids)
+        # Device bytes the engine's requests may hold in encoder inputs (None: no bound).
+        self.mm_input_bytes = config.cache_config.mm_input_bytes
+        if self.mm_input_bytes is None and config.device.type == "cuda":
+            total = torch.cuda.mem_get_info(config.device)[1]
+            self.mm_input_bytes = int(total * MM_INPUT_SHARE)
 
     def determine_num_blocks(self) -> int:
         """KV blocks for this device: `num_gpu_blocks_override`, else on CUDA what
@@ -62,7 +74,10 @@ class Worker:
             return max(blocks_per_seq, min(wanted, _CPU_KV_BYTES // per_block))
         _, total = torch.cuda.mem_get_info(self.config.device)
         peak = self.profile_peak_memory()
-        num_blocks = kv_blocks_for_budget(total, cache.gpu_memory_utilization, peak, per_block)
+        reserved = (self.mm_input_bytes or 0) + cache.processor_cache_bytes
+        num_blocks = kv_blocks_for_budget(
+            total, cache.gpu_memory_utilization, peak, reserved, per_block
+        )
         if num_blocks < blocks_per_seq:
             raise ValueError(
                 f"the KV cache fits {num_blocks} blocks of {block_size} tokens but one "

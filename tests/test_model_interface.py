@@ -1,0 +1,100 @@
+"""`vlmx.models.interface.Model`: every registered family implements it, and its
+`profile_image_features` builds encoder inputs that `encode_images` takes, worth about the
+budget, at the largest image the family's processor makes by default (or the budget's)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.families import idefics3_checkpoint, pixtral_checkpoint
+from tests.families.gemma3_checkpoint import tiny_gemma3_config
+from tests.families.internvl_checkpoint import tiny_internvl_config
+from vlmx.demo.configs import tiny_qwen_vl_config
+from vlmx.models.interface import Model
+from vlmx.models.registry import get_model_class, supported_architectures
+
+CONFIGS = {
+    "Qwen2VLForConditionalGeneration": lambda: tiny_qwen_vl_config("qwen2_vl", vocab_size=512),
+    "Qwen2_5_VLForConditionalGeneration": lambda: tiny_qwen_vl_config("qwen2_5_vl", 512),
+    "Gemma3ForConditionalGeneration": tiny_gemma3_config,
+    "Idefics3ForConditionalGeneration": lambda: idefics3_checkpoint.tiny_config("idefics3"),
+    "SmolVLMForConditionalGeneration": lambda: idefics3_checkpoint.tiny_config("smolvlm"),
+    "LlavaForConditionalGeneration": lambda: pixtral_checkpoint.tiny_config("llava"),
+    "Mistral3ForConditionalGeneration": lambda: pixtral_checkpoint.tiny_config("mistral3"),
+    "InternVLForConditionalGeneration": tiny_internvl_config,
+}
+# architecture -> embeddings of its largest image under the processor's defaults (tiny config)
+LARGEST = {
+    "Qwen2VLForConditionalGeneration": 35 * 35,  # 1280 tokens at most, square
+    "Qwen2_5_VLForConditionalGeneration": 35 * 35,
+    "Gemma3ForConditionalGeneration": None,  # one size: mm_tokens_per_image
+    "Idefics3ForConditionalGeneration": 17 * idefics3_checkpoint.IMAGE_SEQ_LEN,  # 4x4 + global
+    "SmolVLMForConditionalGeneration": 17 * idefics3_checkpoint.IMAGE_SEQ_LEN,
+    "LlavaForConditionalGeneration": None,  # the tower's image_size, checked below
+    "Mistral3ForConditionalGeneration": None,
+    "InternVLForConditionalGeneration": None,  # 12 tiles + thumbnail, checked below
+}
+
+
+def _model(architecture: str) -> Model:
+    torch.manual_seed(0)
+    return get_model_class(architecture)(CONFIGS[architecture]()).eval()
+
+
+def test_every_registered_family_is_covered() -> None:
+    assert sorted(CONFIGS) == supported_architectures()
+
+
+@pytest.mark.parametrize("architecture", sorted(CONFIGS))
+def test_family_implements_the_model_interface(architecture: str) -> None:
+    model = _model(architecture)
+    assert isinstance(model, Model)
+    assert model.hidden_size == model.config.hidden_size
+    assert (model.num_layers, model.num_kv_heads, model.head_dim) == (
+        model.config.num_layers,
+        model.config.num_kv_heads,
+        model.config.head_dim,
+    )
+
+
+@pytest.mark.parametrize("budget", [1, 300, 5000])
+@pytest.mark.parametrize("architecture", sorted(CONFIGS))
+def test_profile_image_features_feed_encode_images(architecture: str, budget: int) -> None:
+    model = _model(architecture)
+    features = model.profile_image_features(budget)
+    assert features
+    sizes = [f.num_embeds for f in features]
+    if len(features) > 1:  # more than one image only while they fit the budget
+        assert sum(sizes) <= budget
+    assert len({f.mm_hash for f in features}) == len(features)
+    weight = next(model.parameters())
+    for f in features:
+        for value in f.data.values():
+            if value.is_floating_point():
+                assert (value.device, value.dtype) == (weight.device, weight.dtype)
+    with torch.no_grad():
+        embeds = model.encode_images(features)
+    assert [tuple(e.shape) for e in embeds] == [(n, model.hidden_size) for n in sizes]
+    largest = LARGEST[architecture]
+    if largest is not None and budget >= largest:
+        assert sizes[0] == largest
+
+
+def test_profile_images_are_capped_by_the_budget_where_the_family_allows() -> None:
+    qwen = _model("Qwen2VLForConditionalGeneration")
+    assert [f.num_embeds for f in qwen.profile_image_features(100)] == [100]  # 10 x 10 tokens
+    pixtral = _model("LlavaForConditionalGeneration")
+    vc = pixtral.hf_config.vision_config
+    side = vc.image_size // vc.patch_size
+    assert pixtral.profile_image_features(10**6)[0].num_embeds == side * (side + 1)
+    assert pixtral.profile_image_features(30)[0].num_embeds == 5 * 6  # 5 rows of 5 + a break
+    internvl = _model("InternVLForConditionalGeneration")
+    per_tile = internvl.tokens_per_tile
+    assert internvl.profile_image_features(10**6)[0].num_embeds == 13 * per_tile
+    assert internvl.profile_image_features(4 * per_tile)[0].num_embeds == 4 * per_tile
+    assert internvl.profile_image_features(2 * per_tile)[0].num_embeds == per_tile
+    gemma = _model("Gemma3ForConditionalGeneration")
+    mm_tokens = gemma.mm_tokens
+    assert [f.num_embeds for f in gemma.profile_image_features(1)] == [mm_tokens]
+    assert len(gemma.profile_image_features(3 * mm_tokens)) == 3

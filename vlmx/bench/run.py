@@ -134,6 +134,53 @@ def build_llm(model: str, images_per_prompt: int, max_num_seqs: int = 256, **eng
     )
 
 
+def _bench_batch(api: str, requests: list) -> list:
+    """The workload's (question, images) pairs as `generate` prompts or `chat` conversations
+    (images as data URLs, as a client sends them)."""
+    if api == "chat":
+        return [
+            [
+                {"role": "system", "content": "You are a helpful assistant."},
+                {
+                    "role": "user",
+                    "content": [
+                        *({"type": "image_url", "image_url": {"url": _data_url(im)}} for im in ims),
+                        {"type": "text", "text": q},
+                    ],
+                },
+            ]
+            for q, ims in requests
+        ]
+    return [
+        {"prompt": qwen_chat_prompt(q, len(ims)), "multi_modal_data": {"image": ims}}
+        for q, ims in requests
+    ]
+
+
+def _work_items(requests: list, outputs: list, processor) -> tuple[list[WorkItem], set]:
+    """What each request computed, for the floor, and the distinct images encoded.
+
+    NOTE: an image seen before is counted as served by the encoder cache (w3-shared's pool of
+    16 stays in it); KV from the prefix cache as the engine reports it."""
+    items, encoded = [], set()
+    for (_, images), out in zip(requests, outputs):
+        patches = []
+        for im in images:
+            key = _image_key(im)
+            if key not in encoded:
+                encoded.add(key)
+                patches.append(4 * processor.num_image_tokens(im.height, im.width, {}))
+        items.append(
+            WorkItem(
+                len(out.prompt_token_ids),
+                len(out.outputs[0].token_ids),
+                patches,
+                num_cached_tokens=out.num_cached_tokens or 0,
+            )
+        )
+    return items, encoded
+
+
 def run_vlmx(
     model: str,
     workload: str,
@@ -164,37 +211,14 @@ def run_vlmx(
     out_len = output_len or out_len
     params = SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True)
 
-    def batch_of(reqs):
-        if api == "chat":
-            return [
-                [
-                    {"role": "system", "content": "You are a helpful assistant."},
-                    {
-                        "role": "user",
-                        "content": [
-                            *(
-                                {"type": "image_url", "image_url": {"url": _data_url(im)}}
-                                for im in ims
-                            ),
-                            {"type": "text", "text": q},
-                        ],
-                    },
-                ]
-                for q, ims in reqs
-            ]
-        return [
-            {"prompt": qwen_chat_prompt(q, len(ims)), "multi_modal_data": {"image": ims}}
-            for q, ims in reqs
-        ]
-
     def run(batch):
         if api == "chat":
             return llm.chat(batch, params, use_tqdm=False)
         return llm.generate(batch, params, use_tqdm=False)
 
     warm, _ = prompts_for(workload, 4, seed=99)
-    run(batch_of(warm))
-    batch = batch_of(requests)
+    run(_bench_batch(api, warm))
+    batch = _bench_batch(api, requests)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -214,24 +238,7 @@ def run_vlmx(
         extra["steps"] = write_timeline(engine.step_log, start_pc, timeline_path)
         engine.step_log = None
 
-    items, encoded = [], set()
-    for (_, images), out in zip(requests, outputs):
-        # NOTE: an image seen before is counted as served by the encoder cache (w3-shared's
-        # pool of 16 stays in it); KV from the prefix cache as the engine reports it.
-        patches = []
-        for im in images:
-            key = _image_key(im)
-            if key not in encoded:
-                encoded.add(key)
-                patches.append(4 * engine.processor.num_image_tokens(im.height, im.width, {}))
-        items.append(
-            WorkItem(
-                len(out.prompt_token_ids),
-                len(out.outputs[0].token_ids),
-                patches,
-                num_cached_tokens=out.num_cached_tokens or 0,
-            )
-        )
+    items, encoded = _work_items(requests, outputs, engine.processor)
     card = card or detect_card()
     floor = None
     if card is not None:

@@ -137,7 +137,8 @@ def _unsupported(args: EngineArgs) -> list[str]:
     return problems
 
 
-def build_engine_config(args: EngineArgs) -> EngineConfig:
+def _check_args(args: EngineArgs) -> dict[str, int]:
+    """Raise for an unsupported or out-of-range argument; return `limit_mm_per_prompt`."""
     problems = _unsupported(args)
     if problems:
         raise ValueError("vlmx does not support " + "; ".join(problems))
@@ -157,10 +158,11 @@ def build_engine_config(args: EngineArgs) -> EngineConfig:
             f"limit_mm_per_prompt has {sorted(unknown)}: vlmx takes image inputs only, "
             "so only the 'image' key is accepted"
         )
+    return limits
 
-    image_limits = media_limits(args)
-    device = parse_device(args.device)
-    dtype = parse_dtype(args.dtype, device)
+
+def _checkpoint_paths(args: EngineArgs) -> tuple[str, str]:
+    """(model folder, tokenizer folder): local, downloaded, or the built-in demo."""
     if args.model == "demo":
         from vlmx.demo.checkpoint import demo_model_path
 
@@ -168,9 +170,16 @@ def build_engine_config(args: EngineArgs) -> EngineConfig:
     else:
         model_path = resolve_model_path(args.model, args.revision)
     if args.tokenizer is None or args.tokenizer == args.model:
-        tokenizer_path = model_path
-    else:
-        tokenizer_path = resolve_model_path(args.tokenizer, args.tokenizer_revision)
+        return model_path, model_path
+    return model_path, resolve_model_path(args.tokenizer, args.tokenizer_revision)
+
+
+def build_engine_config(args: EngineArgs) -> EngineConfig:
+    limits = _check_args(args)
+    image_limits = media_limits(args)
+    device = parse_device(args.device)
+    dtype = parse_dtype(args.dtype, device)
+    model_path, tokenizer_path = _checkpoint_paths(args)
     hf_config = load_hf_config(model_path, args.hf_overrides, args.trust_remote_code)
     architecture = resolve_architecture(getattr(hf_config, "architectures", None))
 

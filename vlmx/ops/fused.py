@@ -47,7 +47,8 @@ from typing import NamedTuple
 
 import torch
 
-from vlmx.ops.paged_attention import _interpret, tl, triton, triton_available
+from vlmx.ops.triton_support import interpret as _interpret
+from vlmx.ops.triton_support import tl, triton, triton_available
 
 try:
     from triton.language.extra import libdevice

@@ -32,28 +32,26 @@ its key range from its sequence's length on the device, so a launch never waits 
 can be captured in a CUDA graph. Splits past the end of a short sequence have nothing to do and
 write an empty partial (m = -inf, l = 0); a padding row (seq_len 0) gives zeros.
 
-Triton is imported guarded: without it (e.g. macOS) this module still imports and
-`triton_available` says False. With `TRITON_INTERPRET=1` the kernels run on CPU tensors in
-Triton's interpreter (slow; for tests). The variable must be set before `triton.language` is
-first imported by anyone: Triton wraps its own library functions (`tl.zeros`, `tl.max`, ...)
-as compiled or interpreted at that import, and refuses to mix the two.
+Triton is imported guarded (`ops/triton_support.py`): without it (e.g. macOS) this module still
+imports and `triton_available` says False. With `TRITON_INTERPRET=1` the kernels run on CPU
+tensors in Triton's interpreter (slow; for tests). The variable must be set before
+`triton.language` is first imported by anyone: Triton wraps its own library functions
+(`tl.zeros`, `tl.max`, ...) as compiled or interpreted at that import, and refuses to mix the
+two.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import NamedTuple
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # NOTE: torch wheels without CUDA (macOS) come without Triton
-    triton = None
-    tl = None
+from vlmx.ops.triton_support import interpret as _interpret
+from vlmx.ops.triton_support import num_sms, tl, triton, triton_available
+
+__all__ = ["paged_decode_attention", "store_kv", "triton_available"]
 
 # Flash-decoding heuristics. NOTE: untuned guesses for H100 / H200; split while there are fewer
 # programs than two per SM, but give each split at least this many keys of the table's span.
@@ -161,7 +159,11 @@ def paged_decode_attention(
         return out
     if num_splits is None:
         num_splits = choose_num_splits(
-            batch, num_kv_heads, block_tables.shape[1], block_size, _num_sms(query.device)
+            batch,
+            num_kv_heads,
+            block_tables.shape[1],
+            block_size,
+            num_sms(query.device, _DEFAULT_NUM_SMS),
         )
     elif num_splits < 1:
         raise ValueError(f"num_splits must be at least 1, got {num_splits}")
@@ -287,40 +289,8 @@ def _check_decode_args(
 
 
 # ---------------------------------------------------------------------------------------------
-# Availability and kernel wrapping
+# Kernel wrapping
 # ---------------------------------------------------------------------------------------------
-
-
-def triton_available(device: torch.device | str) -> bool:
-    """Whether the kernels here run on tensors of `device`.
-
-    CUDA when Triton is importable; CPU only under Triton's interpreter (`TRITON_INTERPRET=1`).
-    """
-    if triton is None:
-        return False
-    device = torch.device(device)
-    if device.type == "cuda":
-        return _cuda_available()
-    return device.type == "cpu" and _interpret()
-
-
-@functools.cache
-def _cuda_available() -> bool:
-    return torch.cuda.is_available()
-
-
-def _interpret() -> bool:
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return _DEFAULT_NUM_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 class _Kernels(NamedTuple):

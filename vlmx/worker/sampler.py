@@ -142,14 +142,7 @@ def build_sampling_metadata(
     # A batch that only takes the argmax (no penalty, mask or logprobs) gets the same metadata
     # every step: built once per batch size (the sampler reads none of its tensors).
     plain_key = None
-    if argmax_cache is not None and all(
-        p.is_greedy
-        and p.logprobs is None
-        and not p.uses_repetition_penalty
-        and not p.uses_output_counts
-        and (n >= p.min_tokens or not stop_ids)
-        for p, n, stop_ids in zip(params, num_output_tokens, stop_token_ids)
-    ):
+    if argmax_cache is not None and _argmax_only_rows(params, num_output_tokens, stop_token_ids):
         plain_key = (device, num_rows, vocab_size)
         if plain_key in argmax_cache:
             return argmax_cache[plain_key]
@@ -157,50 +150,17 @@ def build_sampling_metadata(
     random_rows = [i for i in range(num_rows) if not greedy[i]]
     # Greedy params have top_k / top_p / min_p reset to off by SamplingParams.
     top_ks = [min(p.top_k, vocab_size) for p in params]
-    use_repetition = [p.uses_repetition_penalty for p in params]
-    use_output_counts = [p.uses_output_counts for p in params]
 
-    # NOTE: one host -> device copy per dtype; the per-row tensors are views of its rows.
-    floats = host_to_device(
-        [
-            [1.0 if g else p.temperature for p, g in zip(params, greedy)],
-            [p.top_p for p in params],
-            [p.min_p for p in params],
-            [p.repetition_penalty for p in params],
-            [p.frequency_penalty for p in params],
-            [p.presence_penalty for p in params],
-        ],
-        device,
-        torch.float32,
-    )  # [6, B]
-    temperature, top_p, min_p, repetition_penalty, frequency_penalty, presence_penalty = floats
-    mask_pairs = [
-        (i, t)
-        for i, p in enumerate(params)
-        if num_output_tokens[i] < p.min_tokens
-        for t in sorted(stop_token_ids[i])
-        if 0 <= t < vocab_size
-    ]
-    num_masked = len(mask_pairs)
-    ints = host_to_device(
-        top_ks + greedy + [i for i, _ in mask_pairs] + [t for _, t in mask_pairs],
-        device,
-        torch.int64,
-    )  # [2 * B + 2 * num_masked]: top_k | is_greedy | masked rows | masked token ids
-    top_k, is_greedy = ints[:num_rows], ints[num_rows : 2 * num_rows].bool()
-    min_tokens_rows = ints[2 * num_rows : 2 * num_rows + num_masked]
-    min_tokens_token_ids = ints[2 * num_rows + num_masked :]
+    rows = _row_tensors(
+        params, greedy, top_ks, num_output_tokens, stop_token_ids, vocab_size, device
+    )
+    temperature, top_p, min_p, repetition_penalty, frequency_penalty, presence_penalty = rows[0]
+    top_k, is_greedy, min_tokens_rows, min_tokens_token_ids = rows[1]
+    num_masked = len(min_tokens_rows)
 
-    seen_token_mask = output_token_counts = None
-    if any(use_repetition):
-        rows = [ids if use else [] for ids, use in zip(token_ids, use_repetition)]
-        seen_token_mask = _token_counts(rows, vocab_size, device) > 0
-    if any(use_output_counts):
-        rows = [
-            ids[n:] if use else [] for ids, n, use in zip(token_ids, prompt_lens, use_output_counts)
-        ]
-        output_token_counts = _token_counts(rows, vocab_size, device)
-
+    seen_token_mask, output_token_counts = _penalty_counts(
+        params, token_ids, prompt_lens, vocab_size, device
+    )
     num_logprobs = [vocab_size if p.logprobs == -1 else p.logprobs for p in params]
     requested = [min(n, vocab_size) for n in num_logprobs if n is not None]
 
@@ -229,6 +189,90 @@ def build_sampling_metadata(
         assert argmax_cache is not None
         argmax_cache[plain_key] = metadata
     return metadata
+
+
+def _row_tensors(
+    params: list[SamplingParams],
+    greedy: list[bool],
+    top_ks: list[int],
+    num_output_tokens: list[int],
+    stop_token_ids: list[AbstractSet[int]],
+    vocab_size: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The per-row parameters on the device: floats [6, B] (temperature, top_p, min_p, the
+    three penalties) and (top_k [B], is_greedy [B], the (row, token id) pairs masked until
+    min_tokens)."""
+    num_rows = len(params)
+    # NOTE: one host -> device copy per dtype; the per-row tensors are views of its rows.
+    floats = host_to_device(
+        [
+            [1.0 if g else p.temperature for p, g in zip(params, greedy)],
+            [p.top_p for p in params],
+            [p.min_p for p in params],
+            [p.repetition_penalty for p in params],
+            [p.frequency_penalty for p in params],
+            [p.presence_penalty for p in params],
+        ],
+        device,
+        torch.float32,
+    )  # [6, B]
+    mask_pairs = [
+        (i, t)
+        for i, p in enumerate(params)
+        if num_output_tokens[i] < p.min_tokens
+        for t in sorted(stop_token_ids[i])
+        if 0 <= t < vocab_size
+    ]
+    num_masked = len(mask_pairs)
+    ints = host_to_device(
+        top_ks + greedy + [i for i, _ in mask_pairs] + [t for _, t in mask_pairs],
+        device,
+        torch.int64,
+    )  # [2 * B + 2 * num_masked]: top_k | is_greedy | masked rows | masked token ids
+    top_k, is_greedy = ints[:num_rows], ints[num_rows : 2 * num_rows].bool()
+    min_tokens_rows = ints[2 * num_rows : 2 * num_rows + num_masked]
+    min_tokens_token_ids = ints[2 * num_rows + num_masked :]
+    return floats, (top_k, is_greedy, min_tokens_rows, min_tokens_token_ids)
+
+
+def _argmax_only_rows(
+    params: list[SamplingParams],
+    num_output_tokens: list[int],
+    stop_token_ids: list[AbstractSet[int]],
+) -> bool:
+    """Whether every row only takes the argmax: greedy, no logprobs, penalty or stop mask."""
+    return all(
+        p.is_greedy
+        and p.logprobs is None
+        and not p.uses_repetition_penalty
+        and not p.uses_output_counts
+        and (n >= p.min_tokens or not stop_ids)
+        for p, n, stop_ids in zip(params, num_output_tokens, stop_token_ids)
+    )
+
+
+def _penalty_counts(
+    params: list[SamplingParams],
+    token_ids: list[list[int]],
+    prompt_lens: list[int],
+    vocab_size: int,
+    device: torch.device,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(seen_token_mask [B, V] bool, for repetition penalties; output_token_counts [B, V], for
+    frequency / presence penalties), each None where no row uses it."""
+    use_repetition = [p.uses_repetition_penalty for p in params]
+    use_output_counts = [p.uses_output_counts for p in params]
+    seen_token_mask = output_token_counts = None
+    if any(use_repetition):
+        rows = [ids if use else [] for ids, use in zip(token_ids, use_repetition)]
+        seen_token_mask = _token_counts(rows, vocab_size, device) > 0
+    if any(use_output_counts):
+        rows = [
+            ids[n:] if use else [] for ids, n, use in zip(token_ids, prompt_lens, use_output_counts)
+        ]
+        output_token_counts = _token_counts(rows, vocab_size, device)
+    return seen_token_mask, output_token_counts
 
 
 def _argmax_only(md: SamplingMetadata) -> bool:

@@ -20,6 +20,18 @@ from vlmx.worker.worker import kv_blocks_for_budget
 GIB = 2**30
 
 
+def _engine_kwargs(model: str, max_num_seqs: int) -> dict:
+    """A tiny CPU engine for two images per prompt."""
+    return dict(
+        model=model,
+        dtype="float32",
+        device="cpu",
+        max_model_len=2048,
+        max_num_seqs=max_num_seqs,
+        limit_mm_per_prompt={"image": 2},
+    )
+
+
 def test_kv_blocks_leave_the_peak_and_the_reserved_images_out():
     # 100 GiB at 0.9: 90 GiB, less a 20 GiB peak and 5 GiB for images, in 1 GiB blocks.
     assert kv_blocks_for_budget(100 * GIB, 0.9, 20 * GIB, 5 * GIB, GIB) == 65
@@ -40,14 +52,7 @@ def test_requests_hold_no_more_encoder_inputs_than_the_budget(
     the queued ones hold less than the budget (or none is queued), and the outputs are those of
     an unbounded run."""
     prompts = [_with_images([test_images[i % 5], test_images[(i + 2) % 5]]) for i in range(6)]
-    kwargs = dict(
-        model=qwen2_vl_ckpt,
-        dtype="float32",
-        device="cpu",
-        max_model_len=2048,
-        max_num_seqs=4,
-        limit_mm_per_prompt={"image": 2},
-    )
+    kwargs = _engine_kwargs(qwen2_vl_ckpt, max_num_seqs=4)
     expected = LLM(**kwargs).generate(prompts, GREEDY, use_tqdm=False)
 
     probe = LLM(**kwargs)
@@ -88,14 +93,7 @@ def test_an_llm_is_freed_once_dropped(qwen2_vl_ckpt, test_images):
     """No reference cycle keeps an engine (its model, caches and images) alive once the caller
     drops its `LLM`: the engine freezes the collector's generations, so a cycle would never be
     collected."""
-    llm = LLM(
-        model=qwen2_vl_ckpt,
-        dtype="float32",
-        device="cpu",
-        max_model_len=2048,
-        max_num_seqs=2,
-        limit_mm_per_prompt={"image": 2},
-    )
+    llm = LLM(**_engine_kwargs(qwen2_vl_ckpt, max_num_seqs=2))
     llm.generate(_with_images(test_images[:2]), GREEDY, use_tqdm=False)
     llm.chat(
         [{"role": "user", "content": [{"type": "text", "text": "hi"}]}], GREEDY, use_tqdm=False

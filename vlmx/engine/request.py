@@ -67,7 +67,6 @@ class Request:
     cumulative_logprob: float = 0.0
     num_computed_tokens: int = 0
     num_cached_tokens: int = -1  # prefix-cache hits at first schedule; -1 = not scheduled yet
-    num_steps_scheduled: int = 0  # 0: the workers have not seen it yet
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     block_hashes: list[bytes] = field(default_factory=list)  # hashes of full blocks, in order

@@ -117,7 +117,7 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                self._add_to_step(out, request, to_encode, num_new, resumed=False)
+                self._add_to_step(out, request, to_encode, num_new, first=False, resumed=False)
                 encoder_budget -= encoder_cost
                 token_budget -= num_new
                 i += 1
@@ -141,14 +141,14 @@ class Scheduler:
                 break
             self.waiting.popleft()
             request.num_computed_tokens = num_computed
-            resumed = request.num_cached_tokens >= 0  # scheduled before: back from preemption
-            if not resumed:
+            first = request.num_cached_tokens < 0  # else scheduled before: back from preemption
+            if first:
                 request.num_cached_tokens = num_hit_tokens
             request.status = RequestStatus.RUNNING
             if request.metrics.first_scheduled_time is None:
                 request.metrics.first_scheduled_time = time.monotonic()
             self.running.append(request)
-            self._add_to_step(out, request, to_encode, num_new, resumed=resumed)
+            self._add_to_step(out, request, to_encode, num_new, first=first, resumed=not first)
             encoder_budget -= encoder_cost
             token_budget -= num_new
         return out
@@ -159,6 +159,7 @@ class Scheduler:
         request: Request,
         to_encode: list[int],
         num_new: int,
+        first: bool,
         resumed: bool,
     ) -> None:
         """Add `request` to the step, and its record: in full on its first step, else only
@@ -170,7 +171,7 @@ class Scheduler:
         out.request_ids.append(request_id)
         out.num_scheduled_tokens.append(num_new)
         new_block_ids = self.kv_cache.take_new_block_ids(request_id)
-        if request.num_steps_scheduled == 0:
+        if first:
             out.new_requests.append(
                 NewRequestData(
                     request_id=request_id,
@@ -188,7 +189,6 @@ class Scheduler:
             out.cached_requests.append(
                 request_id, request.num_computed_tokens, new_block_ids, resumed
             )
-        request.num_steps_scheduled += 1
 
     def _plan_encoder(
         self, request: Request, num_computed: int, num_new: int, budget: int

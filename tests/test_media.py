@@ -598,7 +598,7 @@ def test_bad_arrays(array, cause):
         load_image(array)
 
 
-@pytest.mark.parametrize("item", [None, 3, b"\x89PNG", [1, 2, 3], {"url": "x"}])
+@pytest.mark.parametrize("item", [None, 3, [1, 2, 3], {"url": "x"}])
 def test_unsupported_types(item):
     with pytest.raises(ValueError, match=r"unsupported image type"):
         load_image(item)
@@ -627,3 +627,19 @@ def test_path_object_input(tmp_path: Path):
     path = tmp_path / "a.jpg"
     path.write_bytes(JPEG)
     assert load_image(path).shape == (3, 64, 64)
+
+
+def test_encoded_bytes_input(tmp_path: Path):
+    path = tmp_path / "a.png"
+    path.write_bytes(PNG)
+    from_bytes = load_image(PNG)
+    assert torch.equal(from_bytes, load_image(str(path)))
+    assert torch.equal(load_image(bytearray(PNG)), from_bytes)
+    with pytest.raises(ValueError, match=r"\(27 encoded bytes\) could not be identified"):
+        load_image(b"this is not an image at all")
+    with pytest.raises(ValueError, match=r"\(4 encoded bytes\) could not be identified"):
+        load_image(b"\x89PNG")  # a PNG's signature, nothing after it
+    with pytest.raises(ValueError, match="over the limit of 100 bytes"):
+        load_image(PNG, limits=MediaLimits(max_bytes=100))
+    with pytest.raises(ValueError, match=r"URL or path string"):
+        fetch_image(PNG)  # fetch_image reads URLs and paths only, as vLLM's

@@ -83,11 +83,11 @@ def _image_source(part: Mapping, where: str) -> Any:
             continue
         if isinstance(value, str) and value.strip():
             return value
-        if isinstance(value, (Image.Image, torch.Tensor, np.ndarray)):
+        if isinstance(value, (Image.Image, torch.Tensor, np.ndarray, bytes)):
             return value
         raise ValueError(
             f"{where}: 'image' part has {key}={describe_source(value)}; give a URL, path, PIL "
-            "image, tensor [3, H, W] or array [H, W, 3]"
+            "image, encoded image bytes, tensor [3, H, W] or array [H, W, 3]"
         )
     raise ValueError(
         f"{where}: 'image' part has no image; put a URL, path or PIL image under 'image'"

@@ -112,6 +112,8 @@ def describe_source(source: Any, max_chars: int = 120) -> str:
         return f"tensor {tuple(source.shape)} {source.dtype}"
     if isinstance(source, np.ndarray):
         return f"numpy array {source.shape} {source.dtype}"
+    if isinstance(source, bytes | bytearray | memoryview):
+        return f"({len(source)} encoded bytes)"
     return type(source).__name__
 
 
@@ -444,10 +446,10 @@ def _pil_to_chw_uint8(image: Image.Image, limits: MediaLimits) -> torch.Tensor:
 def load_image(item: Any, *, limits: MediaLimits | None = None) -> torch.Tensor:
     """Load one image as a uint8 [3, H, W] contiguous CPU tensor (the caller's own).
 
-    Accepts a PIL image, a string (http(s) / data / file URL or path, via `fetch_image`), a torch
-    tensor [3, H, W] (uint8, or float in [0, 1]) or a numpy array [H, W, 3] uint8. `limits`:
-    default `MediaLimits.from_env()`. An engine loads through its `MediaLoader`, which also keeps
-    the decoded images of data URLs.
+    Accepts a PIL image, a string (http(s) / data / file URL or path, via `fetch_image`), encoded
+    image bytes, a torch tensor [3, H, W] (uint8, or float in [0, 1]) or a numpy array [H, W, 3]
+    uint8. `limits`: default `MediaLimits.from_env()`. An engine loads through its
+    `MediaLoader`, which also keeps the decoded images of data URLs.
     """
     limits = limits or MediaLimits.from_env()
     if isinstance(item, Image.Image):
@@ -460,8 +462,21 @@ def load_image(item: Any, *, limits: MediaLimits | None = None) -> torch.Tensor:
         return _array_to_chw_uint8(item, limits)
     if isinstance(item, os.PathLike):
         return _pil_to_chw_uint8(fetch_image(os.fspath(item), limits=limits), limits)
+    if isinstance(item, bytes | bytearray | memoryview):
+        return _pil_to_chw_uint8(_image_from_encoded(bytes(item), limits), limits)
     raise ValueError(
         f"unsupported image type {type(item).__module__}.{type(item).__qualname__}; pass a PIL "
-        "image, a URL / path / data URL string, a torch tensor [3, H, W] or a numpy array "
-        "[H, W, 3] uint8"
+        "image, a URL / path / data URL string, encoded image bytes, a torch tensor [3, H, W] or "
+        "a numpy array [H, W, 3] uint8"
     )
+
+
+def _image_from_encoded(data: bytes, limits: MediaLimits) -> Image.Image:
+    """Encoded image bytes (a PNG, JPEG, ... file's content) under `limits`."""
+    name = describe_source(data)
+    if len(data) > limits.max_bytes:
+        raise ValueError(
+            f"image {name} is over the limit of {limits.max_bytes} bytes; use a smaller image or "
+            "raise image_max_bytes (or VLMX_IMAGE_MAX_BYTES)"
+        )
+    return image_from_bytes(data, name, limits)

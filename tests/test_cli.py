@@ -101,3 +101,119 @@ def test_installed_script_help():
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: vlmx")
     assert "generate" in result.stdout
+
+
+def test_version(capsys):
+    import vlmx
+
+    assert _main(["--version"]) == 0
+    assert capsys.readouterr().out == f"vlmx {vlmx.__version__}\n"
+
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    """A machine without a usable CUDA GPU, whatever this one has."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_cuda_without_a_gpu_is_one_line(no_gpu, capsys, device):
+    argv = ["generate", "--model", "org/any-model", "--device", device, "Hi"]
+    assert _main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith(f"vlmx: error: device={device!r} asks for a CUDA GPU")
+    assert err.count("\n") == 1 and "device 'cpu'" in err
+
+
+def test_llm_on_cuda_without_a_gpu_raises_value_error(no_gpu):
+    from vlmx import LLM
+
+    with pytest.raises(ValueError, match=r"device='cuda' asks for a CUDA GPU.*use device 'cpu'"):
+        LLM(model="demo", device="cuda")
+
+
+def test_cuda_index_past_the_gpus(monkeypatch):
+    import torch
+
+    from vlmx.config import parse_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert parse_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ValueError, match=r"has 2 CUDA GPU\(s\): use cuda:0 to cuda:1"):
+        parse_device("cuda:2")
+
+
+@pytest.mark.parametrize("model", ["/does/not/exist", "./not-here", "../not-here", "~/not-here"])
+def test_missing_model_folder_says_so(capsys, model):
+    assert _main(["generate", "--model", model, "--device", "cpu", "Hi"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith(f"vlmx: error: model folder {model!r}")
+    assert "does not exist" in err and "hub" not in err.split(";")[0]
+    assert "Validation" not in err and err.count("\n") == 1
+
+
+def test_home_folder_model_path_is_expanded(untied_ckpt, monkeypatch):
+    from vlmx.engine.engine_args import EngineArgs
+
+    home, name = Path(untied_ckpt).parent, Path(untied_ckpt).name
+    monkeypatch.setenv("HOME", str(home))
+    config = EngineArgs(model=f"~/{name}", device="cpu").create_engine_config()
+    assert config.model_config.model_path == untied_ckpt
+
+
+def _prompt_tokens(err: str) -> int:
+    timing = next(line for line in err.splitlines() if "prompt tokens" in line)
+    return int(timing.split(" prompt tokens")[0].split()[-1])
+
+
+def test_mm_processor_kwargs_and_limit_mm_per_prompt(untied_ckpt, image_paths, capsys):
+    argv = ["generate", "--model", untied_ckpt, "--device", "cpu", "--max-tokens", "1"]
+    argv += ["--image", image_paths[0]]  # 224x224: 8x8 merged patches of 28 pixels
+    assert _main([*argv, "Hi"]) == 0
+    full = _prompt_tokens(capsys.readouterr().err)
+    small = '{"max_pixels": 12544}'  # 112x112: 4x4 merged patches
+    assert _main([*argv, "--mm-processor-kwargs", small, "Hi"]) == 0
+    assert full - _prompt_tokens(capsys.readouterr().err) == 64 - 16
+
+    two = [*argv, "--image", image_paths[1], "--limit-mm-per-prompt", '{"image": 1}', "Hi"]
+    assert _main(two) == 2
+    _, err = capsys.readouterr()
+    assert err.startswith("vlmx: error: prompt has 2 images but limit_mm_per_prompt")
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "cause"),
+    [
+        ("--limit-mm-per-prompt", '{"image": 2', "is not valid JSON"),
+        ("--limit-mm-per-prompt", "2", "got a JSON int"),
+        ("--mm-processor-kwargs", "[1]", "got a JSON list"),
+    ],
+)
+def test_bad_json_options_exit_2(capsys, flag, value, cause):
+    assert _main(["generate", flag, value]) == 2
+    _, err = capsys.readouterr()
+    assert f"argument {flag}: takes a JSON object" in err and cause in err
+    assert "Traceback" not in err
+
+
+def test_bad_limit_value_is_a_value_error():
+    from vlmx.engine.engine_args import EngineArgs
+
+    with pytest.raises(ValueError, match=r"limit_mm_per_prompt\['image'\] must be a number"):
+        EngineArgs(
+            model="demo", device="cpu", limit_mm_per_prompt={"image": "2"}
+        ).create_engine_config()
+
+
+def test_demo_model_in_python():
+    from vlmx import LLM, SamplingParams
+
+    llm = LLM(model="demo", device="cpu")
+    outputs = llm.generate("Hello", SamplingParams(max_tokens=2), use_tqdm=False)
+    assert len(outputs[0].outputs[0].token_ids) == 2
+    assert llm.llm_engine.config.model_config.architecture == "Qwen2_5_VLForConditionalGeneration"

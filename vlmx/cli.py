@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 import time
+
+from vlmx import __version__
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -31,7 +34,42 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
+    add_mm_options(p)
     p.add_argument("--verbose", action="store_true", help="log engine details")
+
+
+def json_object(text: str) -> dict:
+    """An argparse `type`: a JSON object (argparse names the flag in its error)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(
+            f"takes a JSON object such as '{{\"image\": 2}}'; {text!r} is not valid JSON "
+            f"({e.msg} at character {e.pos})"
+        ) from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(
+            f"takes a JSON object ({{...}}), got a JSON {type(value).__name__}: {text!r}"
+        )
+    return value
+
+
+def add_mm_options(p: argparse.ArgumentParser) -> None:
+    """`--limit-mm-per-prompt` and `--mm-processor-kwargs`, as vLLM spells them (both JSON)."""
+    p.add_argument(
+        "--limit-mm-per-prompt",
+        type=json_object,
+        default=None,
+        metavar="JSON",
+        help="most images per prompt, e.g. '{\"image\": 2}' (generate: default the number given)",
+    )
+    p.add_argument(
+        "--mm-processor-kwargs",
+        type=json_object,
+        default=None,
+        metavar="JSON",
+        help="image processor options, e.g. '{\"max_pixels\": 1003520}' for Qwen-VL",
+    )
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
@@ -196,7 +234,8 @@ def _generate(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len,
         dtype=args.dtype,
         device=args.device,
-        limit_mm_per_prompt={"image": max(len(images), 1)},
+        limit_mm_per_prompt=args.limit_mm_per_prompt or {"image": max(len(images), 1)},
+        mm_processor_kwargs=args.mm_processor_kwargs,
     )
     loaded = time.perf_counter()
     params = SamplingParams(
@@ -232,6 +271,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vlmx", description="Fast multi-image VLM inference")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_bench(sub)

@@ -88,11 +88,35 @@ def parse_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
 
 
 def parse_device(device: str) -> torch.device:
+    """The torch device `device` names ("auto": CUDA if there is a GPU, else the CPU); a CUDA
+    device this machine lacks raises ValueError here, before anything is built on it."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        parsed = torch.device(device)
     except RuntimeError as e:
         raise ValueError(
             f"device={device!r} is not a torch device ('cpu', 'cuda', 'cuda:1')"
         ) from e
+    if parsed.type == "cuda":
+        _check_cuda_device(device, parsed)
+    return parsed
+
+
+def _check_cuda_device(name: str, device: torch.device) -> None:
+    if not torch.cuda.is_available():
+        why = (
+            "this torch is a CPU-only build"
+            if torch.version.cuda is None
+            else "torch finds no NVIDIA GPU or driver"
+        )
+        raise ValueError(
+            f"device={name!r} asks for a CUDA GPU, but {why}; use device 'cpu', or 'auto' "
+            "(a GPU when there is one, else the CPU)"
+        )
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise ValueError(
+            f"device={name!r}, but this machine has {count} CUDA GPU(s): use cuda:0 to "
+            f"cuda:{count - 1} (CUDA_VISIBLE_DEVICES may hide some)"
+        )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,6 +159,12 @@ def _check_args(args: EngineArgs) -> dict[str, int]:
             f"limit_mm_per_prompt has {sorted(unknown)}: vlmx takes image inputs only, "
             "so only the 'image' key is accepted"
         )
+    for key, value in limits.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(
+                f"limit_mm_per_prompt[{key!r}] must be a number of items >= 0, got {value!r} "
+                "(e.g. {'image': 2})"
+            )
     return limits
 
 
@@ -168,10 +175,26 @@ def _checkpoint_paths(args: EngineArgs) -> tuple[str, str]:
 
         model_path = demo_model_path()
     else:
-        model_path = resolve_model_path(args.model, args.revision)
+        model_path = resolve_model_path(_local_path(args.model, "model"), args.revision)
     if args.tokenizer is None or args.tokenizer == args.model:
         return model_path, model_path
-    return model_path, resolve_model_path(args.tokenizer, args.tokenizer_revision)
+    tokenizer = _local_path(args.tokenizer, "tokenizer")
+    return model_path, resolve_model_path(tokenizer, args.tokenizer_revision)
+
+
+def _local_path(name: str, what: str) -> str:
+    """`name` with `~` expanded; one that looks like a local path (absolute, ./, ../, ~) must
+    exist, so that a typo reads as a missing folder rather than as a bad hub id."""
+    if not name.startswith(("/", "./", "../", "~", ".\\", "..\\")) and name not in (".", ".."):
+        return name
+    path = os.path.expanduser(name)
+    if not os.path.exists(path):
+        expanded = "" if path == name else f" ({path!r})"
+        raise ValueError(
+            f"{what} folder {name!r}{expanded} does not exist; check the path, or give a hub id "
+            "such as 'Qwen/Qwen2.5-VL-3B-Instruct'"
+        )
+    return path
 
 
 def build_engine_config(args: EngineArgs) -> EngineConfig:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 
 import numpy as np
 import pytest
@@ -33,13 +34,15 @@ from tests.families.llava_onevision_checkpoint import (
 )
 from tests.hf_reference import TEST_DEVICE, TEST_DTYPE, HFReference, compare_with_reference
 from vlmx import LLM, SamplingParams
+from vlmx.bench.presets import preset_path
+from vlmx.cli import main as cli_main
 from vlmx.config import ModelConfig
 from vlmx.demo.checkpoint import randomize_zero_params
 from vlmx.demo.images import structured_image
 from vlmx.layers.anyres import best_resolution
 from vlmx.models.llava_onevision import LlavaOnevisionForConditionalGeneration
 from vlmx.models.llava_onevision_processor import LlavaOnevisionProcessor
-from vlmx.models.loader import iterate_weights
+from vlmx.models.loader import iterate_weights, load_hf_config
 
 QUESTION = "What is the content of each image?"
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, logprobs=3)
@@ -364,3 +367,37 @@ def test_swapping_images_changes_logprobs(ckpt, ref) -> None:
     assert out[0].prompt_token_ids == out[1].prompt_token_ids
     first, second = ({t: lp.logprob for t, lp in o.outputs[0].logprobs[0].items()} for o in out)
     assert set(first) != set(second) or max(abs(first[t] - second[t]) for t in first) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# Bench
+
+
+def test_preset_is_the_published_size() -> None:
+    """The bench preset: llava-onevision-qwen2-7b-ov-hf's 8.03 B parameters (on the meta device),
+    and its folder's processor files as vlmx reads them (the counts' arithmetic at these sizes
+    is checked against HF in `test_best_resolution_and_published_counts_match_hf`)."""
+    path = preset_path("llava-onevision-qwen2-7b")
+    config = load_hf_config(path)
+    with torch.device("meta"):
+        model = LlavaOnevisionForConditionalGeneration(config)
+    assert 8.02e9 < sum(p.numel() for p in model.parameters()) < 8.04e9
+    assert (model.side, model.max_tiles, len(model.pinpoints)) == (27, 9, 36)
+    processor = new_processor(model_config(path))
+    s = processor.settings
+    assert (s.tile_size, s.side, s.max_tiles, s.image_mean) == (384, 27, 9, (0.5, 0.5, 0.5))
+    assert processor.image_token_id == 151646 and processor.video_token_id == 151647
+    assert processor.num_image_tokens(768, 1024, num_images=2) == 27 * 27 + 1
+    assert processor.num_image_tokens(384, 384) == 27 * 27 + 27 * 28  # the base and one tile
+
+
+def test_bench_runs_vlmx_and_hf(ckpt, tmp_path, capsys) -> None:
+    out_file = tmp_path / "results.json"
+    args = ["bench", "--model", ckpt, "--workload", "w1-multi", "--output-len", "4"]
+    args += ["--num-prompts", "2", "--backend", "both", "--device", "cpu", "--card", "H100"]
+    assert cli_main([*args, "--json", str(out_file)]) == 0
+    vlmx_result, hf_result = json.loads(out_file.read_text())
+    # 2 prompts of 2 images, each one tile (17 tokens): the same prompts on both sides
+    assert vlmx_result["input_tokens"] == hf_result["input_tokens"]
+    assert vlmx_result["encoded_images"] == 4 and vlmx_result["output_tokens"] == 8
+    assert "vlmx / hf images/s (w1-multi)" in capsys.readouterr().out

@@ -32,7 +32,13 @@ from tests.families.llava_onevision_checkpoint import (
     build_llava_onevision_checkpoint,
     tiny_llava_onevision_config,
 )
-from tests.hf_reference import TEST_DEVICE, TEST_DTYPE, HFReference, compare_with_reference
+from tests.hf_reference import (
+    TEST_ATOL,
+    TEST_DEVICE,
+    TEST_DTYPE,
+    HFReference,
+    compare_with_reference,
+)
 from vlmx import LLM, SamplingParams
 from vlmx.bench.presets import preset_path
 from vlmx.cli import main as cli_main
@@ -345,7 +351,7 @@ def test_prefix_caching_and_chunked_prefill(ckpt, batch) -> None:
             assert out.outputs[0].token_ids == base.outputs[0].token_ids
             for a, b in zip(out.outputs[0].logprobs, base.outputs[0].logprobs):
                 for token_id in b:
-                    assert abs(a[token_id].logprob - b[token_id].logprob) < 2e-3
+                    assert abs(a[token_id].logprob - b[token_id].logprob) < TEST_ATOL
 
     llm = _llm(ckpt, enable_prefix_caching=True)
     check(_generate(llm, batch))

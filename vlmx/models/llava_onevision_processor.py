@@ -114,6 +114,12 @@ class LlavaOnevisionProcessor(ImageProcessorBase[tuple[torch.Tensor, torch.Tenso
         cfg = self.hf_config
         vision = cfg.vision_config
         tile = _tile_size(image_config.get("size") or {"height": 384, "width": 384})
+        crop = (image_config.get("crop_size") or {}).get("height")
+        if image_config.get("do_center_crop") or crop not in (None, tile):
+            raise ValueError(
+                "image processor config sets do_center_crop or a crop_size other than its size; "
+                "vlmx supports neither for LLaVA-OneVision"
+            )
         if tile != vision.image_size:
             raise ValueError(
                 f"image processor tiles of {tile} px do not match the vision tower's image_size "

@@ -10,6 +10,7 @@ import torch
 from tests.families import idefics3_checkpoint, pixtral_checkpoint
 from tests.families.gemma3_checkpoint import tiny_gemma3_config
 from tests.families.internvl_checkpoint import tiny_internvl_config
+from tests.families.llava_onevision_checkpoint import tiny_llava_onevision_config
 from vlmx.demo.configs import tiny_qwen_vl_config
 from vlmx.models.interface import Model
 from vlmx.models.registry import get_model_class, supported_architectures
@@ -23,6 +24,7 @@ CONFIGS = {
     "LlavaForConditionalGeneration": lambda: pixtral_checkpoint.tiny_config("llava"),
     "Mistral3ForConditionalGeneration": lambda: pixtral_checkpoint.tiny_config("mistral3"),
     "InternVLForConditionalGeneration": tiny_internvl_config,
+    "LlavaOnevisionForConditionalGeneration": tiny_llava_onevision_config,
 }
 # architecture -> embeddings of its largest image under the processor's defaults (tiny config)
 LARGEST = {
@@ -34,6 +36,8 @@ LARGEST = {
     "LlavaForConditionalGeneration": None,  # the tower's image_size, checked below
     "Mistral3ForConditionalGeneration": None,
     "InternVLForConditionalGeneration": None,  # 12 tiles + thumbnail, checked below
+    # 3 x 3 tiles of 4 x 4: the 12 x 12 grid scaled to 8 x 8 (anyres_max_4), newlines, the base
+    "LlavaOnevisionForConditionalGeneration": 16 + 8 * 9,
 }
 
 
@@ -100,3 +104,6 @@ def test_profile_images_are_capped_by_the_budget_where_the_family_allows() -> No
     mm_tokens = gemma.mm_tokens
     assert [f.num_embeds for f in gemma.profile_image_features(1)] == [mm_tokens]
     assert len(gemma.profile_image_features(3 * mm_tokens)) == 3
+    onevision = _model("LlavaOnevisionForConditionalGeneration")
+    assert [f.num_embeds for f in onevision.profile_image_features(2 * 88)] == [88] * 2
+    assert [f.num_embeds for f in onevision.profile_image_features(87)] == [17] * 5  # one tile

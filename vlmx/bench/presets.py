@@ -11,6 +11,10 @@ from pathlib import Path
 
 from transformers import PretrainedConfig, Qwen2_5_VLConfig, Qwen2VLConfig
 
+from vlmx.bench.llava_onevision_preset import (
+    llava_onevision_qwen2_7b,
+    write_llava_onevision_folder,
+)
 from vlmx.demo.checkpoint import write_hub_metadata
 from vlmx.demo.tokenizer import build_once, vlmx_cache_dir
 
@@ -65,6 +69,11 @@ PRESETS = {
     "qwen2.5-vl-3b": ("qwen2_5_vl", lambda: _qwen2_5_vl(2048, 11008, 36, 16, 2, 151936, True)),
     "qwen2.5-vl-7b": ("qwen2_5_vl", lambda: _qwen2_5_vl(3584, 18944, 28, 28, 4, 152064, False)),
     "qwen2-vl-7b": ("qwen2_vl", _qwen2_vl_7b),
+    "llava-onevision-qwen2-7b": ("llava_onevision", llava_onevision_qwen2_7b),
+}
+# family -> how its preset folder is written (default: the Qwen-VL hub files)
+_FOLDER_WRITERS = {
+    "llava_onevision": lambda config, _, folder: write_llava_onevision_folder(config, folder),
 }
 
 
@@ -75,6 +84,6 @@ def preset_path(name: str) -> str:
     family, make_config = PRESETS[name]
 
     def build(tmp: Path) -> None:
-        write_hub_metadata(make_config(), family, tmp)
+        _FOLDER_WRITERS.get(family, write_hub_metadata)(make_config(), family, tmp)
 
     return str(build_once(vlmx_cache_dir() / f"preset-{name}-v1", build))

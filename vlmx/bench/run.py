@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import io
 import os
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import blake3
@@ -17,6 +18,7 @@ import torch
 from vlmx.bench.floor import CARDS, Floor, WorkItem, detect_card, meta_model, workload_floor
 from vlmx.bench.presets import PRESETS, preset_path
 from vlmx.bench.workloads import WORKLOADS, prompts_for, qwen_chat_prompt
+from vlmx.multimodal.chat import load_chat_template
 
 
 @dataclass
@@ -134,26 +136,41 @@ def build_llm(model: str, images_per_prompt: int, max_num_seqs: int = 256, **eng
     )
 
 
-def _bench_batch(api: str, requests: list) -> list:
-    """The workload's (question, images) pairs as `generate` prompts or `chat` conversations
-    (images as data URLs, as a client sends them)."""
+def _turns(question: str, image_parts: list[dict]) -> list[dict]:
+    """The bench's conversation: a system turn, then the images and the question."""
+    return [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": [*image_parts, {"type": "text", "text": question}]},
+    ]
+
+
+_QWEN_VL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+
+
+def prompt_writer(hf_config, apply_chat_template: Callable[..., str]) -> Callable[[str, int], str]:
+    """How the bench writes a `generate` prompt of a question and its images: the anchor's
+    Qwen-VL form for the Qwen-VL families, else the checkpoint's chat template
+    (`apply_chat_template`, a tokenizer's or processor's) over the `chat` API's turns."""
+    if hf_config.model_type in _QWEN_VL_TYPES:
+        return qwen_chat_prompt
+
+    def render(question: str, num_images: int) -> str:
+        turns = _turns(question, [{"type": "image"}] * num_images)
+        return apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+
+    return render
+
+
+def _bench_batch(api: str, requests: list, prompt: Callable[[str, int], str]) -> list:
+    """The workload's (question, images) pairs as `generate` prompts (written by `prompt`) or
+    `chat` conversations (images as data URLs, as a client sends them)."""
     if api == "chat":
         return [
-            [
-                {"role": "system", "content": "You are a helpful assistant."},
-                {
-                    "role": "user",
-                    "content": [
-                        *({"type": "image_url", "image_url": {"url": _data_url(im)}} for im in ims),
-                        {"type": "text", "text": q},
-                    ],
-                },
-            ]
+            _turns(q, [{"type": "image_url", "image_url": {"url": _data_url(im)}} for im in ims])
             for q, ims in requests
         ]
     return [
-        {"prompt": qwen_chat_prompt(q, len(ims)), "multi_modal_data": {"image": ims}}
-        for q, ims in requests
+        {"prompt": prompt(q, len(ims)), "multi_modal_data": {"image": ims}} for q, ims in requests
     ]
 
 
@@ -216,9 +233,14 @@ def run_vlmx(
             return llm.chat(batch, params, use_tqdm=False)
         return llm.generate(batch, params, use_tqdm=False)
 
+    mc, tokenizer = llm.llm_engine.config.model_config, llm.get_tokenizer()
+    template = load_chat_template(mc.model_path, tokenizer)
+    prompt = prompt_writer(
+        mc.hf_config, functools.partial(tokenizer.apply_chat_template, chat_template=template)
+    )
     warm, _ = prompts_for(workload, 4, seed=99)
-    run(_bench_batch(api, warm))
-    batch = _bench_batch(api, requests)
+    run(_bench_batch(api, warm, prompt))
+    batch = _bench_batch(api, requests, prompt)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -241,8 +263,7 @@ def run_vlmx(
     items, encoded = _work_items(requests, outputs, engine.processor)
     card = card or detect_card()
     floor = None
-    if card is not None:
-        mc = engine.config.model_config
+    if card is not None and mc.hf_config.model_type in _QWEN_VL_TYPES:  # the floor's model
         floor = workload_floor(meta_model(mc), mc.hf_config, items, max_num_seqs, card)
     return BenchResult(
         backend="vlmx",
@@ -378,6 +399,10 @@ def run_hf(
     hf_model.eval()
     processor = AutoProcessor.from_pretrained(path)
     processor.tokenizer.padding_side = "left"
+    prompt = prompt_writer(hf_model.config, processor.apply_chat_template)
+    # NOTE: other families take each prompt's images as one list (LLaVA-OneVision processes
+    # a prompt of several images differently from one of a single image)
+    nested = hf_model.config.model_type not in _QWEN_VL_TYPES
     requests, out_len = prompts_for(workload, num_prompts)
     out_len = output_len or out_len
 
@@ -386,9 +411,10 @@ def run_hf(
         num_in = num_out = 0
         for i in range(0, len(reqs), batch_size):
             chunk = reqs[i : i + batch_size]
+            images = [ims for _, ims in chunk] if nested else [im for _, ims in chunk for im in ims]
             inputs = processor(
-                text=[qwen_chat_prompt(q, len(ims)) for q, ims in chunk],
-                images=[im for _, ims in chunk for im in ims],
+                text=[prompt(q, len(ims)) for q, ims in chunk],
+                images=images,
                 padding=True,
                 return_tensors="pt",
             ).to(device)

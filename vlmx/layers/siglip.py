@@ -13,7 +13,9 @@ out = tower(
     patches,          # [N, C * p * p], each patch flattened in (C, p_row, p_col) order
     cu_seqlens,       # list[int] [0, n0, n0 + n1, ..., N]: one segment per image
     position_ids,     # [N] int64 on the patches' device, or None = 0..n_i-1 inside each image
-)                     # -> [N, hidden_size] after post_layernorm
+    feature_layers,   # None, or HF hidden-state indices (LLaVA's vision_feature_layer)
+)                     # -> [N, hidden_size] after post_layernorm, or the hidden states
+                      #    [N, hidden_size * len(feature_layers)] before it
 patchify(pixel_values, patch_size)  # [B, C, H, W] -> [B, (H/p) * (W/p), C * p * p], row-major
 ```
 
@@ -144,13 +146,35 @@ class SiglipVisionTower(nn.Module):
         patches: torch.Tensor,  # [N, C * p * p]
         cu_seqlens: list[int],  # [0, ..., N], one segment per image
         position_ids: torch.Tensor | None = None,  # [N] int64
+        feature_layers: list[int] | None = None,  # hidden-state indices; None: the output
     ) -> torch.Tensor:
+        """[N, hidden_size] after post_layernorm; with `feature_layers`, the hidden states HF's
+        `hidden_states[i]` names (0: the embeddings, i: after layer i, negative from the end;
+        no post_layernorm), concatenated: [N, hidden_size * len(feature_layers)]."""
         if position_ids is None:
             position_ids = torch.cat(
                 [torch.arange(e - s) for s, e in zip(cu_seqlens[:-1], cu_seqlens[1:])]
             ).to(patches.device, non_blocking=True)
         x = self.embeddings(patches, position_ids)  # [N, D]
         segments = VarlenSegments(cu_seqlens)  # device tensors built once, for every layer
-        for layer in self.encoder.layers:
+        if feature_layers is None:
+            for layer in self.encoder.layers:
+                x = layer(x, segments)
+            return self.post_layernorm(x)
+        wanted = self.resolve_feature_layers(feature_layers)
+        states = {0: x}
+        for i, layer in enumerate(self.encoder.layers[: max(wanted)], start=1):
             x = layer(x, segments)
-        return self.post_layernorm(x)
+            states[i] = x
+        return torch.cat([states[i] for i in wanted], dim=-1)
+
+    def resolve_feature_layers(self, feature_layers: list[int]) -> list[int]:
+        """HF hidden-state indices (negative from the end) -> 0..num_layers, or a ValueError."""
+        num_states = len(self.encoder.layers) + 1
+        for idx in feature_layers:
+            if not -num_states <= idx < num_states:
+                raise ValueError(
+                    f"vision_feature_layer {idx} is out of range for a vision tower of "
+                    f"{num_states - 1} layers"
+                )
+        return [idx % num_states for idx in feature_layers]

@@ -88,9 +88,11 @@ def test_floor_arithmetic_on_the_3b_preset():
 
 def test_presets_match_the_published_shapes():
     expected = {"qwen2.5-vl-3b": (2048, 36), "qwen2.5-vl-7b": (3584, 28), "qwen2-vl-7b": (3584, 28)}
+    expected["qwen3-vl-8b"] = (4096, 36)
     for name in PRESETS:
         config = json.loads(Path(preset_path(name), "config.json").read_text())
-        assert (config["hidden_size"], config["num_hidden_layers"]) == expected[name]
+        text = config.get("text_config", config)  # nested in transformers 5's layout
+        assert (text["hidden_size"], text["num_hidden_layers"]) == expected[name]
 
 
 def test_bench_cli_runs_vlmx_and_hf_on_a_tiny_checkpoint(qwen2_5_vl_hub_ckpt, tmp_path, capsys):

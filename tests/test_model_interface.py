@@ -10,6 +10,7 @@ import torch
 from tests.families import idefics3_checkpoint, pixtral_checkpoint
 from tests.families.gemma3_checkpoint import tiny_gemma3_config
 from tests.families.internvl_checkpoint import tiny_internvl_config
+from tests.families.qwen3_vl_checkpoint import tiny_qwen3_vl_config
 from vlmx.demo.configs import tiny_qwen_vl_config
 from vlmx.models.interface import Model
 from vlmx.models.registry import get_model_class, supported_architectures
@@ -23,6 +24,7 @@ CONFIGS = {
     "LlavaForConditionalGeneration": lambda: pixtral_checkpoint.tiny_config("llava"),
     "Mistral3ForConditionalGeneration": lambda: pixtral_checkpoint.tiny_config("mistral3"),
     "InternVLForConditionalGeneration": tiny_internvl_config,
+    "Qwen3VLForConditionalGeneration": tiny_qwen3_vl_config,
 }
 # architecture -> embeddings of its largest image under the processor's defaults (tiny config)
 LARGEST = {
@@ -34,6 +36,7 @@ LARGEST = {
     "LlavaForConditionalGeneration": None,  # the tower's image_size, checked below
     "Mistral3ForConditionalGeneration": None,
     "InternVLForConditionalGeneration": None,  # 12 tiles + thumbnail, checked below
+    "Qwen3VLForConditionalGeneration": 128 * 128,  # 16384 tokens at most, square
 }
 
 
@@ -75,7 +78,8 @@ def test_profile_image_features_feed_encode_images(architecture: str, budget: in
                 assert (value.device, value.dtype) == (weight.device, weight.dtype)
     with torch.no_grad():
         embeds = model.encode_images(features)
-    assert [tuple(e.shape) for e in embeds] == [(n, model.hidden_size) for n in sizes]
+        width = model.embed_tokens(torch.zeros(1, dtype=torch.long)).shape[-1]  # hidden, or wider
+    assert [tuple(e.shape) for e in embeds] == [(n, width) for n in sizes]
     largest = LARGEST[architecture]
     if largest is not None and budget >= largest:
         assert sizes[0] == largest

@@ -118,6 +118,8 @@ class DecoderConfig(DecoderDims):
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     layer_windows: tuple[int | None, ...] = ()  # per layer sliding window; () = all global
+    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3)
+    mrope_interleaved: bool = False  # M-RoPE frequencies dealt t h w t h w ... (Qwen3-VL)
 
     def __post_init__(self) -> None:
         DecoderDims.__post_init__(self)  # NOTE: no zero-argument super() in a slots dataclass
@@ -214,13 +216,27 @@ class DecoderAttention(nn.Module):
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
+class QKNormDecoderAttention(DecoderAttention):
+    """Matches HF `Qwen3Attention` / `Qwen3VLTextAttention`: `DecoderAttention` with an RMSNorm
+    over each head of q and of k (`q_norm`, `k_norm`, weight [head_dim]) before RoPE."""
+
+    def __init__(self, dims: DecoderDims, **kwargs) -> None:
+        super().__init__(dims, **kwargs)
+        self.q_norm = RMSNorm(dims.head_dim, dims.rms_norm_eps)
+        self.k_norm = RMSNorm(dims.head_dim, dims.rms_norm_eps)
+
+    def norm_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.q_norm(q), self.k_norm(k)
+
+
 class DecoderLayer(nn.Module):
-    """Matches HF `Qwen2VLDecoderLayer` / `LlamaDecoderLayer`."""
+    """Matches HF `Qwen2VLDecoderLayer` / `LlamaDecoderLayer` / `Qwen3VLTextDecoderLayer`."""
 
     def __init__(self, cfg: DecoderConfig, sliding_window: int | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = DecoderAttention(
+        attention = QKNormDecoderAttention if cfg.qk_norm else DecoderAttention
+        self.self_attn = attention(
             cfg,
             qkv_bias=cfg.qkv_bias,
             o_bias=cfg.o_bias,
@@ -257,6 +273,7 @@ class DecoderModel(nn.Module):
             cfg.rope_theta,
             list(cfg.mrope_section) if cfg.mrope_section else None,
             cfg.rope_scaling_factor,
+            cfg.mrope_interleaved,
         )
 
     def forward(

@@ -49,6 +49,11 @@ _MODELS: dict[str, tuple[str, str, str]] = {
         "InternVLForConditionalGeneration",
         "InternVLProcessor",
     ),
+    "Qwen3VLForConditionalGeneration": (
+        "qwen3_vl",
+        "Qwen3VLForConditionalGeneration",
+        "Qwen2VLProcessor",
+    ),
 }
 
 

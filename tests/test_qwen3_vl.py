@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import base64
+import inspect
 import io
 import json
 from pathlib import Path
@@ -89,6 +90,13 @@ def prompt_text(num_images: int) -> str:
     return f"<|im_start|>user\n{images}Describe.<|im_end|>\n<|im_start|>assistant\n"
 
 
+def _token_types(fn, input_ids: torch.Tensor) -> dict:
+    """`mm_token_type_ids` (1 at image tokens) where `fn` takes them (transformers 5.25 does)."""
+    if "mm_token_type_ids" not in inspect.signature(fn).parameters:
+        return {}
+    return {"mm_token_type_ids": (input_ids == IMAGE_TOKEN_ID).int()}
+
+
 # ---------------------------------------------------------------------------------------------
 # Processor
 
@@ -111,7 +119,9 @@ def test_processor_matches_hf(ckpt, ref, kwargs) -> None:
         grids = torch.stack([f.data["image_grid_thw"] for f in out.mm_features])
         assert torch.equal(grids, expected["image_grid_thw"])
         positions, delta = ref.model.model.get_rope_index(
-            expected["input_ids"], expected["mm_token_type_ids"], expected["image_grid_thw"]
+            input_ids=expected["input_ids"],
+            image_grid_thw=expected["image_grid_thw"],
+            **_token_types(ref.model.model.get_rope_index, expected["input_ids"]),
         )
         assert torch.equal(out.mrope_positions, positions[:, 0])
         assert out.mrope_position_delta == delta.item()
@@ -196,8 +206,8 @@ def test_image_features_and_prefill_match_hf(ckpt, ref) -> None:
     embeds, metadata, kv_caches = _prefill_inputs(model, ids, out.mm_features)
     logits = model.compute_logits(model(embeds, out.mrope_positions, kv_caches, metadata))
     inputs = {"input_ids": torch.tensor([ids]), "pixel_values": pixel_values}
-    types = (torch.tensor([ids]) == IMAGE_TOKEN_ID).int()
-    hf_logits = ref.model(**inputs, image_grid_thw=grids, mm_token_type_ids=types).logits[0]
+    inputs.update(_token_types(ref.model.forward, inputs["input_ids"]))
+    hf_logits = ref.model(**inputs, image_grid_thw=grids).logits[0]
     assert (logits - hf_logits).abs().max().item() < 1e-4
     # Without the DeepStack levels the logits move: they are added, and they matter.
     embeds[:, model.config.hidden_size :] = 0

@@ -289,10 +289,14 @@ def test_swapping_images_changes_logprobs(ckpt, ref) -> None:
     prompt = ref.chat_prompt(2, QUESTION)
     a, b = structured_image(224, 168, 0), structured_image(224, 168, 5)  # same grid, other pixels
     params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=5)
-    out = _generate(_llm(ckpt), [(prompt, [a, b]), (prompt, [b, a])], params)
+    llm = _llm(ckpt)
+    out = _generate(llm, [(prompt, [a, b]), (prompt, [b, a])], params)
     assert out[0].prompt_token_ids == out[1].prompt_token_ids
     first, second = ({t: lp.logprob for t, lp in o.outputs[0].logprobs[0].items()} for o in out)
     assert set(first) != set(second) or max(abs(first[t] - second[t]) for t in first) > 1e-3
+    video = {"prompt": prompt, "multi_modal_data": {"video": [np.zeros((2, 32, 32, 3))]}}
+    with pytest.raises(ValueError, match="video"):
+        llm.generate([video], params, use_tqdm=False)
 
 
 def test_moe_checkpoints_are_refused(tmp_path) -> None:
@@ -308,6 +312,7 @@ def test_moe_checkpoints_are_refused(tmp_path) -> None:
 
 
 def test_preset_has_the_published_size() -> None:
+    from vlmx.bench.floor import WorkItem, workload_floor
     from vlmx.bench.presets import preset_path
 
     path = preset_path("qwen3-vl-8b")
@@ -317,5 +322,14 @@ def test_preset_has_the_published_size() -> None:
         model = Qwen3VLForConditionalGeneration(config)
     num_params = sum(p.numel() for p in model.parameters())
     assert abs(num_params - 8.77e9) < 0.01e9, num_params  # Qwen/Qwen3-VL-8B-Instruct: 8.77B
+    # The bench floor of one image of 32 x 32 patches: the tower, its 4 mergers, the decoder.
+    image = workload_floor(model, config, [WorkItem(300, 2, [1024])], 1, "H200")
+    text = workload_floor(model, config, [WorkItem(300, 2, [])], 1, "H200")
+    mergers = [model.visual.merger, *model.visual.deepstack_merger_list]
+    merger_params = sum(p.numel() for m in mergers for p in m.parameters())
+    vit_params = sum(p.numel() for p in model.visual.parameters()) - merger_params
+    attention = 4 * 1024 * 1024 * 1152 * 27
+    expected = 2 * 1024 * vit_params + 2 * 256 * merger_params + attention
+    assert image.flops - text.flops == pytest.approx(expected)
     preprocessor = json.loads(Path(path, "preprocessor_config.json").read_text())
     assert preprocessor["patch_size"] == 16 and preprocessor["image_mean"] == [0.5] * 3

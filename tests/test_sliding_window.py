@@ -4,9 +4,9 @@ A tiny Qwen2.5-VL whose text config sets `use_sliding_window` with a 19-token wi
 multiple of the 16-slot blocks) and `max_window_layers=1`: transformers then slides layer 1
 only, and applies the window on its eager / sdpa path (`create_sliding_window_causal_mask`).
 The prompts (two and three images) are far longer than the window, the greedy answers cross it
-again, and chunked prefill and the prefix cache split the prompt at other points. Mistral
-(every layer slides) is covered by `test_pixtral.py`; the kernels by `test_ops_paged_attention.py`
-and `test_fast_path.py`.
+again, and chunked prefill and the prefix cache split the prompt at other points. A tiny Mistral 3
+(Mistral decoder: `sliding_window` slides every layer, as HF Mistral's sdpa path masks) runs against
+its reference too. The kernels are tested in `test_ops_paged_attention.py` / `test_fast_path.py`.
 """
 
 from __future__ import annotations
@@ -125,6 +125,23 @@ def test_generate_matches_reference_across_the_window(windowed_ckpt, ref, test_i
 
 def _first_logprobs(output) -> dict[int, float]:
     return {t: round(lp.logprob, 4) for t, lp in output.outputs[0].logprobs[0].items()}
+
+
+def test_mistral_decoder_slides_every_layer_as_hf(tmp_path, test_images):
+    from transformers import Mistral3ForConditionalGeneration
+
+    from tests.families.pixtral_checkpoint import build_pixtral_checkpoint
+
+    path = Path(build_pixtral_checkpoint(tmp_path / "mistral3", "mistral3"))
+    config = json.loads((path / "config.json").read_text())
+    config["text_config"]["sliding_window"] = WINDOW
+    (path / "config.json").write_text(json.dumps(config))
+    ref = HFReference(str(path), model_cls=Mistral3ForConditionalGeneration)
+    prompts = [(ref.chat_prompt(2, QUESTION), [test_images[0], test_images[3]])]
+    llm = _llm(str(path), max_num_batched_tokens=24, max_num_seqs=2)
+    for output in (_generate(llm, prompts)[0], _generate(llm, prompts)[0]):
+        assert len(output.prompt_token_ids) > 4 * WINDOW
+        compare_with_reference(ref, *prompts[0], output)
 
 
 def test_chunked_prefill_and_prefix_cache_match_reference(windowed_ckpt, ref, test_images):

@@ -75,9 +75,10 @@ def model_config(path: str, mm_processor_kwargs: dict | None = None) -> ModelCon
     )
 
 
-def new_processor(path: str, mm_processor_kwargs: dict | None = None) -> Qwen2VLProcessor:
+def new_processor(path: str, device: str = "cpu") -> Qwen2VLProcessor:
+    """The processor as the engine builds it: the checkpoint's tokenizer, images on `device`."""
     tokenizer = AutoTokenizer.from_pretrained(path)
-    return Qwen2VLProcessor(model_config(path, mm_processor_kwargs), tokenizer, torch.device("cpu"))
+    return Qwen2VLProcessor(model_config(path), tokenizer, torch.device(device))
 
 
 def image_tensor(height: int, width: int, variant: int) -> torch.Tensor:
@@ -103,7 +104,7 @@ def _token_types(fn, input_ids: torch.Tensor) -> dict:
 
 @pytest.mark.parametrize("kwargs", KWARGS)
 def test_processor_matches_hf(ckpt, ref, kwargs) -> None:
-    processor = new_processor(ckpt)
+    processor = new_processor(ckpt, TEST_DEVICE)  # on the model's device: equal on any
     hf = AutoProcessor.from_pretrained(ckpt)
     for start in range(0, len(SIZES), 3):
         sizes = SIZES[start : start + 3]
@@ -114,7 +115,7 @@ def test_processor_matches_hf(ckpt, ref, kwargs) -> None:
         pil = [structured_image(w, h, i) for i, (h, w) in enumerate(sizes)]
         expected = hf(text=[text], images=pil, return_tensors="pt", **kwargs)
         assert out.prompt_token_ids == expected["input_ids"][0].tolist()
-        pixels = torch.cat([f.data["pixel_values"] for f in out.mm_features])
+        pixels = torch.cat([f.data["pixel_values"].float().cpu() for f in out.mm_features])
         torch.testing.assert_close(pixels, expected["pixel_values"], atol=1e-5, rtol=0)
         grids = torch.stack([f.data["image_grid_thw"] for f in out.mm_features])
         assert torch.equal(grids, expected["image_grid_thw"])

@@ -9,6 +9,7 @@ from tests.families.idefics3_checkpoint import build_checkpoint as build_idefics
 from tests.families.internvl_checkpoint import build_internvl_checkpoint
 from tests.families.llava_onevision_checkpoint import build_llava_onevision_checkpoint
 from tests.families.pixtral_checkpoint import build_pixtral_checkpoint
+from tests.families.qwen3_vl_checkpoint import build_qwen3_vl_checkpoint
 from vlmx.cli import main
 from vlmx.demo.checkpoint import demo_images
 
@@ -20,6 +21,7 @@ BUILDERS = {
     "mistral3": lambda path: build_pixtral_checkpoint(path, "mistral3"),
     "internvl": lambda path: build_internvl_checkpoint(path),
     "llava_onevision": lambda path: build_llava_onevision_checkpoint(path),
+    "qwen3_vl": lambda path: build_qwen3_vl_checkpoint(path),
 }
 
 

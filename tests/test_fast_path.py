@@ -28,8 +28,11 @@ needs_flash = pytest.mark.skipif(
 )
 
 
-def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, causal, scale=None):
-    """Per-sequence SDPA; causal is aligned bottom-right (query j sees keys 0 .. nk - nq + j)."""
+def _reference_varlen(
+    q, k, v, cu_q, cu_k, max_q, max_k, *, causal, scale=None, sliding_window=None
+):
+    """Per-sequence SDPA; causal is aligned bottom-right (query j sees keys 0 .. nk - nq + j),
+    and a window W keeps keys > nk - nq + j - W."""
     out = torch.empty_like(q)
     cu_q, cu_k = cu_q.tolist(), cu_k.tolist()
     for i in range(len(cu_q) - 1):
@@ -38,7 +41,10 @@ def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, causal, scale=None):
         nq, nk = qi.shape[0], ki.shape[0]
         mask = None
         if causal:
-            mask = torch.arange(nk)[None, :] <= torch.arange(nk - nq, nk)[:, None]
+            q_pos, k_pos = torch.arange(nk - nq, nk)[:, None], torch.arange(nk)[None, :]
+            mask = k_pos <= q_pos
+            if sliding_window is not None:
+                mask &= k_pos > q_pos - sliding_window
             mask = mask.to(q.device)
         o = F.scaled_dot_product_attention(
             qi.transpose(0, 1).float(),
@@ -121,6 +127,11 @@ def test_fast_path_dispatch_matches_the_torch_backend(
     out = paged_attention_fast(query, key, value, kv_cache, plan, scale=0.3)
     expected = paged_attention_torch(query, kv_cache, metadata, scale=0.3)
     torch.testing.assert_close(out, expected)
+    # A sliding window shorter than most sequences, across their block boundaries (block 4).
+    out = paged_attention_fast(query, key, value, kv_cache, plan, 0.3, sliding_window=6)
+    windowed = paged_attention_torch(query, kv_cache, metadata, 0.3, sliding_window=6)
+    torch.testing.assert_close(out, windowed)
+    assert not torch.allclose(windowed, expected)
 
 
 def test_capture_sizes_cover_max_num_seqs():
@@ -163,6 +174,10 @@ def test_fast_path_kernels_match_the_torch_backend(seq_lens, num_queries):
     out = paged_attention_fast(query, key, value, kv_cache, plan, scale=128**-0.5)
     expected = paged_attention_torch(query, kv_cache, metadata, scale=128**-0.5)
     torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
+    for window in (16, 100):  # FlashAttention's window_size and the Triton decode window
+        out = paged_attention_fast(query, key, value, kv_cache, plan, 128**-0.5, window)
+        expected = paged_attention_torch(query, kv_cache, metadata, 128**-0.5, window)
+        torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
 
 
 @needs_flash

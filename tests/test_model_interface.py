@@ -11,6 +11,7 @@ from tests.families import idefics3_checkpoint, pixtral_checkpoint
 from tests.families.gemma3_checkpoint import tiny_gemma3_config
 from tests.families.internvl_checkpoint import tiny_internvl_config
 from tests.families.llava_onevision_checkpoint import tiny_llava_onevision_config
+from tests.families.qwen3_vl_checkpoint import tiny_qwen3_vl_config
 from vlmx.demo.configs import tiny_qwen_vl_config
 from vlmx.models.interface import Model
 from vlmx.models.registry import get_model_class, supported_architectures
@@ -25,6 +26,7 @@ CONFIGS = {
     "Mistral3ForConditionalGeneration": lambda: pixtral_checkpoint.tiny_config("mistral3"),
     "InternVLForConditionalGeneration": tiny_internvl_config,
     "LlavaOnevisionForConditionalGeneration": tiny_llava_onevision_config,
+    "Qwen3VLForConditionalGeneration": tiny_qwen3_vl_config,
 }
 # architecture -> embeddings of its largest image under the processor's defaults (tiny config)
 LARGEST = {
@@ -38,6 +40,7 @@ LARGEST = {
     "InternVLForConditionalGeneration": None,  # 12 tiles + thumbnail, checked below
     # 3 x 3 tiles of 4 x 4: the 12 x 12 grid scaled to 8 x 8 (anyres_max_4), newlines, the base
     "LlavaOnevisionForConditionalGeneration": 16 + 8 * 9,
+    "Qwen3VLForConditionalGeneration": 128 * 128,  # 16384 tokens at most, square
 }
 
 
@@ -79,7 +82,8 @@ def test_profile_image_features_feed_encode_images(architecture: str, budget: in
                 assert (value.device, value.dtype) == (weight.device, weight.dtype)
     with torch.no_grad():
         embeds = model.encode_images(features)
-    assert [tuple(e.shape) for e in embeds] == [(n, model.hidden_size) for n in sizes]
+        width = model.embed_tokens(torch.zeros(1, dtype=torch.long)).shape[-1]  # hidden, or wider
+    assert [tuple(e.shape) for e in embeds] == [(n, width) for n in sizes]
     largest = LARGEST[architecture]
     if largest is not None and budget >= largest:
         assert sizes[0] == largest

@@ -92,16 +92,21 @@ def make_case(
     )
 
 
-def dense_attention(case: Case) -> torch.Tensor:
-    """SDPA in float64 over each sequence's unpaged keys; zeros for an empty sequence."""
+def dense_attention(case: Case, sliding_window: int | None = None) -> torch.Tensor:
+    """SDPA in float64 over each sequence's unpaged keys; zeros for an empty sequence. With a
+    window W the query (position n - 1) sees keys k > n - 1 - W (HF `sliding_window_overlay`)."""
     out = torch.zeros(case.query.shape, dtype=torch.float64)
     for i, (key, value) in enumerate(zip(case.keys, case.values)):
         if len(key) == 0:
             continue
+        mask = None
+        if sliding_window is not None:
+            mask = torch.arange(len(key)) > len(key) - 1 - sliding_window  # [seq_len]
         out[i] = F.scaled_dot_product_attention(
             case.query[i, :, None].cpu().double(),  # [num_heads, 1, head_dim]
             key.transpose(0, 1).cpu().double(),  # [num_kv_heads, seq_len, head_dim]
             value.transpose(0, 1).cpu().double(),
+            attn_mask=mask,
             scale=case.scale,
             enable_gqa=True,
         )[:, 0]
@@ -114,9 +119,9 @@ def run_kernel(case: Case, out: torch.Tensor | None = None, **kwargs) -> torch.T
     )
 
 
-def run_reference(case: Case) -> torch.Tensor:
+def run_reference(case: Case, sliding_window: int | None = None) -> torch.Tensor:
     return ops.paged_decode_attention_torch(
-        case.query, case.kv_cache, case.block_tables, case.seq_lens, case.scale
+        case.query, case.kv_cache, case.block_tables, case.seq_lens, case.scale, sliding_window
     )
 
 
@@ -186,6 +191,46 @@ def test_decode_into_a_strided_out_in_interpreter():
     assert torch.equal(buffer[:, :, :64], torch.full((2, 4, 64), 7.0))
 
 
+# (num_heads, num_kv_heads, head_dim, block_size, seq_lens, window): windows shorter than most
+# sequences, starting mid-block (block boundaries inside the window), one longer than a tile, GQA
+# groups 4 and 2, sequences shorter than the window and a padding row.
+WINDOW_SHAPES = [
+    (8, 2, 64, 16, [1, 0, 17, 150, 16], 16),
+    (4, 2, 64, 4, [5, 70, 0, 9], 7),
+    (8, 2, 128, 16, [33, 200, 300, 0], 90),
+    (4, 4, 64, 16, [3, 129], 1),
+]
+
+
+@pytest.mark.parametrize("shape", WINDOW_SHAPES)
+def test_windowed_reference_matches_dense_attention(shape):
+    *dims, window = shape
+    case = make_case(*dims)
+    expected = dense_attention(case, window)
+    assert_close(run_reference(case, window), expected, torch.float32)
+    longest = max(dims[-1])
+    assert not torch.allclose(expected, dense_attention(case))  # the window masks something
+    assert_close(run_reference(case, longest), dense_attention(case), torch.float32)
+
+
+@in_interpreter
+@pytest.mark.parametrize("num_splits", [1, 2, 5])
+@pytest.mark.parametrize("shape", WINDOW_SHAPES)
+def test_windowed_decode_matches_reference_in_interpreter(shape, num_splits):
+    *dims, window = shape
+    case = make_case(*dims, seed=5)
+    out = run_kernel(case, num_splits=num_splits, sliding_window=window)
+    assert_close(out, run_reference(case, window), torch.float32)
+
+
+@in_interpreter
+def test_windowed_decode_half_precision_in_interpreter():
+    case = make_case(8, 2, 64, 16, [1, 90, 0, 130], dtype=torch.bfloat16, seed=6)
+    for num_splits in (1, 2):
+        out = run_kernel(case, num_splits=num_splits, sliding_window=24)
+        assert_close(out, run_reference(case, 24), torch.bfloat16)
+
+
 def test_decode_rejects_bad_shapes():
     case = make_case(4, 2, 64, 16, [5])
     with pytest.raises(ValueError, match="multiple of 2 KV heads"):
@@ -201,6 +246,9 @@ def test_decode_rejects_bad_shapes():
             1.0,
             torch.empty(1, 4, 32),
         )
+    for window in (0, 2**31):
+        with pytest.raises(ValueError, match="sliding_window must be"):
+            run_reference(case, window)
 
 
 def make_store_inputs(num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: str = "cpu"):
@@ -295,6 +343,11 @@ def test_decode_matches_reference_on_cuda(batch, num_heads, num_kv_heads, head_d
     for num_splits in (None, 1, 7):
         out = run_kernel(case, num_splits=num_splits)
         assert_close(out, expected, dtype)
+    for window in (1, 100, 4096):
+        expected = run_reference(case, window)
+        for num_splits in (None, 3):
+            out = run_kernel(case, num_splits=num_splits, sliding_window=window)
+            assert_close(out, expected, dtype)
 
 
 @CUDA

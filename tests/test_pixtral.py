@@ -380,10 +380,14 @@ def test_unsupported_configs_are_refused():
     config.vision_feature_select_strategy = "default"
     with pytest.raises(ValueError, match="vision_feature_select_strategy='default'"):
         LlavaPixtralForConditionalGeneration(config)
+
+
+def test_mistral_sliding_window_slides_every_decoder_layer():
     config = tiny_config("mistral3")
     config.text_config.sliding_window = 4096
-    with pytest.raises(ValueError, match="sliding_window=4096"):
-        Mistral3ForConditionalGeneration(config)
+    model = Mistral3ForConditionalGeneration(config)
+    windows = [layer.self_attn.attn.sliding_window for layer in model.language_model.layers]
+    assert windows == [4096] * config.text_config.num_hidden_layers
 
 
 # -- engine end to end ----------------------------------------------------------------------

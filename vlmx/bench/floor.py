@@ -87,7 +87,8 @@ def workload_floor(
     kv_bytes_per_token *= dtype_bytes
 
     visual = model.visual
-    merger_params = _numel(visual.merger)
+    merger_params = _numel(visual.merger)  # and Qwen3-VL's DeepStack mergers: also per token
+    merger_params += _numel(getattr(visual, "deepstack_merger_list", torch.nn.ModuleList()))
     vit_params = _numel(visual) - merger_params
     vit_dim = getattr(vision, "embed_dim", None) or vision.hidden_size
     full_layers = set(getattr(vision, "fullatt_block_indexes", range(vision.depth)))

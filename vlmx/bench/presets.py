@@ -1,22 +1,32 @@
 """Real-size models with random weights, for benchmarks without a download.
 
-A preset is the published checkpoint's config (Qwen/Qwen2.5-VL-3B-Instruct, ...), written as a
-hub-layout folder with the real Qwen tokenizer and no weights; the engine fills the weights with
+A preset is the published checkpoint's config (Qwen/Qwen2.5-VL-3B-Instruct, ...,
+Qwen/Qwen3-VL-8B-Instruct), written as a hub-layout folder with the real Qwen tokenizer and no
+weights; the engine fills the weights with
 small random values (`load_format="dummy"`), as vLLM's dummy loader does.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
-from transformers import PretrainedConfig, Qwen2_5_VLConfig, Qwen2VLConfig
+from transformers import PretrainedConfig, Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
 
 from vlmx.bench.llava_onevision_preset import (
     llava_onevision_qwen2_7b,
     write_llava_onevision_folder,
 )
 from vlmx.demo.checkpoint import write_hub_metadata
-from vlmx.demo.tokenizer import build_once, vlmx_cache_dir
+from vlmx.demo.tokenizer import (
+    EOS_TOKEN_ID,
+    PAD_TOKEN_ID,
+    QWEN_VL_CHAT_TEMPLATE,
+    build_once,
+    qwen2_tokenizer_dir,
+    vlmx_cache_dir,
+)
 
 _QWEN_ROPE = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}
 
@@ -64,16 +74,80 @@ def _qwen2_vl_7b() -> PretrainedConfig:
     return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False)
 
 
+def _qwen3_vl_8b() -> PretrainedConfig:
+    """Qwen/Qwen3-VL-8B-Instruct's config.json (8.77B parameters)."""
+    text = dict(
+        vocab_size=151936,
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=262144,
+        rms_norm_eps=1e-6,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 5000000.0,
+            "mrope_section": [24, 20, 20],
+            "mrope_interleaved": True,
+        },
+        bos_token_id=PAD_TOKEN_ID,
+        eos_token_id=EOS_TOKEN_ID,
+    )
+    vision = dict(
+        depth=27,
+        hidden_size=1152,
+        intermediate_size=4304,
+        num_heads=16,
+        out_hidden_size=4096,
+        num_position_embeddings=2304,
+        deepstack_visual_indexes=[8, 16, 24],
+        hidden_act="gelu_pytorch_tanh",
+    )
+    return Qwen3VLConfig(
+        text_config=text,
+        vision_config=vision,
+        tie_word_embeddings=False,
+        architectures=["Qwen3VLForConditionalGeneration"],
+    )
+
+
+def _write_qwen3_vl(config: PretrainedConfig, path: Path) -> None:
+    """The published folder's files but the weights: the nested config.json of transformers 5,
+    its image processor (patch 16, mean / std 0.5, 65536 to 16777216 pixels), the Qwen tokenizer
+    and a Qwen-VL chat template."""
+    config.save_pretrained(path)
+    preprocessor = {
+        "size": {"longest_edge": 16777216, "shortest_edge": 65536},
+        "patch_size": 16,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "image_processor_type": "Qwen2VLImageProcessorFast",
+        "processor_class": "Qwen3VLProcessor",
+    }
+    (path / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
+    template = {"chat_template": QWEN_VL_CHAT_TEMPLATE}
+    (path / "chat_template.json").write_text(json.dumps(template, indent=2))
+    source = Path(qwen2_tokenizer_dir())
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(source / name, path / name)
+
+
 # name -> (family, config factory)
 PRESETS = {
     "qwen2.5-vl-3b": ("qwen2_5_vl", lambda: _qwen2_5_vl(2048, 11008, 36, 16, 2, 151936, True)),
     "qwen2.5-vl-7b": ("qwen2_5_vl", lambda: _qwen2_5_vl(3584, 18944, 28, 28, 4, 152064, False)),
     "qwen2-vl-7b": ("qwen2_vl", _qwen2_vl_7b),
     "llava-onevision-qwen2-7b": ("llava_onevision", llava_onevision_qwen2_7b),
+    "qwen3-vl-8b": ("qwen3_vl", _qwen3_vl_8b),
 }
 # family -> how its preset folder is written (default: the Qwen-VL hub files)
 _FOLDER_WRITERS = {
     "llava_onevision": lambda config, _, folder: write_llava_onevision_folder(config, folder),
+    "qwen3_vl": lambda config, _, folder: _write_qwen3_vl(config, folder),
 }
 
 

@@ -13,8 +13,9 @@ K/V of the step                  -> Triton KV-store kernel (padding rows, slot -
 ```
 
 A step of decodes only touches no host data in any layer, so it can be captured in a CUDA
-graph. Families with bidirectional image spans or sliding windows (Gemma 3) keep the torch
-backend.
+graph. A layer's sliding window goes to both kernels (a torch without FlashAttention windows
+runs that layer's prefills on the torch backend). Families with bidirectional image spans
+(Gemma 3) keep the torch backend.
 
 KV cache layout, one tensor per layer:
 
@@ -35,7 +36,7 @@ from torch import nn
 
 from vlmx.device import host_to_device
 from vlmx.ops import paged_attention as triton_ops
-from vlmx.ops.varlen import flash_varlen_available, varlen_flash_attention
+from vlmx.ops.varlen import flash_varlen_available, flash_window_available, varlen_flash_attention
 
 Rows = slice | torch.Tensor  # the query rows of a group of sequences: a range, or an index
 
@@ -332,11 +333,14 @@ def paged_attention_fast(
     kv_cache: torch.Tensor,
     plan: FastPlan,
     scale: float,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """Causal attention of the step's queries over their sequences' keys (CUDA fast path)."""
+    """Causal attention of the step's queries over their sequences' keys (CUDA fast path),
+    each query over its last `sliding_window` keys where one is given."""
+    window = {"sliding_window": sliding_window}
     if plan.prefill_rows is None:
         return triton_ops.paged_decode_attention(
-            query, kv_cache, plan.decode_block_tables, plan.decode_seq_lens, scale
+            query, kv_cache, plan.decode_block_tables, plan.decode_seq_lens, scale, **window
         )
     rows = plan.prefill_rows
     if plan.key_slots is None:
@@ -355,13 +359,19 @@ def paged_attention_fast(
         plan.max_k,
         causal=True,
         scale=scale,
+        **window,
     )
     if plan.decode_rows is None:
         return o
     out = torch.empty_like(query)
     out[rows] = o
     out[plan.decode_rows] = triton_ops.paged_decode_attention(
-        query[plan.decode_rows], kv_cache, plan.decode_block_tables, plan.decode_seq_lens, scale
+        query[plan.decode_rows],
+        kv_cache,
+        plan.decode_block_tables,
+        plan.decode_seq_lens,
+        scale,
+        **window,
     )
     return out
 
@@ -397,11 +407,24 @@ class PagedAttention(nn.Module):
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
         plan = metadata.fast_plan
-        if plan is not None and self.sliding_window is None:
+        if plan is not None and (
+            self.sliding_window is None or plan.prefill_rows is None or flash_window_available()
+        ):
             triton_ops.store_kv(key, value, kv_cache, metadata.slot_mapping)
-            return paged_attention_fast(query, key, value, kv_cache, plan, self.scale)
+            return paged_attention_fast(
+                query, key, value, kv_cache, plan, self.scale, self.sliding_window
+            )
         store_kv(key, value, kv_cache, metadata.slot_mapping)
         return paged_attention_torch(query, kv_cache, metadata, self.scale, self.sliding_window)
+
+
+def attend_fully_within(model: nn.Module, max_model_len: int) -> None:
+    """Drop the sliding windows of `model`'s layers that are at least `max_model_len` long:
+    no query can see past them, so those layers attend globally (and take the plain kernels)."""
+    layers = [m for m in model.modules() if isinstance(m, PagedAttention)]
+    for layer in layers:
+        if layer.sliding_window is not None and layer.sliding_window >= max_model_len:
+            layer.sliding_window = None
 
 
 class VarlenSegments:

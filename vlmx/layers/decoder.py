@@ -1,8 +1,9 @@
 """A Llama / Qwen2-style decoder over a flat varlen batch with a paged KV cache.
 
 embed -> N x [RMSNorm -> fused qkv -> RoPE / M-RoPE -> PagedAttention -> o_proj -> residual,
-RMSNorm -> gated MLP -> residual] -> final RMSNorm. Bias flags, head_dim, rope settings and tied
-embeddings come from `DecoderConfig`, so other families can reuse it.
+RMSNorm -> gated MLP -> residual] -> final RMSNorm. Bias flags, head_dim, rope settings, tied
+embeddings and each layer's sliding window come from `DecoderConfig`, so other families can
+reuse it.
 
 Also here: `load_weights_into`, the checkpoint loader shared by the families, which stacks a
 checkpoint's separate q/k/v and gate/up tensors into the fused layers.
@@ -43,6 +44,30 @@ def rope_settings(cfg) -> tuple[float, float, list[int] | None]:
         )
     section = params.get("mrope_section")
     return float(params["rope_theta"]), factor, list(section) if section else None
+
+
+def sliding_windows(cfg) -> tuple[int | None, ...]:
+    """Per layer, the sliding window of an HF text config (None: the layer attends globally).
+
+    As transformers decides: Qwen2 / Qwen2-VL / Qwen2.5-VL / Qwen3 configs keep `sliding_window`
+    only with `use_sliding_window`, and their `layer_types` (set by the config from
+    `max_window_layers`: layers `i >= max_window_layers` slide) name the sliding layers;
+    Mistral (no `layer_types`) slides on every layer whenever `sliding_window` is set.
+    """
+    num_layers = cfg.num_hidden_layers
+    window = getattr(cfg, "sliding_window", None)
+    if window is None or getattr(cfg, "use_sliding_window", True) is False:
+        return (None,) * num_layers
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types is None:
+        return (int(window),) * num_layers
+    unknown = set(layer_types) - {"sliding_attention", "full_attention"}
+    if unknown or len(layer_types) != num_layers:
+        raise ValueError(
+            f"layer_types {list(layer_types)}: vlmx's decoder takes one of 'sliding_attention' "
+            f"/ 'full_attention' for each of the {num_layers} layers"
+        )
+    return tuple(int(window) if t == "sliding_attention" else None for t in layer_types)
 
 
 @dataclass(slots=True, frozen=True)
@@ -92,9 +117,16 @@ class DecoderConfig(DecoderDims):
     o_bias: bool = False
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
+    layer_windows: tuple[int | None, ...] = ()  # per layer sliding window; () = all global
+    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3)
+    mrope_interleaved: bool = False  # M-RoPE frequencies dealt t h w t h w ... (Qwen3-VL)
 
     def __post_init__(self) -> None:
         DecoderDims.__post_init__(self)  # NOTE: no zero-argument super() in a slots dataclass
+        if self.layer_windows and len(self.layer_windows) != self.num_layers:
+            raise ValueError(
+                f"layer_windows has {len(self.layer_windows)} entries for {self.num_layers} layers"
+            )
         if self.mrope_section is not None and sum(self.mrope_section) != self.head_dim // 2:
             raise ValueError(
                 f"mrope_section {list(self.mrope_section)} must sum to head_dim / 2 "
@@ -127,6 +159,7 @@ class DecoderConfig(DecoderDims):
             qkv_bias=attention_bias if qkv_bias is None else qkv_bias,
             o_bias=attention_bias if o_bias is None else o_bias,
             mlp_bias=bool(getattr(cfg, "mlp_bias", False)),
+            layer_windows=sliding_windows(cfg),
             tie_word_embeddings=bool(
                 getattr(cfg, "tie_word_embeddings", False)
                 if tie_word_embeddings is None
@@ -183,14 +216,32 @@ class DecoderAttention(nn.Module):
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
-class DecoderLayer(nn.Module):
-    """Matches HF `Qwen2VLDecoderLayer` / `LlamaDecoderLayer`."""
+class QKNormDecoderAttention(DecoderAttention):
+    """Matches HF `Qwen3Attention` / `Qwen3VLTextAttention`: `DecoderAttention` with an RMSNorm
+    over each head of q and of k (`q_norm`, `k_norm`, weight [head_dim]) before RoPE."""
 
-    def __init__(self, cfg: DecoderConfig) -> None:
+    def __init__(self, dims: DecoderDims, **kwargs) -> None:
+        super().__init__(dims, **kwargs)
+        self.q_norm = RMSNorm(dims.head_dim, dims.rms_norm_eps)
+        self.k_norm = RMSNorm(dims.head_dim, dims.rms_norm_eps)
+
+    def norm_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.q_norm(q), self.k_norm(k)
+
+
+class DecoderLayer(nn.Module):
+    """Matches HF `Qwen2VLDecoderLayer` / `LlamaDecoderLayer` / `Qwen3VLTextDecoderLayer`."""
+
+    def __init__(self, cfg: DecoderConfig, sliding_window: int | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = DecoderAttention(
-            cfg, qkv_bias=cfg.qkv_bias, o_bias=cfg.o_bias, scale=cfg.head_dim**-0.5
+        attention = QKNormDecoderAttention if cfg.qk_norm else DecoderAttention
+        self.self_attn = attention(
+            cfg,
+            qkv_bias=cfg.qkv_bias,
+            o_bias=cfg.o_bias,
+            scale=cfg.head_dim**-0.5,
+            sliding_window=sliding_window,
         )
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, cfg.mlp_bias)
@@ -214,13 +265,15 @@ class DecoderModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        windows = cfg.layer_windows or (None,) * cfg.num_layers
+        self.layers = nn.ModuleList(DecoderLayer(cfg, w) for w in windows)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(
             cfg.head_dim,
             cfg.rope_theta,
             list(cfg.mrope_section) if cfg.mrope_section else None,
             cfg.rope_scaling_factor,
+            cfg.mrope_interleaved,
         )
 
     def forward(

@@ -13,7 +13,14 @@ freq index:  0 ........ s0-1 | s0 ....... s0+s1-1 | s0+s1 ...... head_dim/2-1
 axis:        t (row 0)       | h (row 1)          | w (row 2)
 ```
 
-and the second half of the head repeats the first half.
+and the second half of the head repeats the first half. Interleaved M-RoPE (HF
+`Qwen3VLTextRotaryEmbedding`) deals the first `3 * s1` / `3 * s2` frequencies out in turn
+instead (t h w t h w ...; past those, t):
+
+```
+freq index:  0 1 2 3 4 5 ... 3*s1-1 ... head_dim/2-1
+axis:        t h w t h w ...   w    ...  t
+```
 
 `apply_rotary` runs as one fused Triton kernel (`vlmx.ops.fused`) where it can (CUDA, Triton),
 else as `apply_rotary_torch`, the reference the kernel reproduces.
@@ -72,11 +79,22 @@ class _InvFreq:
         return self._value
 
 
+def interleaved_mrope_axis(section: list[int]) -> torch.Tensor:
+    """[sum(section)] int64: the position row (0 t, 1 h, 2 w) each frequency reads, interleaved
+    (HF `Qwen3VLTextRotaryEmbedding.recomposition_frequencies`)."""
+    index = torch.arange(sum(section), device="cpu")
+    axis = torch.zeros_like(index)
+    for row in (1, 2):
+        axis[(index % 3 == row) & (index < 3 * section[row])] = row
+    return axis
+
+
 class RotaryEmbedding(nn.Module):
     """RoPE over `head_dim`, plain (`positions [T]`) or multimodal (`positions [3, T]`).
 
     Matches HF `Qwen2VLRotaryEmbedding` / `Qwen2_5_VLRotaryEmbedding` (rope_type "default", with
-    `mrope_section`) and `LlamaRotaryEmbedding` (rope_type "default" or "linear").
+    `mrope_section`), `Qwen3VLTextRotaryEmbedding` (`mrope_interleaved`) and
+    `LlamaRotaryEmbedding` (rope_type "default" or "linear").
     """
 
     def __init__(
@@ -85,6 +103,7 @@ class RotaryEmbedding(nn.Module):
         rope_theta: float,
         mrope_section: list[int] | None = None,
         scaling_factor: float = 1.0,
+        mrope_interleaved: bool = False,
     ) -> None:
         super().__init__()
         self.head_dim = head_dim
@@ -96,12 +115,15 @@ class RotaryEmbedding(nn.Module):
                 raise ValueError(
                     f"mrope_section {self.mrope_section} must sum to head_dim / 2 = {head_dim // 2}"
                 )
-            axis = torch.cat(
-                [
-                    torch.full((n,), i % 3, dtype=torch.long, device="cpu")
-                    for i, n in enumerate(self.mrope_section)
-                ]
-            )
+            if mrope_interleaved:
+                axis = interleaved_mrope_axis(self.mrope_section)
+            else:
+                axis = torch.cat(
+                    [
+                        torch.full((n,), i % 3, dtype=torch.long, device="cpu")
+                        for i, n in enumerate(self.mrope_section)
+                    ]
+                )
             self._mrope_axis = _InvFreq(axis)  # [head_dim / 2] position row read by each freq
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

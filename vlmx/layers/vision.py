@@ -52,11 +52,12 @@ class PatchProjection(nn.Linear):
 
 
 class PatchEmbed(nn.Module):
-    """Matches HF `PatchEmbed` / `Qwen2_5_VisionPatchEmbed`: [N, C*tp*p*p] -> [N, embed_dim]."""
+    """Matches HF `PatchEmbed` / `Qwen2_5_VisionPatchEmbed` / `Qwen3VLVisionPatchEmbed` (with
+    `bias`): [N, C*tp*p*p] -> [N, embed_dim]."""
 
-    def __init__(self, patch_dim: int, embed_dim: int) -> None:
+    def __init__(self, patch_dim: int, embed_dim: int, bias: bool = False) -> None:
         super().__init__()
-        self.proj = PatchProjection(patch_dim, embed_dim, bias=False)
+        self.proj = PatchProjection(patch_dim, embed_dim, bias=bias)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.proj(pixel_values.to(self.proj.weight.dtype))

@@ -60,11 +60,13 @@ class Model(nn.Module, ABC):
 
     @abstractmethod
     def embed_tokens(self, input_ids: Tensor) -> Tensor:
-        """[T] int64 -> [T, hidden]."""
+        """[T] int64 -> [T, width]: width = hidden, or more where the decoder takes more than
+        the embeddings at its input (Qwen3-VL's DeepStack levels); `forward` reads that width."""
 
     @abstractmethod
     def encode_images(self, features: list[MMFeature]) -> list[Tensor]:
-        """One [feature.num_embeds, hidden] tensor per image, all images in one batched call."""
+        """One [feature.num_embeds, width] tensor per image (`embed_tokens`' width), all images
+        in one batched call."""
 
     @abstractmethod
     def profile_image_features(self, num_embeds: int) -> list[MMFeature]:
@@ -77,7 +79,7 @@ class Model(nn.Module, ABC):
     @abstractmethod
     def forward(
         self,
-        inputs_embeds: Tensor,  # [T, hidden]
+        inputs_embeds: Tensor,  # [T, width] (`embed_tokens`)
         positions: Tensor,  # [T] int64, or [3, T] with M-RoPE
         kv_caches: list[Tensor],  # one per layer
         attn_metadata: AttentionMetadata,

@@ -85,13 +85,7 @@ class _PixtralVLM(VLMBase):
         super().__init__()
         check_pixtral_vision(hf_config)
         self.hf_config = hf_config
-        tc = text_config(hf_config)
-        window = getattr(tc, "sliding_window", None)
-        if window is not None:
-            raise ValueError(
-                f"text_config.sliding_window={window}: vlmx's decoder has no sliding-window "
-                "attention; Pixtral and Mistral 3 checkpoints set it to null"
-            )
+        tc = text_config(hf_config)  # a `sliding_window` slides every layer, as in HF Mistral
         layers = hf_config.vision_feature_layer
         self.feature_layers = [layers] if isinstance(layers, int) else list(layers)
         # NOTE: HF ties lm_head to the embeddings only when the checkpoint has no lm_head of its

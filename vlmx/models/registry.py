@@ -54,6 +54,11 @@ _MODELS: dict[str, tuple[str, str, str]] = {
         "LlavaOnevisionForConditionalGeneration",
         "LlavaOnevisionProcessor",
     ),
+    "Qwen3VLForConditionalGeneration": (
+        "qwen3_vl",
+        "Qwen3VLForConditionalGeneration",
+        "Qwen2VLProcessor",
+    ),
 }
 
 

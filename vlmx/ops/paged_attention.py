@@ -7,7 +7,9 @@ kv_cache: [2, num_blocks, block_size, num_kv_heads, head_dim]   (0 = keys, 1 = v
 slot = block_id * block_size + offset_in_block                  (slot < 0: padding, skipped)
 ```
 
-Decode attention: one query per sequence, attending to the sequence's `seq_len` cached keys.
+Decode attention: one query per sequence, attending to the sequence's `seq_len` cached keys,
+or with a sliding window W to its last W keys only (`seq_len - W .. seq_len - 1`: HF's
+`kv_idx > q_idx - W`); the key range below then starts there.
 A program owns one (sequence, KV head, split) and folds the KV head's group of query heads into
 the rows of one `tl.dot` (padded to 16 rows), so each key / value is read once per KV head.
 It walks its key range in tiles of `TILE_N` keys, gathering each key's block id from the table:
@@ -48,10 +50,23 @@ from typing import NamedTuple
 
 import torch
 
+from vlmx.ops.paged_reference import (
+    NO_WINDOW,
+    check_decode_args,
+    check_store_args,
+    paged_decode_attention_torch,
+    store_kv_torch,
+)
 from vlmx.ops.triton_support import interpret as _interpret
 from vlmx.ops.triton_support import num_sms, tl, triton, triton_available
 
-__all__ = ["paged_decode_attention", "store_kv", "triton_available"]
+__all__ = [
+    "paged_decode_attention",
+    "paged_decode_attention_torch",
+    "store_kv",
+    "store_kv_torch",
+    "triton_available",
+]
 
 # Flash-decoding heuristics. NOTE: untuned guesses for H100 / H200; split while there are fewer
 # programs than two per SM, but give each split at least this many keys of the table's span.
@@ -72,7 +87,7 @@ def store_kv(
     slot_mapping: torch.Tensor,  # [num_tokens] int64, < 0 = padding row, not written
 ) -> None:
     """Write each token's key / value into its cache slot (Triton); negative slots are skipped."""
-    _check_store_args(key, value, kv_cache, slot_mapping)
+    check_store_args(key, value, kv_cache, slot_mapping)
     num_tokens, num_kv_heads, head_dim = key.shape
     if num_tokens == 0:
         return
@@ -94,42 +109,6 @@ def store_kv(
     )
 
 
-def store_kv_torch(
-    key: torch.Tensor,
-    value: torch.Tensor,
-    kv_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-) -> None:
-    """Reference for `store_kv` (torch indexing; syncs with the host on the padding mask)."""
-    _check_store_args(key, value, kv_cache, slot_mapping)
-    num_kv_heads, head_dim = kv_cache.shape[-2:]
-    valid = slot_mapping >= 0
-    slots = slot_mapping[valid]
-    kv_cache[0].view(-1, num_kv_heads, head_dim)[slots] = key[valid]
-    kv_cache[1].view(-1, num_kv_heads, head_dim)[slots] = value[valid]
-
-
-def _check_kv_cache(kv_cache: torch.Tensor) -> None:
-    if kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or not kv_cache.is_contiguous():
-        raise ValueError(
-            "kv_cache must be a contiguous [2, num_blocks, block_size, num_kv_heads, head_dim] "
-            f"tensor, got shape {tuple(kv_cache.shape)}"
-        )
-
-
-def _check_store_args(
-    key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
-) -> None:
-    _check_kv_cache(kv_cache)
-    expected = (slot_mapping.shape[0], *kv_cache.shape[-2:])
-    for name, t in (("key", key), ("value", value)):
-        if tuple(t.shape) != expected or t.dtype != kv_cache.dtype:
-            raise ValueError(
-                f"{name} must be {list(expected)} {kv_cache.dtype} (slot_mapping and cache), "
-                f"got {list(t.shape)} {t.dtype}"
-            )
-
-
 # ---------------------------------------------------------------------------------------------
 # Decode attention
 # ---------------------------------------------------------------------------------------------
@@ -144,9 +123,10 @@ def paged_decode_attention(
     out: torch.Tensor | None = None,  # [batch, num_heads, head_dim], query dtype, any strides
     *,
     num_splits: int | None = None,  # None: from shapes (`choose_num_splits`)
+    sliding_window: int | None = None,  # None: every key; W: the last W keys
 ) -> torch.Tensor:
     """Attention of one query per sequence over its cached keys (Triton, CUDA-graph safe)."""
-    _check_decode_args(query, kv_cache, block_tables, seq_lens)
+    check_decode_args(query, kv_cache, block_tables, seq_lens, sliding_window)
     batch, num_heads, head_dim = query.shape
     _, _, block_size, num_kv_heads, _ = kv_cache.shape
     if out is None:
@@ -192,6 +172,7 @@ def paged_decode_attention(
         l_part,
         acc_part,
         scale * math.log2(math.e),
+        sliding_window or NO_WINDOW,
         *query.stride(),
         *out.stride(),
         *block_tables.stride(),
@@ -242,52 +223,6 @@ def choose_num_splits(
     return 1 << (num_splits.bit_length() - 1)
 
 
-def paged_decode_attention_torch(
-    query: torch.Tensor,
-    kv_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    """Reference for `paged_decode_attention`: a loop over sequences, softmax in float32."""
-    _check_decode_args(query, kv_cache, block_tables, seq_lens)
-    _, num_heads, head_dim = query.shape
-    _, _, block_size, num_kv_heads, _ = kv_cache.shape
-    group = num_heads // num_kv_heads
-    out = torch.zeros_like(query)
-    for i, seq_len in enumerate(seq_lens.tolist()):
-        if seq_len == 0:
-            continue
-        blocks = block_tables[i, : -(-seq_len // block_size)].long()
-        key = kv_cache[0, blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].float()
-        value = kv_cache[1, blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].float()
-        key = key.repeat_interleave(group, dim=1)  # [seq_len, num_heads, head_dim]
-        value = value.repeat_interleave(group, dim=1)
-        scores = torch.einsum("hd,nhd->hn", query[i].float(), key) * scale
-        out[i] = torch.einsum("hn,nhd->hd", scores.softmax(dim=-1), value).to(query.dtype)
-    return out
-
-
-def _check_decode_args(
-    query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor
-) -> None:
-    _check_kv_cache(kv_cache)
-    num_kv_heads, head_dim = kv_cache.shape[-2:]
-    if query.dim() != 3 or query.shape[2] != head_dim or query.shape[1] % num_kv_heads:
-        raise ValueError(
-            f"query must be [batch, num_heads, {head_dim}] with num_heads a multiple of "
-            f"{num_kv_heads} KV heads, got {list(query.shape)}"
-        )
-    if query.dtype != kv_cache.dtype:
-        raise ValueError(f"query is {query.dtype} but the cache is {kv_cache.dtype}")
-    batch = query.shape[0]
-    if block_tables.dim() != 2 or block_tables.shape[0] != batch or seq_lens.shape != (batch,):
-        raise ValueError(
-            f"block_tables must be [{batch}, max_blocks] and seq_lens [{batch}], got "
-            f"{list(block_tables.shape)} and {list(seq_lens.shape)}"
-        )
-
-
 # ---------------------------------------------------------------------------------------------
 # Kernel wrapping
 # ---------------------------------------------------------------------------------------------
@@ -307,7 +242,7 @@ def _kernels() -> _Kernels:
     # counts are all compiled while the decode graphs are captured.
     return _Kernels(
         triton.jit(_store_kv_kernel),
-        triton.jit(_decode_kernel, do_not_specialize=["stride_bt_seq"]),
+        triton.jit(_decode_kernel, do_not_specialize=["window", "stride_bt_seq"]),
         triton.jit(_combine_kernel),
     )
 
@@ -358,6 +293,7 @@ def _decode_kernel(
     l_ptr,  # [batch * num_heads * NUM_SPLITS] float32 partial sum of exp
     acc_ptr,  # [batch * num_heads * NUM_SPLITS, HEAD_DIM] float32 unnormalised partial output
     scale_log2,
+    window,  # keys seq_len - window .. seq_len - 1 (a huge window: all keys)
     stride_qb,
     stride_qh,
     stride_qd,
@@ -384,13 +320,15 @@ def _decode_kernel(
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
 
+    first = tl.maximum(seq_len - window, 0)  # the sliding window's first key
+
     # Whole tiles per split, so that only a sequence's last tile is partial.
     if NUM_SPLITS == 1:
-        start = 0
+        start = first
         end = seq_len
     else:
-        tiles_per_split = tl.cdiv(tl.cdiv(seq_len, TILE_N), NUM_SPLITS)
-        start = split * tiles_per_split * TILE_N
+        tiles_per_split = tl.cdiv(tl.cdiv(seq_len - first, TILE_N), NUM_SPLITS)
+        start = first + split * tiles_per_split * TILE_N
         end = tl.minimum(start + tiles_per_split * TILE_N, seq_len)
 
     offs_h = tl.arange(0, BLOCK_H)

@@ -13,8 +13,10 @@ query j of a sequence with q queries and k keys sees keys `0 .. k - q + j`, whic
 prefill chunk after cached context needs.
 
 The public signature moved between torch releases: 2.10 takes `is_causal`, later ones take
-`window_size` (`(-1, 0)` = causal) and an `enable_gqa` flag. FlashAttention itself reads key /
-value heads shared by groups of query heads, so no head is expanded here.
+`window_size` (`(-1, 0)` = causal) and an `enable_gqa` flag. A causal sliding window W (HF's
+`kv_idx > q_idx - W`) is `window_size = (W - 1, 0)`: a query sees itself and the W - 1 keys
+before it; only the later releases have it (`flash_window_available`). FlashAttention itself
+reads key / value heads shared by groups of query heads, so no head is expanded here.
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ def flash_varlen_available(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 8
 
 
+def flash_window_available() -> bool:
+    """Whether `varlen_flash_attention` takes a `sliding_window` (torch's `window_size`)."""
+    return "window_size" in _varlen_attn()[1]
+
+
 def varlen_flash_attention(
     query: torch.Tensor,  # [total_q, num_heads, head_dim]
     key: torch.Tensor,  # [total_k, num_kv_heads, head_dim]
@@ -52,14 +59,17 @@ def varlen_flash_attention(
     *,
     causal: bool,
     scale: float | None = None,
+    sliding_window: int | None = None,  # causal only: each query sees its last W keys
 ) -> torch.Tensor:
     """Attention inside each packed sequence; returns `[total_q, num_heads, head_dim]`."""
     fn, params = _varlen_attn()
     if fn is None:
         raise RuntimeError("this torch has no torch.nn.attention.varlen; use the torch backend")
+    assert sliding_window is None or (causal and "window_size" in params)
     kwargs: dict = {"scale": scale}
     if "window_size" in params:
-        kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
+        left = -1 if sliding_window is None else sliding_window - 1
+        kwargs["window_size"] = (left, 0) if causal else (-1, -1)
     else:
         kwargs["is_causal"] = causal
     if "enable_gqa" in params and key.shape[1] != query.shape[1]:

@@ -23,7 +23,7 @@ from vlmx.config import EngineConfig
 from vlmx.device import host_to_device
 from vlmx.layers.attention import (
     AttentionMetadata,
-    PagedAttention,
+    attend_fully_within,
     build_fast_plan,
     fast_path_available,
 )
@@ -78,6 +78,7 @@ class ModelRunner:
     def __init__(self, model: Model, config: EngineConfig, eos_token_ids: frozenset[int]):
         self.model = model
         self.config = config
+        attend_fully_within(model, config.scheduler_config.max_model_len)
         self.device = config.device
         self.dtype = config.model_config.dtype
         self.block_size = config.cache_config.block_size
@@ -113,16 +114,7 @@ class ModelRunner:
 
     def _graphs_supported(self) -> bool:
         """Decode steps can be captured when every layer attends through the fast path."""
-        return (
-            self.fast
-            and not self.config.enforce_eager
-            and self.model.chunk_images
-            and all(
-                m.sliding_window is None
-                for m in self.model.modules()
-                if isinstance(m, PagedAttention)
-            )
-        )
+        return self.fast and not self.config.enforce_eager and self.model.chunk_images
 
     # -- KV cache -------------------------------------------------------------------------
 

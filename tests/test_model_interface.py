@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.families import idefics3_checkpoint, pixtral_checkpoint
+from tests.families import aria_checkpoint, idefics3_checkpoint, pixtral_checkpoint
 from tests.families.gemma3_checkpoint import tiny_gemma3_config
 from tests.families.internvl_checkpoint import tiny_internvl_config
 from vlmx.demo.configs import tiny_qwen_vl_config
@@ -23,6 +23,7 @@ CONFIGS = {
     "LlavaForConditionalGeneration": lambda: pixtral_checkpoint.tiny_config("llava"),
     "Mistral3ForConditionalGeneration": lambda: pixtral_checkpoint.tiny_config("mistral3"),
     "InternVLForConditionalGeneration": tiny_internvl_config,
+    "AriaForConditionalGeneration": aria_checkpoint.tiny_config,
 }
 # architecture -> embeddings of its largest image under the processor's defaults (tiny config)
 LARGEST = {
@@ -34,6 +35,7 @@ LARGEST = {
     "LlavaForConditionalGeneration": None,  # the tower's image_size, checked below
     "Mistral3ForConditionalGeneration": None,
     "InternVLForConditionalGeneration": None,  # 12 tiles + thumbnail, checked below
+    "AriaForConditionalGeneration": aria_checkpoint.PATCH_TO_QUERY[196],  # one 980 px crop
 }
 
 

@@ -16,7 +16,7 @@ import torch
 
 from vlmx.bench.floor import CARDS, Floor, WorkItem, detect_card, meta_model, workload_floor
 from vlmx.bench.presets import PRESETS, preset_path
-from vlmx.bench.workloads import WORKLOADS, prompts_for, qwen_chat_prompt
+from vlmx.bench.workloads import WORKLOADS, chat_prompt, prompts_for
 
 
 @dataclass
@@ -134,7 +134,7 @@ def build_llm(model: str, images_per_prompt: int, max_num_seqs: int = 256, **eng
     )
 
 
-def _bench_batch(api: str, requests: list) -> list:
+def _bench_batch(api: str, requests: list, model_type: str = "qwen2_5_vl") -> list:
     """The workload's (question, images) pairs as `generate` prompts or `chat` conversations
     (images as data URLs, as a client sends them)."""
     if api == "chat":
@@ -152,7 +152,7 @@ def _bench_batch(api: str, requests: list) -> list:
             for q, ims in requests
         ]
     return [
-        {"prompt": qwen_chat_prompt(q, len(ims)), "multi_modal_data": {"image": ims}}
+        {"prompt": chat_prompt(model_type, q, len(ims)), "multi_modal_data": {"image": ims}}
         for q, ims in requests
     ]
 
@@ -217,8 +217,9 @@ def run_vlmx(
         return llm.generate(batch, params, use_tqdm=False)
 
     warm, _ = prompts_for(workload, 4, seed=99)
-    run(_bench_batch(api, warm))
-    batch = _bench_batch(api, requests)
+    model_type = llm.llm_engine.config.model_config.hf_config.model_type
+    run(_bench_batch(api, warm, model_type))
+    batch = _bench_batch(api, requests, model_type)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -378,6 +379,7 @@ def run_hf(
     hf_model.eval()
     processor = AutoProcessor.from_pretrained(path)
     processor.tokenizer.padding_side = "left"
+    model_type = hf_model.config.model_type
     requests, out_len = prompts_for(workload, num_prompts)
     out_len = output_len or out_len
 
@@ -387,7 +389,7 @@ def run_hf(
         for i in range(0, len(reqs), batch_size):
             chunk = reqs[i : i + batch_size]
             inputs = processor(
-                text=[qwen_chat_prompt(q, len(ims)) for q, ims in chunk],
+                text=[chat_prompt(model_type, q, len(ims)) for q, ims in chunk],
                 images=[im for _, ims in chunk for im in ims],
                 padding=True,
                 return_tensors="pt",

@@ -93,3 +93,18 @@ def qwen_chat_prompt(question: str, num_images: int) -> str:
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
         f"<|im_start|>user\n{placeholders}{question}<|im_end|>\n<|im_start|>assistant\n"
     )
+
+
+def aria_chat_prompt(question: str, num_images: int) -> str:
+    """Aria's prompt (vLLM's example form): images first, then the question."""
+    placeholders = "<fim_prefix><|img|><fim_suffix>\n" * num_images
+    return f"<|im_start|>user\n{placeholders}{question}<|im_end|>\n<|im_start|>assistant\n"
+
+
+# model_type -> its prompt form (default: Qwen-VL's)
+_PROMPT_FORMS = {"aria": aria_chat_prompt}
+
+
+def chat_prompt(model_type: str, question: str, num_images: int) -> str:
+    """The bench's `generate` prompt for a checkpoint of `model_type`."""
+    return _PROMPT_FORMS.get(model_type, qwen_chat_prompt)(question, num_images)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.families.aria_checkpoint import build_checkpoint as build_aria_checkpoint
 from tests.families.gemma3_checkpoint import build_gemma3_checkpoint
 from tests.families.idefics3_checkpoint import build_checkpoint as build_idefics3_checkpoint
 from tests.families.internvl_checkpoint import build_internvl_checkpoint
@@ -18,6 +19,7 @@ BUILDERS = {
     "pixtral": lambda path: build_pixtral_checkpoint(path, "llava"),
     "mistral3": lambda path: build_pixtral_checkpoint(path, "mistral3"),
     "internvl": lambda path: build_internvl_checkpoint(path),
+    "aria": lambda path: build_aria_checkpoint(path),
 }
 
 

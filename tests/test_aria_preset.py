@@ -19,9 +19,7 @@ def test_aria_preset_has_the_published_size():
     path = preset_path("aria")
     config = AutoConfig.from_pretrained(path)
     raw = json.loads(Path(path, "config.json").read_text())
-    assert raw["model_type"] == "aria" and raw["architectures"] == [
-        "AriaForConditionalGeneration"
-    ]
+    assert raw["model_type"] == "aria" and raw["architectures"] == ["AriaForConditionalGeneration"]
     with torch.device("meta"):
         model = AriaForConditionalGeneration(config)
     total = sum(p.numel() for p in model.parameters())

@@ -88,8 +88,10 @@ def test_floor_arithmetic_on_the_3b_preset():
 
 def test_presets_match_the_published_shapes():
     expected = {"qwen2.5-vl-3b": (2048, 36), "qwen2.5-vl-7b": (3584, 28), "qwen2-vl-7b": (3584, 28)}
+    expected["aria"] = (2560, 28)  # more of it in tests/test_aria_preset.py
     for name in PRESETS:
         config = json.loads(Path(preset_path(name), "config.json").read_text())
+        config = config.get("text_config", config)  # nested in transformers' Aria layout
         assert (config["hidden_size"], config["num_hidden_layers"]) == expected[name]
 
 

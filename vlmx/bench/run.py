@@ -14,7 +14,15 @@ from dataclasses import dataclass, field
 import blake3
 import torch
 
-from vlmx.bench.floor import CARDS, Floor, WorkItem, detect_card, meta_model, workload_floor
+from vlmx.bench.floor import (
+    CARDS,
+    Floor,
+    WorkItem,
+    detect_card,
+    has_floor,
+    meta_model,
+    workload_floor,
+)
 from vlmx.bench.presets import PRESETS, preset_path
 from vlmx.bench.workloads import WORKLOADS, chat_prompt, prompts_for
 
@@ -169,7 +177,8 @@ def _work_items(requests: list, outputs: list, processor) -> tuple[list[WorkItem
             key = _image_key(im)
             if key not in encoded:
                 encoded.add(key)
-                patches.append(4 * processor.num_image_tokens(im.height, im.width, {}))
+                if hasattr(processor, "num_image_tokens"):  # Qwen-VL's: the floor's input
+                    patches.append(4 * processor.num_image_tokens(im.height, im.width, {}))
         items.append(
             WorkItem(
                 len(out.prompt_token_ids),
@@ -244,7 +253,9 @@ def run_vlmx(
     floor = None
     if card is not None:
         mc = engine.config.model_config
-        floor = workload_floor(meta_model(mc), mc.hf_config, items, max_num_seqs, card)
+        model = meta_model(mc)
+        if has_floor(model):
+            floor = workload_floor(model, mc.hf_config, items, max_num_seqs, card)
     return BenchResult(
         backend="vlmx",
         workload=workload,

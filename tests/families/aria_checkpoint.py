@@ -2,11 +2,12 @@
 
 Shaped like rhymes-ai/Aria but small: an Idefics3-style SigLIP tower of 2 layers at hidden 32
 with 70 px patches (a 980 px canvas is 14 x 14 patches, a 490 px one 7 x 7), the projector's
-learned queries {49 patches: 4, 196 patches: 8} (the processor's size_conversion {490: 4,
-980: 8}), and a 2-layer MoE decoder at hidden 64: 6 experts of intermediate 32, top-2, one
-shared expert. The tokenizer is a small byte-level BPE holding Aria's special tokens
-(`<|img|>`, `<fim_prefix>`, `<fim_suffix>`, `<|im_start|>`, `<|im_end|>`), with an
-Aria-style chat template written for these tests.
+learned queries {49 patches: 32, 196 patches: 128} (the processor's size_conversion {490: 32,
+980: 128}; pixels per image token within 2x of the published 256 per 980 px crop, so that
+images worth a token budget stay small), and a 2-layer MoE decoder at hidden 64: 6 experts of
+intermediate 32, top-2, one shared expert. The tokenizer is a small byte-level BPE holding
+Aria's special tokens (`<|img|>`, `<fim_prefix>`, `<fim_suffix>`, `<|im_start|>`,
+`<|im_end|>`), with an Aria-style chat template written for these tests.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<fim_prefix>",
 SPECIAL_TOKENS += ["<|img|>"]
 IDS = {t: VOCAB_SIZE - len(SPECIAL_TOKENS) + i for i, t in enumerate(SPECIAL_TOKENS)}
 IMAGE_TOKEN_ID = IDS["<|img|>"]
-SIZE_CONVERSION = {490: 4, 980: 8}
-PATCH_TO_QUERY = {49: 4, 196: 8}
+SIZE_CONVERSION = {490: 32, 980: 128}
+PATCH_TO_QUERY = {49: 32, 196: 128}
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}"

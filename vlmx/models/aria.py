@@ -96,11 +96,15 @@ class AriaForConditionalGeneration(VLMBase):
             x = layer(x, segments)
         return x
 
-    def crop_features(self, pixels: torch.Tensor, valid_size: list[tuple[int, int]]):
-        """Crops of one canvas size [C, 3, M, M] -> [C, Q, hidden] (HF `get_image_features`)."""
+    def crop_features(
+        self, crops: list[torch.Tensor], valid_size: list[tuple[int, int]]
+    ) -> torch.Tensor:
+        """Crops of one canvas size, each [3, M, M] -> [C, Q, hidden] (HF `get_image_features`).
+
+        Only each crop's valid patches are cut out (no copy of the whole canvases)."""
         p = self.patch_size
         patches, positions, cu_seqlens = [], [], [0]
-        for crop, (height, width) in zip(pixels, valid_size):
+        for crop, (height, width) in zip(crops, valid_size):
             rows, cols = -(-height // p), -(-width // p)
             patches.append(patchify(crop[None, :, : rows * p, : cols * p], p)[0])
             positions.append(
@@ -108,7 +112,7 @@ class AriaForConditionalGeneration(VLMBase):
             )
             cu_seqlens.append(cu_seqlens[-1] + rows * cols)
         hidden = self.vision_features(torch.cat(patches), cu_seqlens, torch.cat(positions))
-        canvas_patches = (pixels.shape[-2] // p) * (pixels.shape[-1] // p)
+        canvas_patches = (crops[0].shape[-2] // p) * (crops[0].shape[-1] // p)
         return self.multi_modal_projector(hidden, cu_seqlens, canvas_patches)
 
     def encode_images(self, features: list[MMFeature]) -> list[torch.Tensor]:
@@ -124,7 +128,7 @@ class AriaForConditionalGeneration(VLMBase):
             by_canvas.setdefault(tuple(crops.shape[-2:]), []).append(i)
         per_image: list[torch.Tensor] = [None] * len(features)  # type: ignore[list-item]
         for idxs in by_canvas.values():
-            crops = torch.cat([pixels[i] for i in idxs])
+            crops = [crop for i in idxs for crop in pixels[i]]
             feats = self.crop_features(crops, [s for i in idxs for s in sizes[i]])
             for i, chunk in zip(idxs, feats.split([pixels[i].shape[0] for i in idxs])):
                 per_image[i] = chunk.flatten(0, 1)  # [num_crops * Q, hidden]
@@ -137,15 +141,15 @@ class AriaForConditionalGeneration(VLMBase):
         return per_image
 
     def profile_image_features(self, num_embeds: int) -> list[MMFeature]:
-        """Images of the processor's default: one crop of max_image_size (no splitting)."""
+        """Images of the processor's default: one crop of max_image_size (no splitting), as
+        many as fit `num_embeds` (at least one)."""
         m = AriaImageSettings().max_image_size
         per_image = self.multi_modal_projector.num_queries((m // self.patch_size) ** 2)
         weight = self.embedding
+        # NOTE: one canvas shared by the dummy images: what the step holds is their patches
+        canvas = torch.randn((1, 3, m, m), device=weight.device, dtype=weight.dtype)
 
         def data(_: int) -> dict[str, torch.Tensor]:
-            return {
-                "pixel_values": torch.randn((1, 3, m, m), device=weight.device, dtype=weight.dtype),
-                "valid_size": torch.tensor([[m, m]]),
-            }
+            return {"pixel_values": canvas, "valid_size": torch.tensor([[m, m]])}
 
         return profile_features(num_embeds, per_image, data)

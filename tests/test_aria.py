@@ -10,6 +10,7 @@ images, under prefix caching and chunked prefill; swapping images changes the lo
 from __future__ import annotations
 
 import base64
+import copy
 import io
 from dataclasses import asdict
 
@@ -222,6 +223,10 @@ def test_load_weights_rejects_missing_and_unexpected(ckpt) -> None:
     missing = {k: v for k, v in state.items() if "layers.1.mlp.experts.down_proj" not in k}
     with pytest.raises(ValueError, match=r"missing 1 weight.*experts\.down_proj"):
         AriaForConditionalGeneration(ref.model.config).load_weights(missing.items())
+    config = copy.deepcopy(ref.model.config)
+    config.vision_feature_layer = -2
+    with pytest.raises(ValueError, match="vision_feature_layer=-2 is not supported"):
+        AriaForConditionalGeneration(config)
     extra = dict(state)
     extra["model.multi_modal_projector.extra.weight"] = torch.zeros(2)
     with pytest.raises(ValueError, match=r"unexpected weight 'model\.multi_modal_projector\.extra"):

@@ -67,6 +67,11 @@ class AriaForConditionalGeneration(VLMBase):
             text, tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False))
         )
         vision = hf_config.vision_config
+        if getattr(hf_config, "vision_feature_layer", -1) != -1:
+            raise ValueError(
+                f"vision_feature_layer={hf_config.vision_feature_layer} is not supported for "
+                "Aria; vlmx reads the tower's last layer (-1), as the published checkpoints do"
+            )
         self.patch_size = vision.patch_size
         self.num_patches_per_side = vision.image_size // vision.patch_size
         self.image_token_id = hf_config.image_token_index
@@ -79,7 +84,9 @@ class AriaForConditionalGeneration(VLMBase):
         )
         self.language_model = DecoderModel(self.config)
         moe = MoEConfig.from_aria(text)
-        for layer in self.language_model.layers:  # AriaTextDecoderLayer: MoE in every layer
+        # NOTE: AriaTextDecoderLayer has the MoE in every layer (no dense first layers); the
+        # shared decoder's dense MLPs (intermediate_size wide, a few % of the MoE) are replaced
+        for layer in self.language_model.layers:
             layer.mlp = MoEMLP(moe)
         self.lm_head = self.build_lm_head(self.config.tie_word_embeddings)
 
@@ -87,8 +94,13 @@ class AriaForConditionalGeneration(VLMBase):
         mapped = super().rename_weight(name)
         return None if mapped is None else rename_moe_weight(mapped)
 
-    def vision_features(self, patches: torch.Tensor, cu_seqlens: list[int], positions):
-        """The tower's last encoder layer (no post_layernorm): [N, D_v]."""
+    def vision_features(
+        self,
+        patches: torch.Tensor,  # [N, 3 * p * p]
+        cu_seqlens: list[int],  # one segment per crop
+        positions: torch.Tensor,  # [N] int64
+    ) -> torch.Tensor:
+        """The tower's last encoder layer (hidden_states[-1], no post_layernorm): [N, D_v]."""
         tower = self.vision_tower
         x = tower.embeddings(patches, positions)
         segments = VarlenSegments(cu_seqlens)

@@ -96,9 +96,8 @@ def fused_moe(
     top_k = topk_ids.shape[1]
     assert w_down.shape == (num_experts, inter, hidden), (w_down.shape, w_gate_up.shape)
     num_pairs = num_tokens * top_k
-    out = torch.zeros_like(x)
     if num_tokens == 0:
-        return out
+        return torch.zeros_like(x)
     block_m = block_m or _block_m(num_pairs, num_experts)
     sorted_ids, block_experts = moe_align(topk_ids, num_experts, block_m)
     num_blocks = block_experts.numel()

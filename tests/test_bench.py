@@ -90,6 +90,7 @@ def test_presets_match_the_published_shapes():
     expected = {"qwen2.5-vl-3b": (2048, 36), "qwen2.5-vl-7b": (3584, 28), "qwen2-vl-7b": (3584, 28)}
     expected["llava-onevision-qwen2-7b"] = (3584, 28)
     expected["qwen3-vl-8b"] = (4096, 36)
+    expected["aria"] = (2560, 28)  # more of it in tests/test_aria_preset.py
     for name in PRESETS:
         config = json.loads(Path(preset_path(name), "config.json").read_text())
         text = config.get("text_config", config)  # flat (Qwen-VL hub files) or nested

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.families.aria_checkpoint import build_checkpoint as build_aria_checkpoint
 from tests.families.gemma3_checkpoint import build_gemma3_checkpoint
 from tests.families.idefics3_checkpoint import build_checkpoint as build_idefics3_checkpoint
 from tests.families.internvl_checkpoint import build_internvl_checkpoint
@@ -22,6 +23,7 @@ BUILDERS = {
     "internvl": lambda path: build_internvl_checkpoint(path),
     "llava_onevision": lambda path: build_llava_onevision_checkpoint(path),
     "qwen3_vl": lambda path: build_qwen3_vl_checkpoint(path),
+    "aria": lambda path: build_aria_checkpoint(path),
 }
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.families import idefics3_checkpoint, pixtral_checkpoint
+from tests.families import aria_checkpoint, idefics3_checkpoint, pixtral_checkpoint
 from tests.families.gemma3_checkpoint import tiny_gemma3_config
 from tests.families.internvl_checkpoint import tiny_internvl_config
 from tests.families.llava_onevision_checkpoint import tiny_llava_onevision_config
@@ -27,6 +27,7 @@ CONFIGS = {
     "InternVLForConditionalGeneration": tiny_internvl_config,
     "LlavaOnevisionForConditionalGeneration": tiny_llava_onevision_config,
     "Qwen3VLForConditionalGeneration": tiny_qwen3_vl_config,
+    "AriaForConditionalGeneration": aria_checkpoint.tiny_config,
 }
 # architecture -> embeddings of its largest image under the processor's defaults (tiny config)
 LARGEST = {
@@ -41,6 +42,7 @@ LARGEST = {
     # 3 x 3 tiles of 4 x 4: the 12 x 12 grid scaled to 8 x 8 (anyres_max_4), newlines, the base
     "LlavaOnevisionForConditionalGeneration": 16 + 8 * 9,
     "Qwen3VLForConditionalGeneration": 128 * 128,  # 16384 tokens at most, square
+    "AriaForConditionalGeneration": aria_checkpoint.PATCH_TO_QUERY[196],  # one 980 px crop
 }
 
 

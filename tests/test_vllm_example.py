@@ -31,6 +31,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from transformers import (
+    AriaForConditionalGeneration,
     AutoProcessor,
     Gemma3ForConditionalGeneration,
     Idefics3ForConditionalGeneration,
@@ -38,7 +39,7 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 
-from tests.families import idefics3_checkpoint
+from tests.families import aria_checkpoint, idefics3_checkpoint
 from tests.families.gemma3_checkpoint import build_gemma3_checkpoint
 from tests.hf_reference import HFReference, compare_with_reference
 from tests.hub_cache import add_snapshot, use_hub_cache
@@ -75,11 +76,7 @@ ROWS = {
     "qwen2_5_vl": Row("Qwen/Qwen2.5-VL-3B-Instruct"),
     "gemma3": Row("google/gemma-3-4b-it"),
     "idefics3": Row("HuggingFaceM4/Idefics3-8B-Llama3"),
-    "aria": Row(
-        "rhymes-ai/Aria",
-        _unsupported("AriaForConditionalGeneration"),
-        {"architectures": ["AriaForConditionalGeneration"], "model_type": "aria"},
-    ),
+    "aria": Row("rhymes-ai/Aria"),
     "deepseek_vl_v2": Row(
         "deepseek-ai/deepseek-vl2-tiny",
         _unsupported("DeepseekVLV2ForCausalLM"),
@@ -133,6 +130,7 @@ HF_CLASSES = {
     "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
     "gemma3": Gemma3ForConditionalGeneration,
     "idefics3": Idefics3ForConditionalGeneration,
+    "aria": AriaForConditionalGeneration,
 }
 IDEFICS3_SIZE = {"longest_edge": 2 * 364}  # the example's mm_processor_kwargs["size"]
 # The engine arguments the example's loaders pass, for the requests this test builds itself.
@@ -146,7 +144,15 @@ ENGINE_KWARGS = {
         "enforce_eager": True,
         "mm_processor_kwargs": {"size": IDEFICS3_SIZE},
     },
+    # the example's own: the tokenizer's code never runs; bfloat16, so compared within
+    # ARIA_ATOL of the float32 reference
+    "aria": {"tokenizer_mode": "slow", "trust_remote_code": True, "dtype": "bfloat16"},
 }
+ARIA_ATOL = 0.1
+ARIA_PROMPT = (
+    "<|im_start|>user\n<fim_prefix><|img|><fim_suffix>\n<fim_prefix><|img|><fim_suffix>\n"
+    f"{QUESTION}<|im_end|>\n<|im_start|>assistant\n"
+)
 IDEFICS3_PROMPT = (
     "<|begin_of_text|>User:Image-1: <image>\n\nImage-2: <image>\n\n"
     f"{QUESTION}<end_of_utterance>\nAssistant:"
@@ -197,6 +203,7 @@ def hub_snapshots(tmp_path_factory, qwen2_vl_hub_ckpt, qwen2_5_vl_hub_ckpt) -> d
         "qwen2_5_vl": qwen2_5_vl_hub_ckpt,
         "gemma3": build_gemma3_checkpoint(build / "gemma3", "hub"),
         "idefics3": build_idefics3(build / "idefics3"),
+        "aria": aria_checkpoint.build_checkpoint(build / "aria"),
     }
     for row, spec in ROWS.items():
         if spec.stub is not None:
@@ -280,6 +287,8 @@ def direct(hub_snapshots):
 def generate_prompt(row: str) -> str:
     if row == "idefics3":
         return IDEFICS3_PROMPT
+    if row == "aria":
+        return ARIA_PROMPT
     content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": QUESTION}]
     messages = [{"role": "user", "content": content}]
     if row in ("qwen2_vl", "qwen2_5_vl"):
@@ -315,7 +324,7 @@ def test_example_runs_and_prints_vlmx_text(row, method, example, direct):
         tokenizer = ref.processor.tokenizer
         if tokenizer("a").input_ids[:1] == [tokenizer.bos_token_id]:
             prompt = prompt.removeprefix(tokenizer.bos_token)
-    compare_with_reference(ref, prompt, images, output)
+    compare_with_reference(ref, prompt, images, output, ARIA_ATOL if row == "aria" else None)
     completion = output.outputs[0]
     assert completion.token_ids and completion.text
 

@@ -67,6 +67,13 @@ def _numel(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def has_floor(model: torch.nn.Module) -> bool:
+    """Whether `workload_floor` counts this model: Qwen-VL-shaped ones (a tower at `.visual`, a
+    dense decoder). Others (Aria's MoE decoder, whose active weights depend on the routing) get
+    no floor."""
+    return hasattr(model, "visual")
+
+
 def workload_floor(
     model: torch.nn.Module,
     hf_config,

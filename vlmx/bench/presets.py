@@ -14,6 +14,7 @@ from pathlib import Path
 
 from transformers import PretrainedConfig, Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
 
+from vlmx.bench.aria_preset import aria_config, write_aria_metadata
 from vlmx.bench.llava_onevision_preset import (
     llava_onevision_qwen2_7b,
     write_llava_onevision_folder,
@@ -143,11 +144,13 @@ PRESETS = {
     "qwen2-vl-7b": ("qwen2_vl", _qwen2_vl_7b),
     "llava-onevision-qwen2-7b": ("llava_onevision", llava_onevision_qwen2_7b),
     "qwen3-vl-8b": ("qwen3_vl", _qwen3_vl_8b),
+    "aria": ("aria", aria_config),
 }
 # family -> how its preset folder is written (default: the Qwen-VL hub files)
 _FOLDER_WRITERS = {
     "llava_onevision": lambda config, _, folder: write_llava_onevision_folder(config, folder),
     "qwen3_vl": lambda config, _, folder: _write_qwen3_vl(config, folder),
+    "aria": write_aria_metadata,
 }
 
 

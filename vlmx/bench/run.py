@@ -15,9 +15,17 @@ from dataclasses import dataclass, field
 import blake3
 import torch
 
-from vlmx.bench.floor import CARDS, Floor, WorkItem, detect_card, meta_model, workload_floor
+from vlmx.bench.floor import (
+    CARDS,
+    Floor,
+    WorkItem,
+    detect_card,
+    has_floor,
+    meta_model,
+    workload_floor,
+)
 from vlmx.bench.presets import PRESETS, preset_path
-from vlmx.bench.workloads import WORKLOADS, prompts_for, qwen_chat_prompt
+from vlmx.bench.workloads import WORKLOADS, prompt_form, prompts_for
 from vlmx.multimodal.chat import load_chat_template
 
 
@@ -144,15 +152,20 @@ def _turns(question: str, image_parts: list[dict]) -> list[dict]:
     ]
 
 
-_QWEN_VL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+# NOTE: families whose HF processor takes a batch's images as one flat list; the others take
+# each prompt's images as one list (LLaVA-OneVision processes a prompt of several images
+# differently from one of a single image)
+_FLAT_IMAGE_TYPES = ("qwen2_vl", "qwen2_5_vl", "aria")
 
 
 def prompt_writer(hf_config, apply_chat_template: Callable[..., str]) -> Callable[[str, int], str]:
-    """How the bench writes a `generate` prompt of a question and its images: the anchor's
-    Qwen-VL form for the Qwen-VL families, else the checkpoint's chat template
-    (`apply_chat_template`, a tokenizer's or processor's) over the `chat` API's turns."""
-    if hf_config.model_type in _QWEN_VL_TYPES:
-        return qwen_chat_prompt
+    """How the bench writes a `generate` prompt of a question and its images: the family's own
+    form where the bench has one (the anchor's Qwen-VL prompt, vLLM's example form for Aria),
+    else the checkpoint's chat template (`apply_chat_template`, a tokenizer's or processor's)
+    over the `chat` API's turns."""
+    form = prompt_form(hf_config.model_type)
+    if form is not None:
+        return form
 
     def render(question: str, num_images: int) -> str:
         turns = _turns(question, [{"type": "image"}] * num_images)
@@ -186,7 +199,8 @@ def _work_items(requests: list, outputs: list, processor) -> tuple[list[WorkItem
             key = _image_key(im)
             if key not in encoded:
                 encoded.add(key)
-                patches.append(4 * processor.num_image_tokens(im.height, im.width, {}))
+                if hasattr(processor, "num_image_tokens"):  # Qwen-VL's: the floor's input
+                    patches.append(4 * processor.num_image_tokens(im.height, im.width, {}))
         items.append(
             WorkItem(
                 len(out.prompt_token_ids),
@@ -263,8 +277,10 @@ def run_vlmx(
     items, encoded = _work_items(requests, outputs, engine.processor)
     card = card or detect_card()
     floor = None
-    if card is not None and mc.hf_config.model_type in _QWEN_VL_TYPES:  # the floor's model
-        floor = workload_floor(meta_model(mc), mc.hf_config, items, max_num_seqs, card)
+    if card is not None:
+        model = meta_model(mc)
+        if has_floor(model):  # the floor's model: a Qwen-VL-shaped one
+            floor = workload_floor(model, mc.hf_config, items, max_num_seqs, card)
     return BenchResult(
         backend="vlmx",
         workload=workload,
@@ -400,9 +416,7 @@ def run_hf(
     processor = AutoProcessor.from_pretrained(path)
     processor.tokenizer.padding_side = "left"
     prompt = prompt_writer(hf_model.config, processor.apply_chat_template)
-    # NOTE: other families take each prompt's images as one list (LLaVA-OneVision processes
-    # a prompt of several images differently from one of a single image)
-    nested = hf_model.config.model_type not in _QWEN_VL_TYPES
+    nested = hf_model.config.model_type not in _FLAT_IMAGE_TYPES
     requests, out_len = prompts_for(workload, num_prompts)
     out_len = output_len or out_len
 

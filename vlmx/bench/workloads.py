@@ -8,6 +8,7 @@ with ignore_eos.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,3 +94,22 @@ def qwen_chat_prompt(question: str, num_images: int) -> str:
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
         f"<|im_start|>user\n{placeholders}{question}<|im_end|>\n<|im_start|>assistant\n"
     )
+
+
+def aria_chat_prompt(question: str, num_images: int) -> str:
+    """Aria's prompt (vLLM's example form): images first, then the question."""
+    placeholders = "<fim_prefix><|img|><fim_suffix>\n" * num_images
+    return f"<|im_start|>user\n{placeholders}{question}<|im_end|>\n<|im_start|>assistant\n"
+
+
+# model_type -> the bench's own prompt form for it (others: the checkpoint's chat template)
+_PROMPT_FORMS = {
+    "qwen2_vl": qwen_chat_prompt,
+    "qwen2_5_vl": qwen_chat_prompt,
+    "aria": aria_chat_prompt,
+}
+
+
+def prompt_form(model_type: str) -> Callable[[str, int], str] | None:
+    """The bench's `generate` prompt form for a checkpoint of `model_type`, if it has one."""
+    return _PROMPT_FORMS.get(model_type)

@@ -36,9 +36,11 @@ _GENERATION_DEFAULTS = {
 
 def load_tokenizer(config: EngineConfig):
     mc = config.model_config
+    # NOTE: code shipped in a model folder never runs, whatever trust_remote_code says (as
+    # `load_hf_config`): the tokenizers of the supported families are transformers' own.
     return AutoTokenizer.from_pretrained(
         mc.tokenizer_path,
-        trust_remote_code=mc.trust_remote_code,
+        trust_remote_code=False,
         use_fast=mc.tokenizer_mode != "slow",
     )
 

@@ -59,6 +59,11 @@ _MODELS: dict[str, tuple[str, str, str]] = {
         "Qwen3VLForConditionalGeneration",
         "Qwen2VLProcessor",
     ),
+    "AriaForConditionalGeneration": (
+        "aria",
+        "AriaForConditionalGeneration",
+        "AriaProcessor",
+    ),
 }
 
 

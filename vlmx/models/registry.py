@@ -49,6 +49,11 @@ _MODELS: dict[str, tuple[str, str, str]] = {
         "InternVLForConditionalGeneration",
         "InternVLProcessor",
     ),
+    "MllamaForConditionalGeneration": (
+        "mllama",
+        "MllamaForConditionalGeneration",
+        "MllamaProcessor",
+    ),
 }
 
 

@@ -34,12 +34,14 @@ from transformers import (
     AutoProcessor,
     Gemma3ForConditionalGeneration,
     Idefics3ForConditionalGeneration,
+    MllamaForConditionalGeneration,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLForConditionalGeneration,
 )
 
 from tests.families import idefics3_checkpoint
 from tests.families.gemma3_checkpoint import build_gemma3_checkpoint
+from tests.families.mllama_checkpoint import build_mllama_checkpoint
 from tests.hf_reference import HFReference, compare_with_reference
 from tests.hub_cache import add_snapshot, use_hub_cache
 from tests.loopback import serve_files
@@ -97,11 +99,7 @@ ROWS = {
         {"architectures": ["InternVLChatModel"], "model_type": "internvl_chat"},
         stub_tokenizer=True,
     ),
-    "mllama": Row(
-        "meta-llama/Llama-3.2-11B-Vision-Instruct",
-        _unsupported("MllamaForConditionalGeneration"),
-        {"architectures": ["MllamaForConditionalGeneration"], "model_type": "mllama"},
-    ),
+    "mllama": Row("meta-llama/Llama-3.2-11B-Vision-Instruct"),
     "NVLM_D": Row(
         "nvidia/NVLM-D-72B",
         r"tensor_parallel_size=4",
@@ -133,6 +131,7 @@ HF_CLASSES = {
     "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
     "gemma3": Gemma3ForConditionalGeneration,
     "idefics3": Idefics3ForConditionalGeneration,
+    "mllama": MllamaForConditionalGeneration,
 }
 IDEFICS3_SIZE = {"longest_edge": 2 * 364}  # the example's mm_processor_kwargs["size"]
 # The engine arguments the example's loaders pass, for the requests this test builds itself.
@@ -146,7 +145,9 @@ ENGINE_KWARGS = {
         "enforce_eager": True,
         "mm_processor_kwargs": {"size": IDEFICS3_SIZE},
     },
+    "mllama": {"max_model_len": 4096, "max_num_seqs": 16},
 }
+MLLAMA_PROMPT = f"<|image|><|image|><|begin_of_text|>{QUESTION}"  # the example's
 IDEFICS3_PROMPT = (
     "<|begin_of_text|>User:Image-1: <image>\n\nImage-2: <image>\n\n"
     f"{QUESTION}<end_of_utterance>\nAssistant:"
@@ -197,6 +198,7 @@ def hub_snapshots(tmp_path_factory, qwen2_vl_hub_ckpt, qwen2_5_vl_hub_ckpt) -> d
         "qwen2_5_vl": qwen2_5_vl_hub_ckpt,
         "gemma3": build_gemma3_checkpoint(build / "gemma3", "hub"),
         "idefics3": build_idefics3(build / "idefics3"),
+        "mllama": build_mllama_checkpoint(build / "mllama"),
     }
     for row, spec in ROWS.items():
         if spec.stub is not None:
@@ -280,6 +282,8 @@ def direct(hub_snapshots):
 def generate_prompt(row: str) -> str:
     if row == "idefics3":
         return IDEFICS3_PROMPT
+    if row == "mllama":
+        return MLLAMA_PROMPT
     content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": QUESTION}]
     messages = [{"role": "user", "content": content}]
     if row in ("qwen2_vl", "qwen2_5_vl"):

@@ -202,7 +202,25 @@ class MllamaProcessor(ImageProcessorBase[tuple[torch.Tensor, torch.Tensor]]):
                 f"here (limit_mm_per_prompt={{'image': {self.max_images}}}); raise "
                 "limit_mm_per_prompt"
             )
-        return super().process(prompt_token_ids, images, mm_processor_kwargs)
+        return super().process(self.with_bos(prompt_token_ids), images, mm_processor_kwargs)
+
+    def with_bos(self, ids: list[int]) -> list[int]:
+        """HF `build_string_from_input` on ids: a prompt with no `<|begin_of_text|>` (besides
+        the one the tokenizer puts first) gets one after its leading `<|image|>` tokens.
+
+        ```
+        [bos] <|image|> What ...          ->  [bos] <|image|> <|begin_of_text|> What ...
+        [bos] <|image|> <|begin_of_text|> ...   unchanged
+        ```
+        """
+        bos = self.tokenizer.bos_token_id
+        first = 1 if ids[:1] == [bos] else 0
+        if bos is None or bos in ids[first:]:
+            return ids
+        at = first
+        while at < len(ids) and ids[at] == self.image_token_id:
+            at += 1
+        return [*ids[:at], bos, *ids[at:]]
 
     def count_placeholders(self, prompt_token_ids: list[int]) -> int:
         """One image per `<|image|>` token (adjacent ones are separate images)."""

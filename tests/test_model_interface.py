@@ -10,6 +10,7 @@ import torch
 from tests.families import idefics3_checkpoint, pixtral_checkpoint
 from tests.families.gemma3_checkpoint import tiny_gemma3_config
 from tests.families.internvl_checkpoint import tiny_internvl_config
+from tests.families.mllama_checkpoint import tiny_mllama_config
 from vlmx.demo.configs import tiny_qwen_vl_config
 from vlmx.models.interface import Model
 from vlmx.models.registry import get_model_class, supported_architectures
@@ -23,6 +24,7 @@ CONFIGS = {
     "LlavaForConditionalGeneration": lambda: pixtral_checkpoint.tiny_config("llava"),
     "Mistral3ForConditionalGeneration": lambda: pixtral_checkpoint.tiny_config("mistral3"),
     "InternVLForConditionalGeneration": tiny_internvl_config,
+    "MllamaForConditionalGeneration": tiny_mllama_config,
 }
 # architecture -> embeddings of its largest image under the processor's defaults (tiny config)
 LARGEST = {
@@ -34,6 +36,7 @@ LARGEST = {
     "LlavaForConditionalGeneration": None,  # the tower's image_size, checked below
     "Mistral3ForConditionalGeneration": None,
     "InternVLForConditionalGeneration": None,  # 12 tiles + thumbnail, checked below
+    "MllamaForConditionalGeneration": None,  # one <|image|> row per image, whatever its size
 }
 
 

@@ -96,9 +96,10 @@ class InputProcessor:
         self.chunk_images = chunk_images
         # ids a prompt may hold: the text vocabulary, or more where the family embeds more
         # (Mllama's <|image|> sits past it)
-        self.vocab_size = getattr(processor, "input_vocab_size", None) or text_config(
-            config.model_config.hf_config
-        ).vocab_size
+        self.vocab_size = (
+            getattr(processor, "input_vocab_size", None)
+            or text_config(config.model_config.hf_config).vocab_size
+        )
 
     def process(self, prompt: Any) -> tuple[str | None, ProcessedPrompt]:
         """A vLLM-style prompt (str, or dict with prompt / prompt_token_ids / multi_modal_data)

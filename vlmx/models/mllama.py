@@ -174,9 +174,9 @@ class MllamaForConditionalGeneration(VLMBase, CrossAttentionModel):
         return list(self.embed_tokens(ids).split(1))
 
     def profile_image_features(self, num_embeds: int) -> list[MMFeature]:
-        """Images of max_num_tiles tiles (the tower's work is profiled by the worker's cross
-        attention store, with `profile_cross_features`); one placeholder row each."""
-        return profile_features(num_embeds, 1, self._dummy_image)
+        """One placeholder row per image, no pixels: `encode_images` reads none (the tower's
+        work is profiled by the worker's cross-attention store, `profile_cross_features`)."""
+        return profile_features(num_embeds, 1, lambda _: {})
 
     def _dummy_image(self, _: int) -> dict[str, torch.Tensor]:
         w = self.multi_modal_projector.weight

@@ -30,7 +30,13 @@ from tests.families.mllama_checkpoint import (
     TOKEN_IDS,
     build_mllama_checkpoint,
 )
-from tests.hf_reference import TEST_DEVICE, TEST_DTYPE, HFReference, compare_with_reference
+from tests.hf_reference import (
+    TEST_ATOL,
+    TEST_DEVICE,
+    TEST_DTYPE,
+    HFReference,
+    compare_with_reference,
+)
 from vlmx import LLM, SamplingParams
 from vlmx.demo.images import structured_image
 from vlmx.models.loader import iterate_weights
@@ -62,10 +68,19 @@ def llm(ckpt) -> LLM:
     return _llm(ckpt)
 
 
+@pytest.fixture(scope="module")
+def cpu_llm(ckpt) -> LLM:
+    """On the CPU in float32 whatever the parity run's device: the processor and accounting
+    tests compare exact values."""
+    return _llm(ckpt, device="cpu", dtype="float32")
+
+
 def _llm(path: str, **kwargs) -> LLM:
     kwargs.setdefault("max_model_len", 1024)
     kwargs.setdefault("limit_mm_per_prompt", {"image": 3})
-    return LLM(model=path, dtype=TEST_DTYPE, device=TEST_DEVICE, **kwargs)
+    kwargs.setdefault("dtype", TEST_DTYPE)
+    kwargs.setdefault("device", TEST_DEVICE)
+    return LLM(model=path, **kwargs)
 
 
 def _generate(llm: LLM, batch, params=GREEDY):
@@ -91,10 +106,10 @@ def test_canvas_and_resize_match_hf() -> None:
             assert fit_to_canvas(height, width, *canvas, tile) == tuple(int(x) for x in hf)
 
 
-def test_processor_matches_hf(llm, ckpt) -> None:
+def test_processor_matches_hf(cpu_llm, ckpt) -> None:
     hf_processor = AutoProcessor.from_pretrained(ckpt)
-    processor = llm.llm_engine.processor
-    tokenizer = llm.get_tokenizer()
+    processor = cpu_llm.llm_engine.processor
+    tokenizer = cpu_llm.get_tokenizer()
     for i in range(0, len(SIZES) - 1, 2):
         images = [_image(*SIZES[i], i), _image(*SIZES[i + 1], i + 1)]
         prompt = f"<|image|>Look: <|image|><|begin_of_text|>{QUESTION}"
@@ -126,7 +141,8 @@ def _dense_mask(spans, num_tiles: list[int], length: int) -> np.ndarray:
         f"Before the images {QUESTION}<|image|><|image|>",
     ],
 )
-def test_cross_attention_mask_and_bos_match_hf(llm, ckpt, prompt) -> None:
+def test_cross_attention_mask_and_bos_match_hf(cpu_llm, ckpt, prompt) -> None:
+    llm = cpu_llm
     hf_processor = AutoProcessor.from_pretrained(ckpt)
     n = prompt.count("<|image|>")
     sizes = [(56, 56), (20, 30), (112, 28), (300, 400)][:n]
@@ -143,7 +159,8 @@ def test_cross_attention_mask_and_bos_match_hf(llm, ckpt, prompt) -> None:
     assert (_dense_mask(spans, tiles, expected.shape[0]) == expected).all()
 
 
-def test_processor_errors(llm, ckpt) -> None:
+def test_processor_errors(cpu_llm, ckpt) -> None:
+    llm = cpu_llm
     processor = llm.llm_engine.processor
     ids = llm.get_tokenizer().encode(f"<|image|><|begin_of_text|>{QUESTION}")
     image = load_image(_image(56, 56, 0))
@@ -261,7 +278,7 @@ def _check_same(outputs, baseline) -> None:
         assert out.outputs[0].token_ids == base.outputs[0].token_ids
         for a, b in zip(out.outputs[0].logprobs, base.outputs[0].logprobs):
             for token_id in b:
-                assert abs(a[token_id].logprob - b[token_id].logprob) < 2e-3
+                assert abs(a[token_id].logprob - b[token_id].logprob) < max(2e-3, TEST_ATOL)
 
 
 def test_prefix_caching_and_chunked_prefill(ckpt, llm, ref, batch, test_images) -> None:
@@ -300,14 +317,15 @@ def test_preemption_recomputes_cross_kv(ckpt, llm, batch) -> None:
     assert store.num_computed > len(batch)  # resumed requests computed theirs again
 
 
-def test_cross_kv_reserve_limits_admission_and_kv_blocks(ckpt, llm, batch, monkeypatch) -> None:
+def test_cross_kv_reserve_limits_admission_and_kv_blocks(ckpt, cpu_llm, batch, monkeypatch) -> None:
+    llm = cpu_llm  # the CPU's KV and cross-attention budgets, patched below
     baseline = _generate(llm, batch)
     per_image = llm.llm_engine.executor.runner.cross.bytes_per_image
     # room for 4 images at once: the 3-image request runs alone, the 2-image ones two at a time
     monkeypatch.setattr(cross_module, "_CPU_CROSS_KV_BYTES", 4 * per_image)
     kv_budget = 200 * llm.llm_engine.executor.runner.bytes_per_block() + 4 * per_image
     monkeypatch.setattr(worker_module, "_CPU_KV_BYTES", kv_budget)
-    limited = _llm(ckpt, max_num_seqs=4)
+    limited = _llm(ckpt, max_num_seqs=4, device="cpu", dtype="float32")
     engine = limited.llm_engine
     assert engine.executor.cross_attention_images == 4
     assert engine.executor.runner.cross.reserved_bytes() == 4 * per_image
@@ -335,3 +353,21 @@ def test_swapping_images_changes_logprobs(llm, test_images) -> None:
     first, second = ({t: lp.logprob for t, lp in o.outputs[0].logprobs[0].items()} for o in out)
     assert set(first) != set(second) or max(abs(first[t] - second[t]) for t in first) > 1e-3
     assert BOS in out[0].prompt_token_ids
+
+
+def test_bench_preset_is_the_published_size() -> None:
+    from vlmx.bench.mllama_preset import llama_3_2_11b_vision
+    from vlmx.bench.presets import PRESETS
+    from vlmx.bench.workloads import bench_prompt
+
+    family, make_config = PRESETS["llama-3.2-11b-vision"]
+    config = make_config()
+    with torch.device("meta"):
+        model = MllamaForConditionalGeneration(config)
+    assert family == "mllama" and make_config is llama_3_2_11b_vision
+    assert sum(p.numel() for p in model.parameters()) == 10_670_220_835  # the published count
+    assert (model.num_layers, model.num_cross_layers) == (32, 8)
+    assert model.num_cross_keys_per_image == 4 * 1601
+    assert model.cross_kv_bytes_per_image() == 8 * 2 * 4 * 1601 * 8 * 128 * 4  # float32 here
+    prompt = bench_prompt("MllamaForConditionalGeneration", "q", 2)
+    assert prompt == "<|image|><|image|><|begin_of_text|>q"

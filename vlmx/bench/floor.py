@@ -63,6 +63,11 @@ def meta_model(model_config) -> torch.nn.Module:
         return get_model_class(model_config.architecture)(model_config.hf_config)
 
 
+def floor_supported(architecture: str) -> bool:
+    """Whether `workload_floor` models the family (a Qwen-VL tower; others get no floor)."""
+    return architecture.startswith(("Qwen2VL", "Qwen2_5_VL"))
+
+
 def _numel(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

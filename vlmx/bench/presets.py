@@ -11,6 +11,7 @@ from pathlib import Path
 
 from transformers import PretrainedConfig, Qwen2_5_VLConfig, Qwen2VLConfig
 
+from vlmx.bench.mllama_preset import llama_3_2_11b_vision, write_mllama_preset
 from vlmx.demo.checkpoint import write_hub_metadata
 from vlmx.demo.tokenizer import build_once, vlmx_cache_dir
 
@@ -65,7 +66,10 @@ PRESETS = {
     "qwen2.5-vl-3b": ("qwen2_5_vl", lambda: _qwen2_5_vl(2048, 11008, 36, 16, 2, 151936, True)),
     "qwen2.5-vl-7b": ("qwen2_5_vl", lambda: _qwen2_5_vl(3584, 18944, 28, 28, 4, 152064, False)),
     "qwen2-vl-7b": ("qwen2_vl", _qwen2_vl_7b),
+    "llama-3.2-11b-vision": ("mllama", llama_3_2_11b_vision),
 }
+# family -> the writer of its preset folder (default: the Qwen-VL hub layout)
+_WRITERS = {"mllama": write_mllama_preset}
 
 
 def preset_path(name: str) -> str:
@@ -75,6 +79,6 @@ def preset_path(name: str) -> str:
     family, make_config = PRESETS[name]
 
     def build(tmp: Path) -> None:
-        write_hub_metadata(make_config(), family, tmp)
+        _WRITERS.get(family, write_hub_metadata)(make_config(), family, tmp)
 
     return str(build_once(vlmx_cache_dir() / f"preset-{name}-v1", build))

@@ -14,9 +14,17 @@ from dataclasses import dataclass, field
 import blake3
 import torch
 
-from vlmx.bench.floor import CARDS, Floor, WorkItem, detect_card, meta_model, workload_floor
+from vlmx.bench.floor import (
+    CARDS,
+    Floor,
+    WorkItem,
+    detect_card,
+    floor_supported,
+    meta_model,
+    workload_floor,
+)
 from vlmx.bench.presets import PRESETS, preset_path
-from vlmx.bench.workloads import WORKLOADS, prompts_for, qwen_chat_prompt
+from vlmx.bench.workloads import WORKLOADS, bench_prompt, prompts_for
 
 
 @dataclass
@@ -134,7 +142,7 @@ def build_llm(model: str, images_per_prompt: int, max_num_seqs: int = 256, **eng
     )
 
 
-def _bench_batch(api: str, requests: list) -> list:
+def _bench_batch(api: str, requests: list, architecture: str) -> list:
     """The workload's (question, images) pairs as `generate` prompts or `chat` conversations
     (images as data URLs, as a client sends them)."""
     if api == "chat":
@@ -152,7 +160,7 @@ def _bench_batch(api: str, requests: list) -> list:
             for q, ims in requests
         ]
     return [
-        {"prompt": qwen_chat_prompt(q, len(ims)), "multi_modal_data": {"image": ims}}
+        {"prompt": bench_prompt(architecture, q, len(ims)), "multi_modal_data": {"image": ims}}
         for q, ims in requests
     ]
 
@@ -217,8 +225,9 @@ def run_vlmx(
         return llm.generate(batch, params, use_tqdm=False)
 
     warm, _ = prompts_for(workload, 4, seed=99)
-    run(_bench_batch(api, warm))
-    batch = _bench_batch(api, requests)
+    architecture = llm.llm_engine.config.model_config.architecture
+    run(_bench_batch(api, warm, architecture))
+    batch = _bench_batch(api, requests, architecture)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -241,8 +250,8 @@ def run_vlmx(
     items, encoded = _work_items(requests, outputs, engine.processor)
     card = card or detect_card()
     floor = None
-    if card is not None:
-        mc = engine.config.model_config
+    mc = engine.config.model_config
+    if card is not None and floor_supported(mc.architecture):
         floor = workload_floor(meta_model(mc), mc.hf_config, items, max_num_seqs, card)
     return BenchResult(
         backend="vlmx",
@@ -378,6 +387,7 @@ def run_hf(
     hf_model.eval()
     processor = AutoProcessor.from_pretrained(path)
     processor.tokenizer.padding_side = "left"
+    architecture = (hf_model.config.architectures or [""])[0]
     requests, out_len = prompts_for(workload, num_prompts)
     out_len = output_len or out_len
 
@@ -387,8 +397,10 @@ def run_hf(
         for i in range(0, len(reqs), batch_size):
             chunk = reqs[i : i + batch_size]
             inputs = processor(
-                text=[qwen_chat_prompt(q, len(ims)) for q, ims in chunk],
-                images=[im for _, ims in chunk for im in ims],
+                text=[bench_prompt(architecture, q, len(ims)) for q, ims in chunk],
+                images=[im for _, ims in chunk for im in ims]
+                if architecture != "MllamaForConditionalGeneration"
+                else [ims for _, ims in chunk],  # MllamaProcessor: a list per prompt
                 padding=True,
                 return_tensors="pt",
             ).to(device)

@@ -86,6 +86,13 @@ def prompts_for(
     return [(questions[i], images[i * k : (i + 1) * k]) for i in range(num_prompts)], wl.output_len
 
 
+def bench_prompt(architecture: str, question: str, num_images: int) -> str:
+    """The generate prompt of a family: vLLM's example form for Mllama, else Qwen-VL's chat."""
+    if architecture == "MllamaForConditionalGeneration":
+        return "<|image|>" * num_images + "<|begin_of_text|>" + question
+    return qwen_chat_prompt(question, num_images)
+
+
 def qwen_chat_prompt(question: str, num_images: int) -> str:
     """The Qwen-VL chat prompt the anchor sends: system turn, images first, then the question."""
     placeholders = "<|vision_start|><|image_pad|><|vision_end|>" * num_images

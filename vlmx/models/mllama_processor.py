@@ -222,6 +222,12 @@ class MllamaProcessor(ImageProcessorBase[tuple[torch.Tensor, torch.Tensor]]):
             at += 1
         return [*ids[:at], bos, *ids[at:]]
 
+    def num_image_tokens(self, height: int, width: int, mm_processor_kwargs: dict) -> int:
+        """Vision tokens (cross-attention keys that are not padding) of an image."""
+        vision = self.hf_config.vision_config
+        per_tile = (vision.image_size // vision.patch_size) ** 2 + 1
+        return per_tile * self.num_tiles(height, width, mm_processor_kwargs)
+
     def count_placeholders(self, prompt_token_ids: list[int]) -> int:
         """One image per `<|image|>` token (adjacent ones are separate images)."""
         return prompt_token_ids.count(self.image_token_id)

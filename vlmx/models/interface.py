@@ -108,6 +108,11 @@ class CrossAttentionModel(Model):
         """One request's images -> [num_cross_layers, 2, num_keys, num_kv_heads, head_dim]."""
 
     @abstractmethod
+    def cross_key_valid(self, features: list[MMFeature]) -> Tensor:
+        """[num_keys] bool on the CPU, False at the keys of padding (Mllama: the tiles past an
+        image's own), which only text rows that see no image attend to."""
+
+    @abstractmethod
     def cross_kv_bytes_per_image(self) -> int:
         """Device bytes of one image's cross-attention K/V (what the worker reserves per image)."""
 

@@ -204,6 +204,12 @@ class MllamaForConditionalGeneration(VLMBase, CrossAttentionModel):
     def profile_cross_features(self, num_images: int) -> list[MMFeature]:
         return profile_features(num_images, 1, self._dummy_image)
 
+    def cross_key_valid(self, features: list[MMFeature]) -> torch.Tensor:
+        """Keys of each image's own tiles (its `num_tiles` of `max_num_tiles`)."""
+        num_tiles = torch.tensor([int(f.data["num_tiles"]) for f in features])  # [I]
+        tile_of_key = torch.arange(self.num_cross_keys_per_image) // self.tokens_per_tile
+        return (tile_of_key[None, :] < num_tiles[:, None]).flatten()  # [I * T * P]
+
     def cross_attention_kv(self, features: list[MMFeature]) -> torch.Tensor:
         """One request's images -> [num_cross_layers, 2, I * T * P, kv_heads, head_dim], keys in
         image, tile, patch order (HF's cross-attention states)."""

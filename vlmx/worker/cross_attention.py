@@ -101,10 +101,7 @@ class CrossAttentionStore:
         starts = [s for s, _ in spans]
         finite_ends = [e for _, e in spans if e is not None]
         per_image = self.model.num_cross_keys_per_image
-        num_tiles = torch.tensor([int(f.data["num_tiles"]) for f in features])
-        per_tile = per_image // self.model.max_num_tiles
-        tile_of_key = torch.arange(per_image) // per_tile  # [per_image]
-        key_valid = (tile_of_key[None, :] < num_tiles[:, None]).flatten()  # [num_keys]
+        key_valid = self.model.cross_key_valid(features)  # [num_keys]
         return CrossEntry(
             kv=kv,
             num_images=len(features),

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from vlmx.config import EngineConfig
+from vlmx.device import host_to_device
 from vlmx.layers.cross_attention import CrossAttentionMetadata, CrossSequence
 from vlmx.models.interface import CrossAttentionModel
 from vlmx.models.mllama_processor import cross_attention_spans
@@ -132,10 +133,10 @@ class CrossAttentionStore:
             step_row += n
         if not seqs:
             return None
-        row_mask = torch.from_numpy(np.concatenate(row_masks).astype(np.float32))[:, None]
+        row_mask = np.concatenate(row_masks).astype(np.float32)[:, None]
         return CrossAttentionMetadata(
-            rows=torch.from_numpy(np.concatenate(rows)).to(self.device),
-            row_mask=row_mask.to(self.device),  # [R, 1]
+            rows=host_to_device(np.concatenate(rows), self.device, torch.long),  # [R]
+            row_mask=host_to_device(row_mask, self.device, torch.float32),  # [R, 1]
             seqs=seqs,
         )
 
@@ -158,9 +159,9 @@ class CrossAttentionStore:
             if start >= last:
                 entry.tail = (mask, bool(rows[0].any()))
             return mask, has_image
-        vis = torch.from_numpy(visible).to(self.device)  # [n, I]
+        vis = host_to_device(visible, self.device, torch.bool)  # [n, I]
         mask = vis[:, entry.key_image] & entry.key_valid  # [n, num_keys]
-        mask[~torch.from_numpy(has_image).to(self.device)] = True
+        mask[~host_to_device(has_image, self.device, torch.bool)] = True
         return mask, has_image
 
     def _keys(self, entry: CrossEntry, visible: np.ndarray) -> torch.Tensor | None:
@@ -169,5 +170,5 @@ class CrossAttentionStore:
             return None  # no image visible: attends to everything (HF)
         if visible.all() and bool(entry.key_valid.all()):
             return None
-        vis = torch.from_numpy(visible).to(self.device)
+        vis = host_to_device(visible, self.device, torch.bool)  # [I]
         return (vis[entry.key_image] & entry.key_valid)[None]

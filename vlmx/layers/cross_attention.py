@@ -37,7 +37,8 @@ class CrossSequence:
     start: int  # its rows in the gathered block: start .. end - 1
     end: int
     kv: torch.Tensor  # [num_cross_layers, 2, num_keys, num_kv_heads, head_dim]
-    mask: torch.Tensor | None  # [end - start, num_keys] bool (True = attend); None: all keys
+    mask: torch.Tensor | None  # [end - start or 1, num_keys] bool (True = attend); None: all
+    num_keys: int  # the rows attend over kv's first num_keys keys
 
 
 @dataclass(slots=True)
@@ -78,7 +79,7 @@ class CrossAttention(nn.Module):
         q = self.q_norm(self.q_proj(x).view(r, self.num_heads, self.head_dim))
         out = torch.empty_like(q)
         for seq in seqs:
-            k, v = seq.kv[layer_idx]  # [N, kv_heads, head_dim] each
+            k, v = seq.kv[layer_idx, :, : seq.num_keys]  # [N, kv_heads, head_dim] each
             o = F.scaled_dot_product_attention(
                 q[seq.start : seq.end].transpose(0, 1),  # [heads, n, head_dim]
                 k.transpose(0, 1),

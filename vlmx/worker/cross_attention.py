@@ -39,10 +39,11 @@ class CrossEntry:
     num_images: int
     starts: np.ndarray  # [I] int64, first position that sees image i
     ends: np.ndarray  # [I] int64, first position that no longer sees it (int64 max: never)
-    key_image: torch.Tensor  # [num_keys] int64, the image of each key
-    key_valid: torch.Tensor  # [num_keys] bool, False on the padding tiles past num_tiles
+    key_image: torch.Tensor  # [num_keys] int64, the image of each key (in kv's order)
+    key_valid: torch.Tensor  # [num_keys] bool, False on the padding tiles' keys
+    num_valid: int  # keys of the images' own tiles, the first ones of `kv`
     last_boundary: int  # from this position on, every row sees the same images
-    tail: tuple[torch.Tensor | None, bool] | None = None  # the mask past last_boundary
+    tail: tuple[tuple[torch.Tensor | None, int], bool] | None = None  # keys past last_boundary
 
 
 def cross_capacity(config: EngineConfig, bytes_per_image: int) -> int:
@@ -95,21 +96,28 @@ class CrossAttentionStore:
         assert self.num_images <= self.capacity, (self.num_images, self.capacity)
 
     def _entry(self, state: RequestState) -> CrossEntry:
+        """The request's K/V with the keys of its images' own tiles first (in image order),
+        the padding tiles' keys after them: a row that sees every image then attends to a
+        prefix of the keys with no mask (attention does not depend on the keys' order)."""
         features = state.mm_features
-        kv = self.model.cross_attention_kv(features)
         spans = cross_attention_spans([f.placeholder.offset for f in features])
         never = np.iinfo(np.int64).max
         starts = [s for s, _ in spans]
         finite_ends = [e for _, e in spans if e is not None]
         per_image = self.model.num_cross_keys_per_image
-        key_valid = self.model.cross_key_valid(features)  # [num_keys]
+        key_valid = self.model.cross_key_valid(features)  # [num_keys] bool, CPU
+        order = torch.argsort((~key_valid).to(torch.int8), stable=True)  # valid keys first
+        key_image = torch.arange(len(features)).repeat_interleave(per_image)[order]
+        kv = self.model.cross_attention_kv(features)  # [layers, 2, num_keys, kv_heads, hd]
+        kv = kv.index_select(2, order.to(kv.device))
         return CrossEntry(
             kv=kv,
             num_images=len(features),
             starts=np.array(starts, dtype=np.int64),
             ends=np.array([never if e is None else e for _, e in spans], dtype=np.int64),
-            key_image=torch.arange(len(features)).repeat_interleave(per_image).to(self.device),
-            key_valid=key_valid.to(self.device),
+            key_image=key_image.to(self.device),
+            key_valid=key_valid[order].to(self.device),
+            num_valid=int(key_valid.sum()),
             last_boundary=max(starts + finite_ends),
         )
 
@@ -125,8 +133,8 @@ class CrossAttentionStore:
             entry = self.entries.get(state.request_id)
             if entry is not None:
                 start = state.num_computed_tokens
-                mask, has_image = self._mask(entry, start, start + n)
-                seqs.append(CrossSequence(gathered, gathered + n, entry.kv, mask))
+                keys, has_image = self._keys(entry, start, start + n)
+                seqs.append(CrossSequence(gathered, gathered + n, entry.kv, *keys))
                 rows.append(np.arange(step_row, step_row + n))
                 row_masks.append(has_image)
                 gathered += n
@@ -140,35 +148,45 @@ class CrossAttentionStore:
             seqs=seqs,
         )
 
-    def _mask(
+    def profile_metadata(self, kv: torch.Tensor, num_tokens: int) -> CrossAttentionMetadata:
+        """A profile step's cross-attention: every row over every key of `kv`, masked."""
+        mask = torch.ones(num_tokens, kv.shape[2], dtype=torch.bool, device=self.device)
+        return CrossAttentionMetadata(
+            rows=torch.arange(num_tokens, device=self.device),
+            row_mask=torch.ones(num_tokens, 1, device=self.device),
+            seqs=[CrossSequence(0, num_tokens, kv, mask, kv.shape[2])],
+        )
+
+    def _keys(
         self, entry: CrossEntry, start: int, end: int
-    ) -> tuple[torch.Tensor | None, np.ndarray]:
-        """(keys each row of positions start..end-1 sees, [n, num_keys] bool or [1, num_keys]
-        when all rows see the same, None = all; whether each row sees an image, [n] bool).
+    ) -> tuple[tuple[torch.Tensor | None, int], np.ndarray]:
+        """((the mask of the keys the rows of positions start..end-1 see: [n, keys], or
+        [1, keys] when all rows see the same, None = all of them; how many leading keys they
+        attend over), whether each row sees an image, [n] bool).
 
         A row that sees no image attends to every key (HF zeroes its additive mask)."""
+        n = end - start
+        if start >= entry.last_boundary and entry.tail is not None:
+            return entry.tail[0], np.full(n, entry.tail[1])
         positions = np.arange(start, end)
         visible = (positions[:, None] >= entry.starts) & (positions[:, None] < entry.ends)
         has_image = visible.any(axis=1)  # [n]
-        last = entry.last_boundary
-        if start >= last and entry.tail is not None:
-            return entry.tail[0], np.full(end - start, entry.tail[1])
         rows = np.unique(visible, axis=0)
         if len(rows) == 1:  # every row sees the same images
-            mask = self._keys(entry, rows[0])
-            if start >= last:
-                entry.tail = (mask, bool(rows[0].any()))
-            return mask, has_image
+            keys = self._row_keys(entry, rows[0])
+            if start >= entry.last_boundary:
+                entry.tail = (keys, bool(rows[0].any()))
+            return keys, has_image
         vis = host_to_device(visible, self.device, torch.bool)  # [n, I]
-        mask = vis[:, entry.key_image] & entry.key_valid  # [n, num_keys]
+        mask = vis[:, entry.key_image] & entry.key_valid  # [n, keys]
         mask[~host_to_device(has_image, self.device, torch.bool)] = True
-        return mask, has_image
+        return (mask, entry.kv.shape[2]), has_image
 
-    def _keys(self, entry: CrossEntry, visible: np.ndarray) -> torch.Tensor | None:
-        """[1, num_keys] bool mask of one row that sees `visible` images; None = every key."""
+    def _row_keys(self, entry: CrossEntry, visible: np.ndarray) -> tuple[torch.Tensor | None, int]:
+        """The keys of a row that sees `visible` images: (mask [1, keys] or None, key count)."""
         if not visible.any():
-            return None  # no image visible: attends to everything (HF)
-        if visible.all() and bool(entry.key_valid.all()):
-            return None
+            return None, entry.kv.shape[2]  # no image visible: every key, padding too (HF)
+        if visible.all():
+            return None, entry.num_valid  # every image's own tiles: the leading keys
         vis = host_to_device(visible, self.device, torch.bool)  # [I]
-        return (vis[entry.key_image] & entry.key_valid)[None]
+        return (vis[entry.key_image] & entry.key_valid)[None], entry.kv.shape[2]

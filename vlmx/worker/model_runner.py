@@ -180,6 +180,8 @@ class ModelRunner:
         if self.staging is not None:
             self.staging.begin()
         input_ids, positions, metadata = self._device_inputs(inputs)
+        if cross_kv is not None:  # every row cross-attends, as a prompt of text after images
+            metadata.cross_attention = self.cross.profile_metadata(cross_kv, num_tokens)
         hidden = self.model(self.model.embed_tokens(input_ids), positions, self.kv_caches, metadata)
         self.model.compute_logits(hidden[-sched.max_num_seqs :])
         if self.staging is not None:

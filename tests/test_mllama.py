@@ -307,10 +307,12 @@ def test_prefix_caching_and_chunked_prefill(ckpt, llm, ref, batch, test_images) 
     _check_same(_generate(chunked, batch), baseline)
 
 
-def test_preemption_recomputes_cross_kv(ckpt, llm, batch) -> None:
+def test_preemption_and_async_scheduling(ckpt, llm, batch) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=24, logprobs=3)
     baseline = _generate(llm, batch, params)
-    small = _llm(ckpt, num_gpu_blocks_override=12, block_size=8, max_num_seqs=3)
+    small = _llm(
+        ckpt, num_gpu_blocks_override=12, block_size=8, max_num_seqs=3, async_scheduling=True
+    )
     store = small.llm_engine.executor.runner.cross
     _check_same(_generate(small, batch, params), baseline)
     assert small.llm_engine.scheduler.num_preemptions > 0

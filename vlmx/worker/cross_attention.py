@@ -76,9 +76,6 @@ class CrossAttentionStore:
     def reserved_bytes(self) -> int:
         return self.capacity * self.bytes_per_image
 
-    def clear(self) -> None:
-        self.entries.clear()
-
     def profile(self) -> torch.Tensor:
         """The largest entry one step computes (one request at the per-prompt image limit)."""
         features = self.model.profile_cross_features(self.max_images_per_request)

@@ -60,6 +60,10 @@ class HFReference:
             kwargs["mm_token_type_ids"] = torch.cat(
                 [types, types.new_zeros(1, ids.shape[1] - types.shape[1])], dim=1
             )
+        if "cross_attention_mask" in kwargs:  # Mllama: outputs see what the last prompt token
+            mask = kwargs["cross_attention_mask"]  # does (HF's generate repeats its row)
+            extra = mask[:, -1:].expand(-1, ids.shape[1] - mask.shape[1], -1, -1)
+            kwargs["cross_attention_mask"] = torch.cat([mask, extra], dim=1)
         logits = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs).logits[0]
         n = len(prompt_ids)
         return prompt_ids, torch.log_softmax(logits[n - 1 :].float(), dim=-1)

@@ -11,6 +11,7 @@ from tests.families import aria_checkpoint, idefics3_checkpoint, pixtral_checkpo
 from tests.families.gemma3_checkpoint import tiny_gemma3_config
 from tests.families.internvl_checkpoint import tiny_internvl_config
 from tests.families.llava_onevision_checkpoint import tiny_llava_onevision_config
+from tests.families.mllama_checkpoint import tiny_mllama_config
 from tests.families.qwen3_vl_checkpoint import tiny_qwen3_vl_config
 from vlmx.demo.configs import tiny_qwen_vl_config
 from vlmx.models.interface import Model
@@ -28,6 +29,7 @@ CONFIGS = {
     "LlavaOnevisionForConditionalGeneration": tiny_llava_onevision_config,
     "Qwen3VLForConditionalGeneration": tiny_qwen3_vl_config,
     "AriaForConditionalGeneration": aria_checkpoint.tiny_config,
+    "MllamaForConditionalGeneration": tiny_mllama_config,
 }
 # architecture -> embeddings of its largest image under the processor's defaults (tiny config)
 LARGEST = {
@@ -43,6 +45,7 @@ LARGEST = {
     "LlavaOnevisionForConditionalGeneration": 16 + 8 * 9,
     "Qwen3VLForConditionalGeneration": 128 * 128,  # 16384 tokens at most, square
     "AriaForConditionalGeneration": aria_checkpoint.PATCH_TO_QUERY[196],  # one 980 px crop
+    "MllamaForConditionalGeneration": None,  # one <|image|> row per image, whatever its size
 }
 
 

@@ -35,12 +35,14 @@ from transformers import (
     AutoProcessor,
     Gemma3ForConditionalGeneration,
     Idefics3ForConditionalGeneration,
+    MllamaForConditionalGeneration,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLForConditionalGeneration,
 )
 
 from tests.families import aria_checkpoint, idefics3_checkpoint
 from tests.families.gemma3_checkpoint import build_gemma3_checkpoint
+from tests.families.mllama_checkpoint import build_mllama_checkpoint
 from tests.hf_reference import HFReference, compare_with_reference
 from tests.hub_cache import add_snapshot, use_hub_cache
 from tests.loopback import serve_files
@@ -94,11 +96,7 @@ ROWS = {
         {"architectures": ["InternVLChatModel"], "model_type": "internvl_chat"},
         stub_tokenizer=True,
     ),
-    "mllama": Row(
-        "meta-llama/Llama-3.2-11B-Vision-Instruct",
-        _unsupported("MllamaForConditionalGeneration"),
-        {"architectures": ["MllamaForConditionalGeneration"], "model_type": "mllama"},
-    ),
+    "mllama": Row("meta-llama/Llama-3.2-11B-Vision-Instruct"),
     "NVLM_D": Row(
         "nvidia/NVLM-D-72B",
         r"tensor_parallel_size=4",
@@ -131,6 +129,7 @@ HF_CLASSES = {
     "gemma3": Gemma3ForConditionalGeneration,
     "idefics3": Idefics3ForConditionalGeneration,
     "aria": AriaForConditionalGeneration,
+    "mllama": MllamaForConditionalGeneration,
 }
 IDEFICS3_SIZE = {"longest_edge": 2 * 364}  # the example's mm_processor_kwargs["size"]
 # The engine arguments the example's loaders pass, for the requests this test builds itself.
@@ -147,12 +146,14 @@ ENGINE_KWARGS = {
     # the example's own: the tokenizer's code never runs; bfloat16, so compared within
     # ARIA_ATOL of the float32 reference
     "aria": {"tokenizer_mode": "slow", "trust_remote_code": True, "dtype": "bfloat16"},
+    "mllama": {"max_model_len": 4096, "max_num_seqs": 16},
 }
 ARIA_ATOL = 0.1
 ARIA_PROMPT = (
     "<|im_start|>user\n<fim_prefix><|img|><fim_suffix>\n<fim_prefix><|img|><fim_suffix>\n"
     f"{QUESTION}<|im_end|>\n<|im_start|>assistant\n"
 )
+MLLAMA_PROMPT = f"<|image|><|image|><|begin_of_text|>{QUESTION}"  # the example's
 IDEFICS3_PROMPT = (
     "<|begin_of_text|>User:Image-1: <image>\n\nImage-2: <image>\n\n"
     f"{QUESTION}<end_of_utterance>\nAssistant:"
@@ -204,6 +205,7 @@ def hub_snapshots(tmp_path_factory, qwen2_vl_hub_ckpt, qwen2_5_vl_hub_ckpt) -> d
         "gemma3": build_gemma3_checkpoint(build / "gemma3", "hub"),
         "idefics3": build_idefics3(build / "idefics3"),
         "aria": aria_checkpoint.build_checkpoint(build / "aria"),
+        "mllama": build_mllama_checkpoint(build / "mllama"),
     }
     for row, spec in ROWS.items():
         if spec.stub is not None:
@@ -289,6 +291,8 @@ def generate_prompt(row: str) -> str:
         return IDEFICS3_PROMPT
     if row == "aria":
         return ARIA_PROMPT
+    if row == "mllama":
+        return MLLAMA_PROMPT
     content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": QUESTION}]
     messages = [{"role": "user", "content": content}]
     if row in ("qwen2_vl", "qwen2_5_vl"):

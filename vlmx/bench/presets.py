@@ -19,6 +19,7 @@ from vlmx.bench.llava_onevision_preset import (
     llava_onevision_qwen2_7b,
     write_llava_onevision_folder,
 )
+from vlmx.bench.mllama_preset import llama_3_2_11b_vision, write_mllama_preset
 from vlmx.demo.checkpoint import write_hub_metadata
 from vlmx.demo.tokenizer import (
     EOS_TOKEN_ID,
@@ -145,13 +146,16 @@ PRESETS = {
     "llava-onevision-qwen2-7b": ("llava_onevision", llava_onevision_qwen2_7b),
     "qwen3-vl-8b": ("qwen3_vl", _qwen3_vl_8b),
     "aria": ("aria", aria_config),
+    "llama-3.2-11b-vision": ("mllama", llama_3_2_11b_vision),
 }
 # family -> how its preset folder is written (default: the Qwen-VL hub files)
 _FOLDER_WRITERS = {
     "llava_onevision": lambda config, _, folder: write_llava_onevision_folder(config, folder),
     "qwen3_vl": lambda config, _, folder: _write_qwen3_vl(config, folder),
     "aria": write_aria_metadata,
+    "mllama": write_mllama_preset,
 }
+# family -> the writer of its preset folder (default: the Qwen-VL hub layout)
 
 
 def preset_path(name: str) -> str:

@@ -102,11 +102,17 @@ def aria_chat_prompt(question: str, num_images: int) -> str:
     return f"<|im_start|>user\n{placeholders}{question}<|im_end|>\n<|im_start|>assistant\n"
 
 
+def mllama_prompt(question: str, num_images: int) -> str:
+    """Mllama's prompt (vLLM's example form): one `<|image|>` per image, then the text."""
+    return "<|image|>" * num_images + "<|begin_of_text|>" + question
+
+
 # model_type -> the bench's own prompt form for it (others: the checkpoint's chat template)
 _PROMPT_FORMS = {
     "qwen2_vl": qwen_chat_prompt,
     "qwen2_5_vl": qwen_chat_prompt,
     "aria": aria_chat_prompt,
+    "mllama": mllama_prompt,
 }
 
 

@@ -86,6 +86,7 @@ class LLMEngine:
             ),
             EncoderCacheManager(sc.encoder_cache_size),
             chunk_images=chunk_images,
+            max_cross_images=self.executor.cross_attention_images,
         )
         self.requests: dict[str, Request] = {}
         # Device bytes of encoder inputs each queued prompt holds (by its id, a parent's for
@@ -197,6 +198,7 @@ class LLMEngine:
             mrope_positions=processed.mrope_positions,
             mrope_position_delta=processed.mrope_position_delta,
             arrival_index=arrival,
+            prefix_extra_keys=processed.prefix_extra_keys,
         )
         self.requests[request_id] = request
         self.output_processor.add(request_id, text, processed.prompt_token_ids, params)

@@ -96,7 +96,12 @@ class InputProcessor:
         self.media = media
         # False: an image's span must be prefilled in one step (bidirectional image tokens)
         self.chunk_images = chunk_images
-        self.vocab_size = text_config(config.model_config.hf_config).vocab_size
+        # ids a prompt may hold: the text vocabulary, or more where the family embeds more
+        # (Mllama's <|image|> sits past it)
+        self.vocab_size = (
+            getattr(processor, "input_vocab_size", None)
+            or text_config(config.model_config.hf_config).vocab_size
+        )
 
     def process(self, prompt: Any) -> tuple[str | None, ProcessedPrompt]:
         """A vLLM-style prompt (str, or dict with prompt / prompt_token_ids / multi_modal_data)

@@ -45,6 +45,8 @@ def block_extra_keys(request: Request, start: int, end: int) -> tuple:
     keys: list = []
     if start == 0 and request.lora_int_id:
         keys.append(("lora", request.lora_int_id))
+    if start == 0 and request.prefix_extra_keys:
+        keys.append(("prompt", request.prefix_extra_keys))
     for feature in request.mm_features:
         p = feature.placeholder
         if p.offset >= end:

@@ -59,6 +59,7 @@ class Request:
     mrope_position_delta: int = 0
     lora_int_id: int = 0
     arrival_index: int = 0
+    prefix_extra_keys: tuple = ()  # ProcessedPrompt.prefix_extra_keys
 
     all_token_ids: list[int] = field(init=False)
     mm_end: int = field(init=False)  # where the last image placeholder ends (0: no images)

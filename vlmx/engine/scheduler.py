@@ -41,6 +41,7 @@ class Scheduler:
         kv_cache: KVCacheManager,
         encoder_cache: EncoderCacheManager,
         chunk_images: bool = True,
+        max_cross_images: int | None = None,
     ) -> None:
         self.config = config
         self.kv_cache = kv_cache
@@ -48,6 +49,10 @@ class Scheduler:
         # False for families whose image tokens attend to each other bidirectionally: an
         # image's placeholder span must then be computed in one step.
         self.chunk_images = chunk_images
+        # Cross-attention models: the images whose K/V the workers hold at once. A request
+        # holds its images' share from admission to its end or preemption.
+        self.max_cross_images = max_cross_images
+        self.cross_images: dict[str, int] = {}  # running request id -> its images
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}  # every unfinished request, by id
@@ -129,6 +134,8 @@ class Scheduler:
             and len(self.running) < self.config.max_num_seqs
         ):
             request = self.waiting[0]
+            if not self._cross_images_fit(request):
+                break
             hits, num_hit_tokens = self.kv_cache.get_computed_blocks(request)
             num_computed = request.num_computed_tokens + num_hit_tokens
             num_new = min(request.num_tokens - num_computed, token_budget)
@@ -148,6 +155,8 @@ class Scheduler:
             if request.metrics.first_scheduled_time is None:
                 request.metrics.first_scheduled_time = time.monotonic()
             self.running.append(request)
+            if self.max_cross_images is not None and request.mm_features:
+                self.cross_images[request.request_id] = len(request.mm_features)
             self._add_to_step(out, request, to_encode, num_new, first=first, resumed=not first)
             encoder_budget -= encoder_cost
             token_budget -= num_new
@@ -249,6 +258,13 @@ class Scheduler:
             if not cache.contains(feature.mm_hash):
                 cache.allocate(feature.mm_hash, feature.num_embeds, request.request_id)
 
+    def _cross_images_fit(self, request: Request) -> bool:
+        """Whether the workers' cross-attention store has room for the request's images."""
+        if self.max_cross_images is None or not request.mm_features:
+            return True
+        held = sum(self.cross_images.values())
+        return held + len(request.mm_features) <= self.max_cross_images
+
     def _preempt(self, request: Request) -> None:
         self._release(request)
         request.num_computed_tokens = 0
@@ -259,6 +275,7 @@ class Scheduler:
 
     def _release(self, request: Request) -> None:
         self.kv_cache.free(request)
+        self.cross_images.pop(request.request_id, None)
         self.encoder_cache.release_all(request.request_id, [f.mm_hash for f in request.mm_features])
 
     # -- after the step -------------------------------------------------------------------
@@ -362,6 +379,9 @@ class Scheduler:
         ids = [r.request_id for r in self.running] + [r.request_id for r in self.waiting]
         assert len(ids) == len(set(ids))
         assert set(ids) == set(self.requests), (ids, list(self.requests))
+        assert set(self.cross_images) <= {r.request_id for r in self.running}
+        if self.max_cross_images is not None:
+            assert sum(self.cross_images.values()) <= self.max_cross_images
         for request in self.waiting:
             assert (
                 request.request_id not in self.kv_cache.req_blocks

@@ -100,6 +100,9 @@ class AttentionMetadata:
     decode_plan: DecodePlan | None = None
     # Set by the model runner when the step runs on the CUDA fast path.
     fast_plan: FastPlan | None = None
+    # Cross-attention models (Mllama): the step's sequences with images, their K/V and masks
+    # (`vlmx.layers.cross_attention.CrossAttentionMetadata`); None: none in this step.
+    cross_attention: object | None = None
 
     @property
     def num_seqs(self) -> int:

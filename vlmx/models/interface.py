@@ -51,6 +51,8 @@ class Model(nn.Module, ABC):
     # False: image tokens attend bidirectionally, so an image's span must be prefilled in one
     # step (the scheduler keeps it whole)
     chunk_images: bool = True
+    # True: the decoder cross-attends to per-request image states (`CrossAttentionModel`)
+    uses_cross_attention: bool = False
 
     # the KV cache's shape, and the width of the embeddings, from `config`
     num_layers = property(lambda self: self.config.num_layers)
@@ -93,3 +95,29 @@ class Model(nn.Module, ABC):
     @abstractmethod
     def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None:
         """Load (checkpoint name, tensor) pairs; raise on missing or unexpected names."""
+
+
+class CrossAttentionModel(Model):
+    """A model whose decoder cross-attends to its requests' images (Mllama): the worker keeps
+    each request's cross-attention K/V from its first step to its end (or preemption) and
+    passes them each step in `AttentionMetadata.cross_attention`."""
+
+    uses_cross_attention = True
+    num_cross_keys_per_image: int  # keys one image adds to its request's cross K/V
+
+    @abstractmethod
+    def cross_attention_kv(self, features: list[MMFeature]) -> Tensor:
+        """One request's images -> [num_cross_layers, 2, num_keys, num_kv_heads, head_dim]."""
+
+    @abstractmethod
+    def cross_key_valid(self, features: list[MMFeature]) -> Tensor:
+        """[num_keys] bool on the CPU, False at the keys of padding (Mllama: the tiles past an
+        image's own), which only text rows that see no image attend to."""
+
+    @abstractmethod
+    def cross_kv_bytes_per_image(self) -> int:
+        """Device bytes of one image's cross-attention K/V (what the worker reserves per image)."""
+
+    @abstractmethod
+    def profile_cross_features(self, num_images: int) -> list[MMFeature]:
+        """`num_images` dummy images at the largest size, for `cross_attention_kv`'s peak."""

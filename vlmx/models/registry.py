@@ -64,6 +64,11 @@ _MODELS: dict[str, tuple[str, str, str]] = {
         "AriaForConditionalGeneration",
         "AriaProcessor",
     ),
+    "MllamaForConditionalGeneration": (
+        "mllama",
+        "MllamaForConditionalGeneration",
+        "MllamaProcessor",
+    ),
 }
 
 

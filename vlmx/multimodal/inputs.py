@@ -52,3 +52,7 @@ class ProcessedPrompt:
     # index i >= num_prompt_tokens into its position (i + mrope_position_delta on all 3 axes).
     mrope_positions: torch.Tensor | None = None
     mrope_position_delta: int = 0
+    # Keys that shape the KV of every token of the prompt beyond its ids and the images its
+    # tokens cover (Mllama: every image, which the text before the first image attends to);
+    # part of the first block's prefix-cache hash.
+    prefix_extra_keys: tuple = ()

@@ -23,6 +23,9 @@ class Executor(abc.ABC):
     # Device bytes the engine's requests may hold in encoder inputs, kept out of the KV cache
     # (None: no bound, on the CPU)
     mm_input_bytes: int | None
+    # Cross-attention models: images whose K/V the workers hold at once (the scheduler admits
+    # requests within it); None: the model has no cross-attention
+    cross_attention_images: int | None = None
 
     @abc.abstractmethod
     def launch(self, step: SchedulerOutput) -> object: ...
@@ -52,6 +55,7 @@ class InProcessExecutor(Executor):
         self.worker.initialize_kv_cache(self.num_blocks)
         self.cuda_graphs = self.runner.graphs is not None
         self.mm_input_bytes = self.worker.mm_input_bytes
+        self.cross_attention_images = self.worker.cross_attention_images
 
     @property
     def runner(self):

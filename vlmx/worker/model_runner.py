@@ -29,6 +29,7 @@ from vlmx.layers.attention import (
 )
 from vlmx.models.interface import Model
 from vlmx.step import PLACEHOLDER_TOKEN_ID, RunnerOutput, SchedulerOutput
+from vlmx.worker.cross_attention import CrossAttentionStore
 from vlmx.worker.cuda_graph import DecodeGraphs, capture_sizes, round_up_to_size
 from vlmx.worker.encoder_runner import EncoderRunner
 from vlmx.worker.input_batch import InputBatch, RequestState, StepInputs
@@ -111,10 +112,18 @@ class ModelRunner:
             make_generator=lambda seed: make_generator(seed, device),
         )
         self.encoder = EncoderRunner(model, self._to_device)
+        # Cross-attention models: each request's image K/V, kept from its first step to its end
+        self.cross = CrossAttentionStore(model, config) if model.uses_cross_attention else None
 
     def _graphs_supported(self) -> bool:
         """Decode steps can be captured when every layer attends through the fast path."""
-        return self.fast and not self.config.enforce_eager and self.model.chunk_images
+        return (
+            self.fast
+            and not self.config.enforce_eager
+            and self.model.chunk_images
+            # NOTE: cross-attention reads per-request K/V of host-chosen shapes: decode eager
+            and not self.model.uses_cross_attention
+        )
 
     # -- KV cache -------------------------------------------------------------------------
 
@@ -149,6 +158,7 @@ class ModelRunner:
         large enough; the caller reads the device's peak memory."""
         sched = self.config.scheduler_config
         embeds = self.encoder.profile(sched.encoder_budget)
+        cross_kv = self.cross.profile() if self.cross is not None else None
         num_tokens = min(sched.max_num_batched_tokens, sched.max_model_len)
         num_blocks = math.ceil(num_tokens / self.block_size)
         self.initialize_kv_cache(num_blocks, capture_graphs=False)
@@ -166,11 +176,13 @@ class ModelRunner:
         if self.staging is not None:
             self.staging.begin()
         input_ids, positions, metadata = self._device_inputs(inputs)
+        if cross_kv is not None:  # every row cross-attends, as a prompt of text after images
+            metadata.cross_attention = self.cross.profile_metadata(cross_kv, num_tokens)
         hidden = self.model(self.model.embed_tokens(input_ids), positions, self.kv_caches, metadata)
         self.model.compute_logits(hidden[-sched.max_num_seqs :])
         if self.staging is not None:
             self.staging.end()
-        del embeds, hidden
+        del embeds, hidden, cross_kv
         self.kv_caches = []
 
     @torch.inference_mode()
@@ -238,6 +250,8 @@ class ModelRunner:
         batch = self.input_batch
         states = batch.update(step)
         self.encoder.run(step, batch.requests)
+        if self.cross is not None:
+            self.cross.update(step, states)
         num_scheduled = step.num_scheduled_tokens
         table = batch.block_table.gather(step.request_ids)
         inputs = batch.host_inputs(states, num_scheduled, table)
@@ -254,6 +268,8 @@ class ModelRunner:
             )
         else:
             input_ids, positions, metadata = self._device_inputs(inputs)
+            if self.cross is not None:
+                metadata.cross_attention = self.cross.metadata(states, num_scheduled)
             if patch is not None:
                 input_ids.index_copy_(0, *patch)
             inputs_embeds = self.model.embed_tokens(input_ids)

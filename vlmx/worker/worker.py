@@ -70,11 +70,14 @@ class Worker:
         per_block = self.runner.bytes_per_block()
         blocks_per_seq = math.ceil(sched.max_model_len / block_size)
         wanted = sched.max_num_seqs * blocks_per_seq
+        # Cross-attention models: the K/V of the images the store holds at once.
+        cross = self.runner.cross.reserved_bytes() if self.runner.cross is not None else 0
         if self.config.device.type != "cuda":
-            return max(blocks_per_seq, min(wanted, _CPU_KV_BYTES // per_block))
+            budget = max(_CPU_KV_BYTES - cross, 0)
+            return max(blocks_per_seq, min(wanted, budget // per_block))
         _, total = torch.cuda.mem_get_info(self.config.device)
         peak = self.profile_peak_memory()
-        reserved = (self.mm_input_bytes or 0) + cache.processor_cache_bytes
+        reserved = (self.mm_input_bytes or 0) + cache.processor_cache_bytes + cross
         num_blocks = kv_blocks_for_budget(
             total, cache.gpu_memory_utilization, peak, reserved, per_block
         )
@@ -109,3 +112,8 @@ class Worker:
 
     def reset_encoder_cache(self) -> None:
         self.runner.encoder.clear()
+
+    @property
+    def cross_attention_images(self) -> int | None:
+        """Images whose cross-attention K/V the worker holds at once (None: no such model)."""
+        return self.runner.cross.capacity if self.runner.cross is not None else None

@@ -407,3 +407,17 @@ def test_bench_runs_vlmx_and_hf(ckpt, tmp_path, capsys) -> None:
     assert vlmx_result["input_tokens"] == hf_result["input_tokens"]
     assert vlmx_result["encoded_images"] == 4 and vlmx_result["output_tokens"] == 8
     assert "vlmx / hf images/s (w1-multi)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("size", [(28, 28), (384, 384), (31, 45)])
+def test_patchify_matches_a_stride_p_conv(size) -> None:
+    """The published tower's 384 px tiles with patch 14 leave 6 pixels over (27 x 27 patches):
+    patchify drops them, as HF's Conv2d patch embedding does."""
+    from vlmx.layers.siglip import patchify
+
+    h, w = size
+    pixels = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0))
+    conv = torch.nn.Conv2d(3, 5, kernel_size=14, stride=14, bias=False)
+    expected = conv(pixels).flatten(2).transpose(1, 2)  # [2, (h // 14) * (w // 14), 5]
+    got = patchify(pixels, 14) @ conv.weight.reshape(5, -1).T
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

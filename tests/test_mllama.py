@@ -360,7 +360,7 @@ def test_swapping_images_changes_logprobs(llm, test_images) -> None:
 def test_bench_preset_is_the_published_size() -> None:
     from vlmx.bench.mllama_preset import llama_3_2_11b_vision
     from vlmx.bench.presets import PRESETS
-    from vlmx.bench.workloads import bench_prompt
+    from vlmx.bench.workloads import prompt_form
 
     family, make_config = PRESETS["llama-3.2-11b-vision"]
     config = make_config()
@@ -371,5 +371,5 @@ def test_bench_preset_is_the_published_size() -> None:
     assert (model.num_layers, model.num_cross_layers) == (32, 8)
     assert model.num_cross_keys_per_image == 4 * 1601
     assert model.cross_kv_bytes_per_image() == 8 * 2 * 4 * 1601 * 8 * 128 * 4  # float32 here
-    prompt = bench_prompt("MllamaForConditionalGeneration", "q", 2)
+    prompt = prompt_form("mllama")("q", 2)
     assert prompt == "<|image|><|image|><|begin_of_text|>q"

@@ -48,12 +48,15 @@ from vlmx.layers.vision import PatchProjection
 
 
 def patchify(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """[B, C, H, W] -> [B, (H / p) * (W / p), C * p * p]; patches row-major, each (C, p, p).
+    """[B, C, H, W] -> [B, (H // p) * (W // p), C * p * p]; patches row-major, each (C, p, p).
 
     The same order HF's Conv2d patch embedding followed by `flatten(2).transpose(1, 2)` yields.
+    Like that stride-p Conv2d, it drops the last H % p rows and W % p columns (SigLIP-384 with
+    patch 14: 27 x 27 patches of a 384 px tile).
     """
     b, c, h, w = pixel_values.shape
     p = patch_size
+    pixel_values = pixel_values[:, :, : h // p * p, : w // p * p]
     x = pixel_values.reshape(b, c, h // p, p, w // p, p)
     return x.permute(0, 2, 4, 1, 3, 5).reshape(b, (h // p) * (w // p), c * p * p)
 

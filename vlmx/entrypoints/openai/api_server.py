@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, Response
 
 from vlmx.engine.engine import LLMEngine
 from vlmx.entrypoints.openai.async_engine import AsyncEngine
-from vlmx.entrypoints.openai.convert import PromptContext
+from vlmx.entrypoints.openai.convert import prompt_context
 from vlmx.entrypoints.openai.metrics import ServerMetrics
 from vlmx.entrypoints.openai.protocol import (
     ChatCompletionRequest,
@@ -34,7 +34,6 @@ from vlmx.entrypoints.openai.protocol import (
     ModelList,
 )
 from vlmx.entrypoints.openai.serving import APIError, OpenAIServing, error_response
-from vlmx.multimodal.chat import resolve_chat_template
 from vlmx.multimodal.url_policy import MediaURLPolicy
 
 logger = logging.getLogger(__name__)
@@ -52,23 +51,6 @@ class ServerArgs:
     allowed_local_media_path: str | None = None
     allowed_media_domains: list[str] = field(default_factory=list)
     uvicorn_log_level: str = "info"
-
-
-def prompt_context(engine: LLMEngine, chat_template: str | None) -> PromptContext:
-    """The engine's tokenizer, chat template (or why it has none) and sampling defaults."""
-    mc = engine.config.model_config
-    try:
-        template, reason = resolve_chat_template(chat_template, mc.model_path, engine.tokenizer), ""
-    except ValueError as e:
-        if chat_template is not None:
-            raise  # NOTE: a bad --chat-template is the operator's mistake: fail at start
-        template, reason = None, str(e)
-    return PromptContext(
-        engine.tokenizer,
-        template,
-        dict(engine.default_sampling_kwargs),
-        no_template_reason=reason,
-    )
 
 
 def create_app(engine: LLMEngine, args: ServerArgs) -> FastAPI:

@@ -30,7 +30,7 @@ from vlmx.entrypoints.openai.protocol import (
     TopLogprob,
     UsageInfo,
 )
-from vlmx.multimodal.chat import parse_chat_messages, render_chat
+from vlmx.multimodal.chat import parse_chat_messages, render_chat, resolve_chat_template
 from vlmx.outputs import Logprob, RequestOutput
 from vlmx.sampling_params import SamplingParams
 
@@ -60,6 +60,26 @@ class PromptContext:
     default_sampling: dict[str, Any]
     mm_processor_kwargs: dict[str, Any] | None = None
     no_template_reason: str = "the model has no chat template"
+
+
+def prompt_context(engine: Any, chat_template: str | None = None) -> PromptContext:
+    """An `LLMEngine`'s tokenizer, chat template (`chat_template`, a text or file, else the
+    model's; or why it has none) and sampling defaults."""
+    mc = engine.config.model_config
+    try:
+        template = resolve_chat_template(chat_template, mc.model_path, engine.tokenizer)
+        reason = ""
+    except ValueError as e:
+        if chat_template is not None:
+            raise  # NOTE: a bad --chat-template is the operator's mistake: fail at start
+        template, reason = None, str(e)
+    return PromptContext(
+        engine.tokenizer,
+        template,
+        dict(engine.default_sampling_kwargs),
+        mm_processor_kwargs=None,
+        no_template_reason=reason,
+    )
 
 
 def _check_unsupported(body: ChatCompletionRequest | CompletionRequest) -> None:

@@ -19,7 +19,7 @@ import hmac
 import logging
 from dataclasses import dataclass, field
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
@@ -76,7 +76,7 @@ def create_app(engine: LLMEngine, args: ServerArgs) -> FastAPI:
     app.state.engine = engine
     app.state.metrics = metrics
     _add_error_handlers(app, metrics)
-    _add_auth(app, args.api_key)
+    v1 = _key_check(args.api_key)
 
     @app.get("/health")
     async def health() -> Response:
@@ -86,17 +86,17 @@ def create_app(engine: LLMEngine, args: ServerArgs) -> FastAPI:
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=v1)
     async def models() -> JSONResponse:
         mc = engine.config.model_config
         cards = [ModelCard(id=n, root=mc.model, max_model_len=mc.max_model_len) for n in names]
         return JSONResponse(ModelList(data=cards).model_dump())
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=v1)
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
         return await app.state.serving.chat(body, request)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", dependencies=v1)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await app.state.serving.completion(body, request)
 
@@ -122,21 +122,19 @@ def _add_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
         return error_response(400, "; ".join(parts), "BadRequestError", param)
 
 
-def _add_auth(app: FastAPI, api_key: str | None) -> None:
+def _key_check(api_key: str | None) -> list:
+    """The dependencies of the /v1 routes: with an API key, a check of the Authorization
+    header (401 when it is missing or wrong); none without one."""
     if not api_key:
-        return
+        return []
     expected = f"Bearer {api_key}".encode()
 
-    @app.middleware("http")
-    async def check_key(request: Request, call_next):
-        if request.method != "OPTIONS" and request.url.path.startswith("/v1"):
-            given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
-                app.state.metrics.on_error(401)
-                return error_response(
-                    401, "missing or wrong API key", "AuthenticationError", "Authorization"
-                )
-        return await call_next(request)
+    async def check(request: Request) -> None:
+        given = request.headers.get("Authorization", "").encode()
+        if not hmac.compare_digest(given, expected):
+            raise APIError(401, "missing or wrong API key", "AuthenticationError", "Authorization")
+
+    return [Depends(check)]
 
 
 def run_server(engine: LLMEngine, args: ServerArgs) -> None:

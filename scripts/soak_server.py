@@ -85,7 +85,8 @@ async def soak(args: argparse.Namespace) -> None:
     async def report(start: float, rss0: float | None) -> None:
         while time.monotonic() < deadline:
             await asyncio.sleep(args.report_s)
-            warm.append(rss_mib(args.pid)) if not warm else None
+            if not warm:
+                warm.append(rss_mib(args.pid))
             print(f"[{time.monotonic() - start:5.0f} s] {line(time.monotonic() - start, rss0)}")
 
     start = time.monotonic()

@@ -519,6 +519,25 @@ def test_client_leaving_a_plain_request_aborts_it(server):
     _wait_idle(server.engine)
 
 
+def test_an_engine_failure_fails_its_requests_and_the_server_goes_on(server, monkeypatch):
+    engine = server.engine
+    real_step = engine.step
+    calls = []
+
+    def failing_step():
+        if not calls:
+            calls.append(1)
+            raise RuntimeError("injected failure")
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", failing_step)
+    body = {"model": "demo", "messages": _user("hi"), "max_tokens": 3}
+    failed = _post(server, "/v1/chat/completions", body)
+    assert failed.status_code == 500 and "injected failure" in failed.json()["error"]["message"]
+    _wait_idle(engine)
+    assert _post(server, "/v1/chat/completions", body).status_code == 200
+
+
 # -- load -----------------------------------------------------------------------------------
 
 

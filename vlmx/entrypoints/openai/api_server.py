@@ -24,7 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from vlmx.engine.engine import LLMEngine
-from vlmx.entrypoints.openai.async_engine import AsyncEngine
+from vlmx.entrypoints.openai.async_engine import AsyncEngine, EngineError
 from vlmx.entrypoints.openai.convert import prompt_context
 from vlmx.entrypoints.openai.metrics import ServerMetrics
 from vlmx.entrypoints.openai.protocol import (
@@ -108,6 +108,11 @@ def _add_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
     async def api_error(request: Request, e: APIError) -> JSONResponse:
         metrics.on_error(e.status_code)
         return e.response()
+
+    @app.exception_handler(EngineError)
+    async def engine_error(request: Request, e: EngineError) -> JSONResponse:
+        metrics.on_error(500)
+        return error_response(500, str(e), "InternalServerError")
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:

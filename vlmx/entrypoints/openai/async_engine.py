@@ -136,7 +136,11 @@ class AsyncEngine:
         accepted: asyncio.Future = loop.create_future()
         tracked = _Tracked(sink, stream)
         self._send(("add", request_id, text, processed, params, tracked, loop, accepted))
-        await accepted  # NOTE: raises the engine's ValueError (e.g. logprobs over the limit)
+        try:
+            await accepted  # NOTE: raises the engine's ValueError (e.g. logprobs over the limit)
+        except asyncio.CancelledError:  # the client left while the request was being queued
+            self.abort(request_id)  # NOTE: commands run in order, so this follows the add
+            raise
         return RequestHandle(self, request_id, items)
 
     def abort(self, request_id: str) -> None:

@@ -588,3 +588,58 @@ def test_16_concurrent_streams_equal_llm_chat(server, llm, image_host):
     assert [t for t, _ in results] == [r.outputs[0].text for r in references]
     assert [f for _, f in results] == [r.outputs[0].finish_reason for r in references]
     assert max_batch >= 8  # one engine loop batched the connections together
+
+
+def test_async_scheduling_streams_the_same(llm, image_host):
+    """Async scheduling (the CUDA default) reserves each sample before it is read: streams must
+    skip the placeholder, and match the plain answers and `llm.chat`."""
+    engine = LLMEngine(EngineArgs(**ENGINE_KWARGS, async_scheduling=True).create_engine_config())
+    assert engine.config.async_scheduling
+    with running_server(engine, ServerArgs(allowed_media_domains=["127.0.0.1"])) as (base, _):
+        client = openai.OpenAI(
+            base_url=f"{base}/v1",
+            api_key="none",
+            max_retries=0,
+            http_client=httpx.Client(trust_env=False, timeout=120),
+        )
+        messages = _two_image_messages(image_host, "Async?")
+        kwargs = dict(model="demo", messages=messages, max_tokens=12, temperature=0)
+        full = client.chat.completions.create(**kwargs, logprobs=True)
+        streamed, finish, chunks = _stream_texts(
+            client.chat.completions.create(**kwargs, stream=True, logprobs=True)
+        )
+        reference = llm.chat(messages, _greedy(llm, 12), use_tqdm=False)[0]
+        assert streamed == [full.choices[0].message.content] == [reference.outputs[0].text]
+        tokens = [
+            t.token
+            for c in chunks
+            if c.choices and c.choices[0].logprobs
+            for t in c.choices[0].logprobs.content
+        ]
+        assert tokens == [t.token for t in full.choices[0].logprobs.content]
+        sampled = dict(
+            model="demo",
+            messages=_user("Story?"),
+            max_tokens=8,
+            temperature=1.0,
+            top_p=1.0,
+            n=2,
+            seed=3,
+            extra_body={"top_k": 0},
+        )
+        plain = [c.message.content for c in client.chat.completions.create(**sampled).choices]
+        assert (
+            _stream_texts(client.chat.completions.create(**sampled, stream=True), n=2)[0] == plain
+        )
+        long = client.chat.completions.create(
+            model="demo",
+            messages=_user("Go on."),
+            max_tokens=500,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        for num_chunks, _ in enumerate(long):
+            if num_chunks == 4:
+                break
+        long.close()  # the client leaves mid-stream, with a step in flight
+        _wait_idle(engine)

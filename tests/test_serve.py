@@ -9,6 +9,7 @@ import asyncio
 import base64
 import contextlib
 import io
+import os
 import time
 from http.server import BaseHTTPRequestHandler
 from types import SimpleNamespace
@@ -30,8 +31,10 @@ ENGINE_KWARGS = dict(
     max_model_len=1024,
     max_num_seqs=16,
     limit_mm_per_prompt={"image": 2},
-    device="cpu",
-    dtype="float32",
+    # NOTE: VLMX_TEST_DEVICE=cuda runs these on a GPU; keep float32 there, so that greedy answers
+    # are equal across batch shapes (bfloat16 near-ties of the random demo model flip).
+    device=os.environ.get("VLMX_TEST_DEVICE", "cpu"),
+    dtype=os.environ.get("VLMX_TEST_DTYPE", "float32"),
 )
 API_KEY = "test-key"
 

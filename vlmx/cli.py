@@ -275,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_bench(sub)
+    from vlmx.entrypoints.cli_args import add_entrypoint_commands
+
+    add_entrypoint_commands(sub)  # serve, run-batch
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
@@ -285,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
             return _generate(args)
         if args.command == "bench":
             return _bench(args)
+        if hasattr(args, "entrypoint"):
+            return args.entrypoint(args)
     except ValueError as e:
         from vlmx.llm import InvalidPromptsError
 

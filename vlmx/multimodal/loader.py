@@ -16,13 +16,16 @@ import threading
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import blake3
 import torch
 
 from vlmx.multimodal.cache import TensorCache
 from vlmx.multimodal.media import MediaLimits, describe_source, load_image
+
+if TYPE_CHECKING:
+    from vlmx.multimodal.url_policy import MediaURLPolicy
 
 IMAGE_THREADS = 8  # threads of one loader's pool: downloads and decodes of one prompt at once
 DATA_URL_CACHE_BYTES = 256 << 20
@@ -69,6 +72,9 @@ class MediaLoader:
     The pool starts on first use and its threads end when the loader is garbage collected. In a
     forked child the parent's threads (and maybe a held lock) are gone: the loader notices the
     new process id and starts a fresh pool and an empty cache.
+
+    `url_policy`: which image URLs and paths may be read (a server sets one; None, the offline
+    default, trusts the caller). Data URLs are always allowed.
     """
 
     def __init__(
@@ -77,11 +83,13 @@ class MediaLoader:
         *,
         max_workers: int = IMAGE_THREADS,
         data_url_cache_bytes: int = DATA_URL_CACHE_BYTES,
+        url_policy: MediaURLPolicy | None = None,
     ) -> None:
         if max_workers < 1:
             raise ValueError(f"max_workers must be >= 1, got {max_workers}")
         self.limits = limits or MediaLimits.from_env()
         self.max_workers = max_workers
+        self.url_policy = url_policy
         self._data_url_cache_bytes = data_url_cache_bytes
         self._start_fresh()
 
@@ -100,7 +108,7 @@ class MediaLoader:
         self._check_process()
         if isinstance(item, str) and item[:5].lower() == "data:":
             return self.data_urls.load(item)
-        return load_image(item, limits=self.limits)
+        return load_image(item, limits=self.limits, policy=self.url_policy)
 
     def load_all(
         self, sources: Sequence[Any], max_workers: int | None = None

@@ -30,11 +30,14 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+if TYPE_CHECKING:
+    from vlmx.multimodal.url_policy import MediaURLPolicy
 
 _URL_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*):")
 _CHUNK_BYTES = 1 << 20
@@ -233,8 +236,11 @@ class _FetchError(Exception):
     """A download failure whose message is ready for the user (raised as ValueError below)."""
 
 
-def _read_http(url: str, limits: MediaLimits) -> tuple[bytes, str]:
-    """Download `url` within the time and byte limits; returns (body, content type)."""
+def _read_http(
+    url: str, limits: MediaLimits, opener: urllib.request.OpenerDirector | None = None
+) -> tuple[bytes, str]:
+    """Download `url` within the time and byte limits; returns (body, content type). `opener`:
+    urllib's default where None (a server's checks each redirect, `MediaURLPolicy.opener`)."""
     name = describe_source(url)
     request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
     deadline = time.monotonic() + limits.timeout_s
@@ -250,7 +256,8 @@ def _read_http(url: str, limits: MediaLimits) -> tuple[bytes, str]:
     try:
         # NOTE: urlopen's timeout bounds each socket operation; the deadline bounds the whole
         # download, so a server that trickles bytes cannot hold a request for long.
-        with urllib.request.urlopen(request, timeout=limits.timeout_s) as response:
+        urlopen = urllib.request.urlopen if opener is None else opener.open
+        with urlopen(request, timeout=limits.timeout_s) as response:
             content_type = response.headers.get("Content-Type", "") or ""
             length = response.headers.get("Content-Length")
             if length is not None and length.isdigit() and int(length) > limits.max_bytes:
@@ -340,12 +347,17 @@ def _file_url_to_path(url: str) -> Path:
 
 
 def fetch_image(
-    image_url: str, *, timeout: float | None = None, limits: MediaLimits | None = None
+    image_url: str,
+    *,
+    timeout: float | None = None,
+    limits: MediaLimits | None = None,
+    policy: MediaURLPolicy | None = None,
 ) -> Image.Image:
     """Load an RGB PIL image from an http(s) URL, a base64 data URL, a file:// URL or a path.
 
     The counterpart of `vllm.multimodal.utils.fetch_image`. `timeout` (seconds) overrides the
-    download timeout of `limits` (default: `MediaLimits.from_env()`).
+    download timeout of `limits` (default: `MediaLimits.from_env()`). `policy`: which sources
+    may be read, each redirect included (a server's; None trusts the caller).
     """
     if not isinstance(image_url, str):
         raise ValueError(
@@ -359,10 +371,12 @@ def fetch_image(
     if not url:
         raise ValueError("image URL is an empty string")
     name = describe_source(url)
+    if policy is not None:
+        policy.check(url)
     match = _URL_SCHEME.match(url)
     scheme = match.group(1).lower() if match else ""
     if scheme in ("http", "https"):
-        data, content_type = _read_http(url, limits)
+        data, content_type = _read_http(url, limits, policy.opener() if policy else None)
         if ("html" in content_type or content_type.startswith("text/")) and _looks_like_text(data):
             raise ValueError(
                 f"image URL {name} returned a web page (Content-Type {content_type!r}), not an "
@@ -443,25 +457,29 @@ def _pil_to_chw_uint8(image: Image.Image, limits: MediaLimits) -> torch.Tensor:
     return torch.from_numpy(chw)
 
 
-def load_image(item: Any, *, limits: MediaLimits | None = None) -> torch.Tensor:
+def load_image(
+    item: Any, *, limits: MediaLimits | None = None, policy: MediaURLPolicy | None = None
+) -> torch.Tensor:
     """Load one image as a uint8 [3, H, W] contiguous CPU tensor (the caller's own).
 
     Accepts a PIL image, a string (http(s) / data / file URL or path, via `fetch_image`), encoded
     image bytes, a torch tensor [3, H, W] (uint8, or float in [0, 1]) or a numpy array [H, W, 3]
     uint8. `limits`: default `MediaLimits.from_env()`. An engine loads through its
-    `MediaLoader`, which also keeps the decoded images of data URLs.
+    `MediaLoader`, which also keeps the decoded images of data URLs. `policy`: as for
+    `fetch_image`.
     """
     limits = limits or MediaLimits.from_env()
     if isinstance(item, Image.Image):
         return _pil_to_chw_uint8(item, limits)
     if isinstance(item, str):
-        return _pil_to_chw_uint8(fetch_image(item, limits=limits), limits)
+        return _pil_to_chw_uint8(fetch_image(item, limits=limits, policy=policy), limits)
     if isinstance(item, torch.Tensor):
         return _tensor_to_chw_uint8(item, limits)
     if isinstance(item, np.ndarray):
         return _array_to_chw_uint8(item, limits)
     if isinstance(item, os.PathLike):
-        return _pil_to_chw_uint8(fetch_image(os.fspath(item), limits=limits), limits)
+        image = fetch_image(os.fspath(item), limits=limits, policy=policy)
+        return _pil_to_chw_uint8(image, limits)
     if isinstance(item, bytes | bytearray | memoryview):
         return _pil_to_chw_uint8(_image_from_encoded(bytes(item), limits), limits)
     raise ValueError(

@@ -24,7 +24,7 @@ from vlmx.lora.adapter import load_adapter_tensors
 from vlmx.lora.layers import LoRABatch, LoRASlots
 from vlmx.lora.request import LoRARequest
 from vlmx.lora.targets import AdapterPlan, find_targets, plan_adapter
-from vlmx.ops.lora import LoRATokenGroups
+from vlmx.ops.lora import LoRATokenGroups, group_tokens
 from vlmx.ops.triton_support import triton_available
 
 logger = logging.getLogger(__name__)
@@ -135,14 +135,11 @@ class LoRAManager:
         adapter. With `stage` (CUDA: array, dtype -> pinned host tensor) the groups are copied
         into the persistent buffers (`allocate_token_buffers`), whose counts are zero past
         them."""
-        adapted = np.flatnonzero(token_slots >= 0)
-        if adapted.size == 0:
+        order, starts, counts = group_tokens(token_slots, self.config.max_loras)
+        if order.size == 0:
             if stage is not None:
                 self.buffers.counts.zero_()  # decode graphs read the buffers regardless
             return None
-        order = adapted[np.argsort(token_slots[adapted], kind="stable")].astype(np.int32)
-        counts = np.bincount(token_slots[adapted], minlength=self.config.max_loras)
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
         if stage is not None:
             buf = self.buffers
             for dst, array in ((buf.token_idx[: order.size], order), (buf.starts, starts),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from vlmx.ops.triton_support import tl, triton
@@ -35,6 +36,16 @@ class LoRATokenGroups:
     rows_by_slot: list[tuple[int, torch.Tensor]] | None = None
 
 
+def group_tokens(token_slots: np.ndarray, num_slots: int) -> tuple[np.ndarray, ...]:
+    """[T] slot per token (-1: none) -> (token indexes grouped by slot [n] int32, each slot's
+    start [num_slots] int32 and count [num_slots] int32 in them)."""
+    adapted = np.flatnonzero(token_slots >= 0)
+    order = adapted[np.argsort(token_slots[adapted], kind="stable")].astype(np.int32)
+    counts = np.bincount(token_slots[adapted], minlength=num_slots).astype(np.int32)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int32)
+    return order, starts, counts
+
+
 def lora_apply_torch(
     x: torch.Tensor,  # [T, in]
     y: torch.Tensor,  # [T, out], updated in place
@@ -44,12 +55,13 @@ def lora_apply_torch(
     rows_by_slot: list[tuple[int, torch.Tensor]],
 ) -> None:
     rank = b.shape[-1]
+    acc = torch.promote_types(y.dtype, torch.float32)
     for slot, rows in rows_by_slot:
         xs = x.index_select(0, rows)
-        t = xs.float() @ a[slot].float().T  # [n, num_parts * R]
-        delta = torch.zeros(rows.numel(), y.shape[1], dtype=torch.float32, device=y.device)
+        t = xs.to(acc) @ a[slot].to(acc).T  # [n, num_parts * R]
+        delta = torch.zeros(rows.numel(), y.shape[1], dtype=acc, device=y.device)
         for i, (offset, size) in enumerate(slices):
-            part = b[slot, offset : offset + size].float()  # [size, R]
+            part = b[slot, offset : offset + size].to(acc)  # [size, R]
             delta[:, offset : offset + size] = t[:, i * rank : (i + 1) * rank] @ part.T
         y.index_add_(0, rows, delta.to(y.dtype))
 

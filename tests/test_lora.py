@@ -9,6 +9,7 @@ adapter, and with an adapter on the vision tower and projector.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -212,3 +213,43 @@ def test_errors_name_the_problem_and_spare_the_other_prompts(setup, tmp_path):
         plain.generate(prompts[:2], GREEDY, use_tqdm=False, lora_request=[None, reqs["a"]])
     assert excinfo.value.errors == {1: LORA_DISABLED}
     _check(setup, "base", 0, excinfo.value.outputs[0])
+
+
+def test_bench_and_generate_cli_take_lora_options(setup, monkeypatch, tmp_path, capsys):
+    """`vlmx bench --num-loras 2 --lora-rank 4` builds two random adapters and spreads them
+    over the prompts; `vlmx generate --enable-lora --lora-path` applies one."""
+    from vlmx.bench import run as bench_run
+    from vlmx.cli import main
+
+    built = []
+    build_llm = bench_run.build_llm
+    monkeypatch.setattr(
+        bench_run, "build_llm", lambda *a, **k: built.append(build_llm(*a, **k)) or built[-1]
+    )
+    out_file = tmp_path / "results.json"
+    args = ["bench", "--model", setup["base"], "--workload", "w2-decode", "--output-len", "2"]
+    args += ["--num-prompts", "3", "--device", "cpu", "--card", "H100", "--json", str(out_file)]
+    assert main([*args, "--num-loras", "2", "--lora-rank", "4"]) == 0
+    assert json.loads(out_file.read_text())[0]["num_loras"] == 2
+    manager = built[0].llm_engine.executor.runner.lora
+    assert sorted(manager.slot_of) == [1, 2] and manager.config.max_lora_rank == 4
+
+    prompt, images = setup["prompts"][1]
+    image = tmp_path / "image.png"
+    images[0].save(image)
+    args = ["generate", "--model", setup["base"], "--image", str(image), "--device", "cpu"]
+    args += ["--max-tokens", "3", "--dtype", "float32"]
+    lora = [
+        "--enable-lora",
+        "--max-lora-rank",
+        "8",
+        "--lora-path",
+        setup["requests"]["a"].lora_path,
+    ]
+    capsys.readouterr()
+    assert main(args + lora) == 0
+    with_a = capsys.readouterr().out
+    assert main(args) == 0
+    assert capsys.readouterr().out != with_a
+    assert main(args + lora[3:]) == 2
+    assert "enable_lora=False" in capsys.readouterr().err

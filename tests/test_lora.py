@@ -1,4 +1,5 @@
-"""LoRA adapters against HF + PEFT, on the tiny Qwen2.5-VL checkpoint (float32, CPU).
+"""LoRA adapters against HF + PEFT, on the tiny Qwen2.5-VL checkpoint (float32, CPU; or as
+VLMX_TEST_DEVICE / VLMX_TEST_DTYPE / VLMX_TEST_ATOL say, e.g. cuda + bfloat16 with CUDA graphs).
 
 Each adapter is made by PEFT with re-randomised weights (PEFT starts B at zero) and must change
 the reference's answers. vlmx's greedy tokens and logprobs must equal the reference's with the
@@ -17,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.hf_reference import compare_with_reference
+from tests.hf_reference import TEST_DEVICE, TEST_DTYPE, compare_with_reference
 from tests.lora_adapters import (
     DECODER_MODULES,
     fuse_qkv,
@@ -90,7 +91,7 @@ def _inputs(prompts):
 
 
 def _llm(path: str, **kwargs) -> LLM:
-    return LLM(model=path, dtype="float32", device="cpu", max_model_len=2048, **kwargs)
+    return LLM(model=path, dtype=TEST_DTYPE, device=TEST_DEVICE, max_model_len=2048, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +105,8 @@ def llm(setup) -> LLM:
 def _check(setup, name: str, prompt_idx: int, output) -> None:
     prompt, images = setup["prompts"][prompt_idx]
     compare_with_reference(setup["refs"][name], prompt, images, output)
-    assert list(output.outputs[0].token_ids) == setup["answers"][name][prompt_idx], name
+    if TEST_DTYPE == "float32":  # bf16 on a GPU: logprobs within VLMX_TEST_ATOL, clear argmaxes
+        assert list(output.outputs[0].token_ids) == setup["answers"][name][prompt_idx], name
 
 
 @pytest.mark.parametrize("name", ["a", "b", "fused", "tower"])
@@ -253,3 +255,29 @@ def test_bench_and_generate_cli_take_lora_options(setup, monkeypatch, tmp_path, 
     assert capsys.readouterr().out != with_a
     assert main(args + lora[3:]) == 2
     assert "enable_lora=False" in capsys.readouterr().err
+
+
+def test_scheduler_keeps_each_step_within_max_loras():
+    """A waiting request whose adapter would be a third one of the running requests waits
+    (first come, first served) until one adapter's requests are done; the base model never
+    counts."""
+    from tests.engine_helpers import default_sample, make_request, make_scheduler, text
+
+    sched = make_scheduler()
+    sched.max_loras = 2
+    params = SamplingParams(temperature=0.0, max_tokens=2)
+    ids = [1, 0, 2, 1, 3, 2]
+    for i, lora_id in enumerate(ids):
+        sched.add_request(
+            make_request(f"r{i}", [text(4, 10 * i)], params=params, lora_int_id=lora_id)
+        )
+    seen = []
+    while sched.has_unfinished_requests():
+        out = sched.schedule()
+        loras = {sched.requests[r].lora_int_id for r in out.request_ids} - {0}
+        assert len(loras) <= 2, loras
+        seen.append(out.request_ids)
+        samples = [default_sample(sched.requests[r]) for r in out.request_ids]
+        sched.update_from_output(out, samples)
+    assert seen[0] == ["r0", "r1", "r2", "r3"]  # r4's adapter 3 waits for 1 or 2 to finish
+    assert any("r4" in step for step in seen)

@@ -60,6 +60,13 @@ def setup(qwen2_5_vl_ckpt, tmp_path_factory, test_images):
         "tower": make_adapter(base, str(root / "tower"), TOWER_MODULES, seed=4),
     }
     fused = fuse_qkv(qkv, str(root / "fused"))
+    a_bin = root / "a_bin"  # adapter a as adapter_model.bin
+    a_bin.mkdir()
+    shutil.copy(os.path.join(paths["a"], "adapter_config.json"), a_bin)
+    torch.save(
+        load_file(os.path.join(paths["a"], "adapter_model.safetensors")),
+        a_bin / "adapter_model.bin",
+    )
     base_ref = peft_reference(base, None)
     prompts = [
         (base_ref.chat_prompt(2, QUESTION), test_images[:2]),
@@ -76,12 +83,13 @@ def setup(qwen2_5_vl_ckpt, tmp_path_factory, test_images):
         name: LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(paths.items())
     }
     requests["fused"] = LoRARequest("fused", 9, fused)  # answers as "qkv", its split form
+    requests["a_bin"] = LoRARequest("a_bin", 10, str(a_bin))  # answers as "a"
     return {
         "base": base,
         "root": root,
         "prompts": prompts,
-        "refs": {"base": base_ref, **refs, "fused": refs["qkv"]},
-        "answers": {**answers, "fused": answers["qkv"]},
+        "refs": {"base": base_ref, **refs, "fused": refs["qkv"], "a_bin": refs["a"]},
+        "answers": {**answers, "fused": answers["qkv"], "a_bin": answers["a"]},
         "requests": requests,
     }
 
@@ -155,10 +163,11 @@ def test_one_batch_mixes_adapters_and_the_base_model(setup, llm):
 
 
 def test_eviction_and_reloading_give_the_same_answers(setup):
-    """One device slot and one host adapter: every switch evicts and reloads from disk."""
+    """One device slot and one host adapter: every switch evicts and reloads from disk (a
+    `.bin` adapter among them)."""
     reqs = setup["requests"]
     llm = _llm(setup["base"], enable_lora=True, max_loras=1, max_cpu_loras=1, max_lora_rank=8)
-    order = ["a", "b", "base", "a", "fused", "b"]
+    order = ["a", "b", "base", "a", "fused", "a_bin", "b"]
     prompts = [setup["prompts"][0]] * len(order)
     loras = [None if name == "base" else reqs[name] for name in order]
     outputs = llm.generate(_inputs(prompts), GREEDY, use_tqdm=False, lora_request=loras)

@@ -92,7 +92,7 @@ def read_adapter_config(path: str) -> AdapterConfig:
             )
     return AdapterConfig(
         r=int(raw["r"]),
-        lora_alpha=float(raw.get("lora_alpha", raw["r"])),
+        lora_alpha=float(raw.get("lora_alpha", 8)),  # peft LoraConfig's default
         use_rslora=bool(raw.get("use_rslora", False)),
         rank_pattern=dict(raw.get("rank_pattern") or {}),
         alpha_pattern=dict(raw.get("alpha_pattern") or {}),

@@ -128,6 +128,7 @@ class ModelRunner:
             self.fast
             and not self.config.enforce_eager
             and self.model.chunk_images
+            and (self.lora is None or self.lora.batch.use_triton)  # LoRA from device buffers
             and all(
                 m.sliding_window is None
                 for m in self.model.modules()

@@ -27,6 +27,7 @@ from vlmx.layers.attention import (
     build_fast_plan,
     fast_path_available,
 )
+from vlmx.lora.manager import LoRAManager
 from vlmx.models.interface import Model
 from vlmx.step import PLACEHOLDER_TOKEN_ID, RunnerOutput, SchedulerOutput
 from vlmx.worker.cross_attention import CrossAttentionStore
@@ -114,6 +115,16 @@ class ModelRunner:
         self.encoder = EncoderRunner(model, self._to_device)
         # Cross-attention models: each request's image K/V, kept from its first step to its end
         self.cross = CrossAttentionStore(model, config) if model.uses_cross_attention else None
+        # LoRA: slot weights and hooks on the adaptable layers (allocated before the KV cache
+        # is sized, so its budget leaves their bytes out).
+        self.lora: LoRAManager | None = None
+        if config.lora_config is not None:
+            self.lora = LoRAManager(model, config.lora_config, self.device, self.dtype)
+            if self.lora.batch.use_triton:
+                sched = config.scheduler_config
+                self.lora.allocate_token_buffers(
+                    max(sched.max_num_batched_tokens, capture_sizes(sched.max_num_seqs)[-1])
+                )
 
     def _graphs_supported(self) -> bool:
         """Decode steps can be captured when every layer attends through the fast path."""
@@ -123,6 +134,7 @@ class ModelRunner:
             and self.model.chunk_images
             # NOTE: cross-attention reads per-request K/V of host-chosen shapes: decode eager
             and not self.model.uses_cross_attention
+            and (self.lora is None or self.lora.batch.use_triton)  # LoRA from device buffers
         )
 
     # -- KV cache -------------------------------------------------------------------------
@@ -148,7 +160,16 @@ class ModelRunner:
                 self.block_size,
                 self.device,
             )
-            self.graphs.capture()
+            with self._lora_capture():
+                self.graphs.capture()
+
+    def _lora_capture(self) -> contextlib.AbstractContextManager:
+        """While decode graphs are captured: LoRA applied from the persistent token groups
+        (no token in any group), so that each replay applies the groups of its step."""
+        if self.lora is None:
+            return contextlib.nullcontext()
+        self.lora.buffers.counts.zero_()
+        return self.lora.batch.applying(self.lora.buffers)
 
     @torch.inference_mode()
     def profile_run(self) -> None:
@@ -178,7 +199,12 @@ class ModelRunner:
         input_ids, positions, metadata = self._device_inputs(inputs)
         if cross_kv is not None:  # every row cross-attends, as a prompt of text after images
             metadata.cross_attention = self.cross.profile_metadata(cross_kv, num_tokens)
-        hidden = self.model(self.model.embed_tokens(input_ids), positions, self.kv_caches, metadata)
+        groups = None
+        if self.lora is not None:  # every token through slot 0 (zeros): LoRA's largest step
+            groups = self.lora.token_groups(np.zeros(num_tokens, dtype=np.int64), self._stage)
+        with self._lora_applying(groups):
+            inputs_embeds = self.model.embed_tokens(input_ids)
+            hidden = self.model(inputs_embeds, positions, self.kv_caches, metadata)
         self.model.compute_logits(hidden[-sched.max_num_seqs :])
         if self.staging is not None:
             self.staging.end()
@@ -249,10 +275,11 @@ class ModelRunner:
     def _launch(self, step: SchedulerOutput) -> PendingStep:
         batch = self.input_batch
         states = batch.update(step)
-        self.encoder.run(step, batch.requests)
+        num_scheduled = step.num_scheduled_tokens
+        lora_groups = self._lora_groups(states, num_scheduled)
+        self.encoder.run(step, batch.requests, self._tower_lora if self._lora_tower else None)
         if self.cross is not None:
             self.cross.update(step, states)
-        num_scheduled = step.num_scheduled_tokens
         table = batch.block_table.gather(step.request_ids)
         inputs = batch.host_inputs(states, num_scheduled, table)
         patch = self._reserved_inputs(states, inputs.query_start_loc)
@@ -274,7 +301,8 @@ class ModelRunner:
                 input_ids.index_copy_(0, *patch)
             inputs_embeds = self.model.embed_tokens(input_ids)
             self.encoder.merge(inputs_embeds, states, num_scheduled)
-            hidden = self.model(inputs_embeds, positions, self.kv_caches, metadata)
+            with self._lora_applying(lora_groups):
+                hidden = self.model(inputs_embeds, positions, self.kv_caches, metadata)
 
         sample_rows = [
             i
@@ -319,6 +347,42 @@ class ModelRunner:
             pending.tokens_ready = torch.cuda.Event()
             pending.tokens_ready.record()
         return pending
+
+    # -- LoRA -----------------------------------------------------------------------------
+
+    @property
+    def _stage(self):
+        """With the Triton kernels: how LoRA's token groups reach their persistent buffers
+        (pinned staging on CUDA; plain tensors under Triton's CPU interpreter)."""
+        if self.lora is None or not self.lora.batch.use_triton:
+            return None
+        if self.staging is None:
+            return lambda array, dtype: torch.as_tensor(np.asarray(array), dtype=dtype)
+        return self.staging.stage
+
+    @property
+    def _lora_tower(self) -> bool:
+        return self.lora is not None and self.config.lora_config.enable_tower_connector_lora
+
+    def _lora_groups(self, states: list[RequestState], num_scheduled: list[int]):
+        """The step's tokens grouped by their request's adapter slot (None: no adapter)."""
+        if self.lora is None:
+            return None
+        slots = self.lora.slots_for([s.lora_request for s in states])
+        token_slots = np.repeat(np.asarray(slots, dtype=np.int64), num_scheduled)  # [T]
+        return self.lora.token_groups(token_slots, self._stage)
+
+    def _lora_applying(self, groups) -> contextlib.AbstractContextManager:
+        if groups is None:
+            return contextlib.nullcontext()
+        return self.lora.batch.applying(groups)
+
+    def _tower_lora(self, state: RequestState) -> contextlib.AbstractContextManager | None:
+        """The context applying `state`'s adapter to the vision tower (None: it has none)."""
+        request = state.lora_request
+        if request is None or not self.lora.uses_tower(request):
+            return None
+        return self.lora.batch.applying(uniform_slot=self.lora.slot_of[request.lora_int_id])
 
     def _logits_input(
         self, hidden: torch.Tensor, sample_rows: list[int], query_start_loc: list[int]

@@ -7,6 +7,7 @@ import pytest
 from tests.families.gemma3_checkpoint import build_gemma3_checkpoint
 from tests.families.idefics3_checkpoint import build_checkpoint as build_idefics3_checkpoint
 from tests.families.internvl_checkpoint import build_internvl_checkpoint
+from tests.families.phi4mm_checkpoint import build_phi4mm_checkpoint
 from tests.families.pixtral_checkpoint import build_pixtral_checkpoint
 from vlmx.cli import main
 from vlmx.demo.checkpoint import demo_images
@@ -18,6 +19,7 @@ BUILDERS = {
     "pixtral": lambda path: build_pixtral_checkpoint(path, "llava"),
     "mistral3": lambda path: build_pixtral_checkpoint(path, "mistral3"),
     "internvl": lambda path: build_internvl_checkpoint(path),
+    "phi4mm": lambda path: build_phi4mm_checkpoint(path),
 }
 
 

@@ -10,6 +10,7 @@ import torch
 from tests.families import idefics3_checkpoint, pixtral_checkpoint
 from tests.families.gemma3_checkpoint import tiny_gemma3_config
 from tests.families.internvl_checkpoint import tiny_internvl_config
+from tests.families.phi4mm_checkpoint import tiny_phi4mm_config
 from vlmx.demo.configs import tiny_qwen_vl_config
 from vlmx.models.interface import Model
 from vlmx.models.registry import get_model_class, supported_architectures
@@ -23,6 +24,8 @@ CONFIGS = {
     "LlavaForConditionalGeneration": lambda: pixtral_checkpoint.tiny_config("llava"),
     "Mistral3ForConditionalGeneration": lambda: pixtral_checkpoint.tiny_config("mistral3"),
     "InternVLForConditionalGeneration": tiny_internvl_config,
+    "Phi4MultimodalForCausalLM": tiny_phi4mm_config,
+    "Phi4MMForCausalLM": tiny_phi4mm_config,  # the published layout: the same model
 }
 # architecture -> embeddings of its largest image under the processor's defaults (tiny config)
 LARGEST = {
@@ -34,6 +37,8 @@ LARGEST = {
     "LlavaForConditionalGeneration": None,  # the tower's image_size, checked below
     "Mistral3ForConditionalGeneration": None,
     "InternVLForConditionalGeneration": None,  # 12 tiles + thumbnail, checked below
+    "Phi4MultimodalForCausalLM": 96 * 97 + 1 + 16 * 17,  # 6 x 6 crops + the global view
+    "Phi4MMForCausalLM": 96 * 97 + 1 + 16 * 17,
 }
 
 
@@ -96,6 +101,11 @@ def test_profile_images_are_capped_by_the_budget_where_the_family_allows() -> No
     assert [f.num_embeds for f in internvl.profile_image_features(2 * largest)] == [largest] * 2
     assert internvl.profile_image_features(4 * per_tile)[0].num_embeds == 4 * per_tile
     assert internvl.profile_image_features(2 * per_tile)[0].num_embeds == per_tile
+    phi4 = _model("Phi4MultimodalForCausalLM")
+    grid_4x4 = 64 * 65 + 1 + 16 * 17  # 16 crops of 16 x 16 features, a separator per row
+    assert [f.num_embeds for f in phi4.profile_image_features(10000)] == [9585]
+    assert [f.num_embeds for f in phi4.profile_image_features(5000)] == [grid_4x4]
+    assert phi4.profile_image_features(10)[0].num_embeds == 16 * 17 + 1 + 16 * 17  # 1 crop
     gemma = _model("Gemma3ForConditionalGeneration")
     mm_tokens = gemma.mm_tokens
     assert [f.num_embeds for f in gemma.profile_image_features(1)] == [mm_tokens]

@@ -364,3 +364,34 @@ def test_audio_is_refused(ckpt) -> None:
             GREEDY,
             use_tqdm=False,
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# The bench preset
+
+
+def test_bench_preset_is_the_published_shape(tmp_path, monkeypatch) -> None:
+    from vlmx.bench.floor import meta_model
+    from vlmx.bench.presets import preset_path
+
+    monkeypatch.setenv("VLMX_CACHE_DIR", str(tmp_path))
+    path = preset_path("phi-4-multimodal")
+    config = load_hf_config(path)
+    assert config.architectures == ["Phi4MMForCausalLM"]
+    rope = PhiRope.from_hf(config)
+    assert (rope.rotary_dim, rope.original_max_position_embeddings) == (96, 4096)
+    assert rope.attention_factor == pytest.approx(1.1902380714238083)  # sqrt(1 + ln 32 / ln 4096)
+    mc = model_config(path)
+    model = meta_model(mc)  # shapes only
+    decoder = sum(p.numel() for p in model.model.parameters())
+    tower = sum(p.numel() for p in model.image_embed.img_processor.parameters())
+    projection = sum(p.numel() for n, p in model.image_embed.named_parameters()) - tower
+    assert decoder == 3_836_021_760  # Phi-4-mini: 3.84B, embeddings tied
+    d, i = 1152, 4304  # SigLIP-so400m-patch14-448, its first 26 of 27 layers (feature_layer -2)
+    layer = 4 * (d * d + d) + 4 * d + (d * i + i) + (i * d + d)
+    assert tower == 26 * layer + (d * 3 * 14 * 14 + d) + 32 * 32 * d
+    assert projection == 1152 * 3072 + 3072 + 3072 * 3072 + 3072 + 2 * 1152
+    tokenizer = AutoTokenizer.from_pretrained(path, config=mc.hf_config)  # no phi4mm in HF
+    processor = Phi4MMProcessor(mc, tokenizer, torch.device("cpu"))
+    ids = processor.encode_prompt("<|user|><|image_1|><|image_2|>Hi<|end|><|assistant|>")
+    assert ids[:3] == [200021, 200010, 200010] and ids[-2:] == [200020, 200019]

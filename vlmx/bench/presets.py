@@ -11,6 +11,7 @@ from pathlib import Path
 
 from transformers import PretrainedConfig, Qwen2_5_VLConfig, Qwen2VLConfig
 
+from vlmx.bench.phi4_preset import write_phi4_preset
 from vlmx.demo.checkpoint import write_hub_metadata
 from vlmx.demo.tokenizer import build_once, vlmx_cache_dir
 
@@ -65,7 +66,10 @@ PRESETS = {
     "qwen2.5-vl-3b": ("qwen2_5_vl", lambda: _qwen2_5_vl(2048, 11008, 36, 16, 2, 151936, True)),
     "qwen2.5-vl-7b": ("qwen2_5_vl", lambda: _qwen2_5_vl(3584, 18944, 28, 28, 4, 152064, False)),
     "qwen2-vl-7b": ("qwen2_vl", _qwen2_vl_7b),
+    "phi-4-multimodal": ("phi4mm", None),  # written by WRITERS
 }
+# presets whose folder is written by their own function (not a Qwen hub layout)
+WRITERS = {"phi-4-multimodal": write_phi4_preset}
 
 
 def preset_path(name: str) -> str:
@@ -75,6 +79,9 @@ def preset_path(name: str) -> str:
     family, make_config = PRESETS[name]
 
     def build(tmp: Path) -> None:
-        write_hub_metadata(make_config(), family, tmp)
+        if name in WRITERS:
+            WRITERS[name](tmp)
+        else:
+            write_hub_metadata(make_config(), family, tmp)
 
     return str(build_once(vlmx_cache_dir() / f"preset-{name}-v1", build))

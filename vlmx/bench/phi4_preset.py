@@ -5,8 +5,8 @@ Phi-4's vocabulary size and special tokens at their published ids, and no weight
 ```
 id 0..255          the 256 bytes (GPT-2's byte alphabet)
 id 256..199998     unused placeholders (the real vocabulary's merges are not needed here)
-id 199999..200063  <|endoftext|>, <|endoftextK|> at 200000 + K, <|assistant|> 200019, <|end|> 200020,
-                   <|user|> 200021, <|system|> 200022, ... (image: <|endoftext10|> 200010)
+id 199999..200063  <|endoftext|>, <|endoftextK|> at 200000 + K (the image's: <|endoftext10|>),
+                   <|assistant|> 200019, <|end|> 200020, <|user|> 200021, <|system|> 200022, ...
 ```
 """
 

@@ -88,6 +88,7 @@ def test_floor_arithmetic_on_the_3b_preset():
 
 def test_presets_match_the_published_shapes():
     expected = {"qwen2.5-vl-3b": (2048, 36), "qwen2.5-vl-7b": (3584, 28), "qwen2-vl-7b": (3584, 28)}
+    expected["phi-4-multimodal"] = (3072, 32)
     for name in PRESETS:
         config = json.loads(Path(preset_path(name), "config.json").read_text())
         assert (config["hidden_size"], config["num_hidden_layers"]) == expected[name]

@@ -395,3 +395,23 @@ def test_bench_preset_is_the_published_shape(tmp_path, monkeypatch) -> None:
     processor = Phi4MMProcessor(mc, tokenizer, torch.device("cpu"))
     ids = processor.encode_prompt("<|user|><|image_1|><|image_2|>Hi<|end|><|assistant|>")
     assert ids[:3] == [200021, 200010, 200010] and ids[-2:] == [200020, 200019]
+
+
+def test_bench_runs_vlmx_and_hf_on_a_tiny_checkpoint(ckpt, published_ckpt, tmp_path, capsys):
+    import json
+
+    from vlmx.bench.run import run_hf
+    from vlmx.cli import main
+
+    with pytest.raises(ValueError, match="published Phi-4 layout"):
+        run_hf(published_ckpt, "w2-decode", 1)
+    out_file = tmp_path / "results.json"
+    args = ["bench", "--model", ckpt, "--workload", "w2-decode", "--output-len", "4"]
+    args += ["--num-prompts", "2", "--backend", "both", "--hf-batch-size", "2"]
+    args += ["--device", "cpu", "--json", str(out_file)]
+    assert main(args) == 0
+    assert capsys.readouterr().out.count("RESULT ") == 2
+    vlmx_result, hf_result = json.loads(out_file.read_text())
+    for result in (vlmx_result, hf_result):
+        assert result["prompts"] == 2 and result["output_tokens"] == 2 * 4
+    assert vlmx_result["input_tokens"] == hf_result["input_tokens"]  # the same prompts

@@ -15,6 +15,7 @@ import blake3
 import torch
 
 from vlmx.bench.floor import CARDS, Floor, WorkItem, detect_card, meta_model, workload_floor
+from vlmx.bench.phi4_hf import PHI4_ARCHITECTURES, load_phi4_hf, phi4_prompt
 from vlmx.bench.presets import PRESETS, preset_path
 from vlmx.bench.workloads import WORKLOADS, prompts_for, qwen_chat_prompt
 
@@ -134,7 +135,12 @@ def build_llm(model: str, images_per_prompt: int, max_num_seqs: int = 256, **eng
     )
 
 
-def _bench_batch(api: str, requests: list) -> list:
+def _prompt_fn(architecture: str):
+    """The generate-API prompt of a family: Phi-4's tags, else the Qwen-VL chat prompt."""
+    return phi4_prompt if architecture in PHI4_ARCHITECTURES else qwen_chat_prompt
+
+
+def _bench_batch(api: str, requests: list, prompt_fn=qwen_chat_prompt) -> list:
     """The workload's (question, images) pairs as `generate` prompts or `chat` conversations
     (images as data URLs, as a client sends them)."""
     if api == "chat":
@@ -152,7 +158,7 @@ def _bench_batch(api: str, requests: list) -> list:
             for q, ims in requests
         ]
     return [
-        {"prompt": qwen_chat_prompt(q, len(ims)), "multi_modal_data": {"image": ims}}
+        {"prompt": prompt_fn(q, len(ims)), "multi_modal_data": {"image": ims}}
         for q, ims in requests
     ]
 
@@ -216,9 +222,10 @@ def run_vlmx(
             return llm.chat(batch, params, use_tqdm=False)
         return llm.generate(batch, params, use_tqdm=False)
 
+    prompt_fn = _prompt_fn(llm.llm_engine.config.model_config.architecture)
     warm, _ = prompts_for(workload, 4, seed=99)
-    run(_bench_batch(api, warm))
-    batch = _bench_batch(api, requests)
+    run(_bench_batch(api, warm, prompt_fn))
+    batch = _bench_batch(api, requests, prompt_fn)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -241,8 +248,8 @@ def run_vlmx(
     items, encoded = _work_items(requests, outputs, engine.processor)
     card = card or detect_card()
     floor = None
-    if card is not None:
-        mc = engine.config.model_config
+    mc = engine.config.model_config
+    if card is not None and mc.architecture not in PHI4_ARCHITECTURES:  # Qwen-VL shapes only
         floor = workload_floor(meta_model(mc), mc.hf_config, items, max_num_seqs, card)
     return BenchResult(
         backend="vlmx",
@@ -364,11 +371,38 @@ def run_hf(
     min(num_prompts, 256) prompts a batch and, on out-of-memory, starts again at half (larger
     batches only ever ran faster here); on the CPU it is min(num_prompts, 32).
     """
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from vlmx.models.loader import load_hf_config
 
     path, load_format = resolve_model(model)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if load_hf_config(path).architectures[0] in PHI4_ARCHITECTURES:
+        hf_model, make_inputs = load_phi4_hf(path, load_format, device, dtype)
+    else:
+        hf_model, make_inputs = _load_qwen_hf(path, load_format, device, dtype)
+    requests, out_len = prompts_for(workload, num_prompts)
+    out_len = output_len or out_len
+
+    @torch.inference_mode()
+    def run(reqs: list, batch_size: int) -> tuple[int, int]:
+        num_in = num_out = 0
+        for i in range(0, len(reqs), batch_size):
+            chunk = reqs[i : i + batch_size]
+            inputs = make_inputs(chunk)
+            out = hf_model.generate(
+                **inputs, max_new_tokens=out_len, min_new_tokens=out_len, do_sample=False
+            )
+            num_in += int(inputs["attention_mask"].sum())
+            num_out += (out.shape[1] - inputs["input_ids"].shape[1]) * len(chunk)
+        return num_in, num_out
+
+    return _time_hf(run, workload, num_prompts, batch_size, device, requests)
+
+
+def _load_qwen_hf(path: str, load_format: str, device: torch.device, dtype: torch.dtype):
+    """(transformers Qwen-VL model, make_inputs) as `load_phi4_hf` for Phi-4."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
     if load_format == "dummy":
         config = AutoConfig.from_pretrained(path)
         with torch.device(device):
@@ -378,38 +412,31 @@ def run_hf(
     hf_model.eval()
     processor = AutoProcessor.from_pretrained(path)
     processor.tokenizer.padding_side = "left"
-    requests, out_len = prompts_for(workload, num_prompts)
-    out_len = output_len or out_len
 
-    @torch.inference_mode()
-    def run(reqs) -> tuple[int, int]:
-        num_in = num_out = 0
-        for i in range(0, len(reqs), batch_size):
-            chunk = reqs[i : i + batch_size]
-            inputs = processor(
-                text=[qwen_chat_prompt(q, len(ims)) for q, ims in chunk],
-                images=[im for _, ims in chunk for im in ims],
-                padding=True,
-                return_tensors="pt",
-            ).to(device)
-            out = hf_model.generate(
-                **inputs, max_new_tokens=out_len, min_new_tokens=out_len, do_sample=False
-            )
-            num_in += int(inputs["attention_mask"].sum())
-            num_out += (out.shape[1] - inputs["input_ids"].shape[1]) * len(chunk)
-        return num_in, num_out
+    def make_inputs(chunk: list) -> dict:
+        return processor(
+            text=[qwen_chat_prompt(q, len(ims)) for q, ims in chunk],
+            images=[im for _, ims in chunk for im in ims],
+            padding=True,
+            return_tensors="pt",
+        ).to(device)
 
+    return hf_model, make_inputs
+
+
+def _time_hf(run, workload: str, num_prompts: int, batch_size, device, requests) -> BenchResult:
+    """The timed HF run after a warm-up, halving the batch on out-of-memory (see `run_hf`)."""
     fixed = batch_size is not None
     if batch_size is None:
         batch_size = min(num_prompts, 256 if device.type == "cuda" else 32)
-    run(prompts_for(workload, 2, seed=99)[0])
+    run(prompts_for(workload, 2, seed=99)[0], batch_size)
     while True:
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         start = time.monotonic()
         try:
-            num_in, num_out = run(requests)
+            num_in, num_out = run(requests, batch_size)
         except torch.OutOfMemoryError:
             if fixed or batch_size == 1:
                 raise

@@ -71,8 +71,8 @@ class Phi4MMForCausalLM(VLMBase):
     uses_mrope = False
     chunk_images = True  # causal attention over image tokens: a chunk may end inside one
     decoder_name = "model"  # the checkpoint's names: model.layers.{i}.self_attn.qkv_proj, ...
-    # PEFT target names (the published vision-lora's qkv_proj / gate_up_proj are fused, as here)
-    packed_modules_mapping = {"qkv_proj": ["qkv_proj"], "gate_up_proj": ["gate_up_proj"]}
+    # NOTE: the published vision-lora targets qkv_proj / gate_up_proj / o_proj / down_proj by
+    # the checkpoint's names, which are this module's (fused layers adapted whole)
     weight_prefixes = (
         (_IMAGE_EMBED, "image_embed."),
         ("model.", "model."),

@@ -573,7 +573,11 @@ def test_missing_model_folder(tmp_path):
     [
         ({"tensor_parallel_size": 2}, ("tensor_parallel_size=2", "tensor_parallel_size=1")),
         ({"pipeline_parallel_size": 2}, ("pipeline_parallel_size=2", "use 1")),
-        ({"enable_lora": True}, ("enable_lora=True", "LoRA")),
+        (
+            {"enable_lora": True, "max_loras": 2, "max_cpu_loras": 1},
+            ("max_cpu_loras=1", "max_loras=2"),
+        ),
+        ({"enable_lora": True, "max_lora_rank": 0}, ("max_lora_rank must be >= 1",)),
         ({"limit_mm_per_prompt": {"video": 1}}, ("['video']", "'image'")),
         ({"dtype": "float8"}, ("dtype='float8'", "'bfloat16'")),
         ({"max_num_seqs": 0}, ("max_num_seqs must be >= 1",)),

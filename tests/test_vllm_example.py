@@ -115,7 +115,7 @@ ROWS = {
     ),
     "phi4_mm": Row(
         "microsoft/Phi-4-multimodal-instruct",
-        r"enable_lora=True \(LoRA adapters are not supported",
+        _unsupported("Phi4MMForCausalLM"),
         {"architectures": ["Phi4MMForCausalLM"], "model_type": "phi4mm"},
     ),
     # NOTE: fails on its arguments before looking for the checkpoint, so it needs no stub.
@@ -362,13 +362,13 @@ def test_hub_ids_resolve_from_the_test_cache_only(hub_snapshots):
 
 
 def test_the_example_imports_resolve(direct):
-    from vlmx.lora.request import LORA_UNSUPPORTED, LoRARequest
+    from vlmx.lora.request import LORA_DISABLED, LoRARequest
     from vlmx.multimodal import media
     from vlmx.multimodal.utils import fetch_image
 
     assert fetch_image is media.fetch_image
     llm, _ = direct("gemma3")
-    with pytest.raises(ValueError, match=re.escape(LORA_UNSUPPORTED)):
+    with pytest.raises(ValueError, match=re.escape(LORA_DISABLED)):
         llm.llm_engine.add_lora(lora_request=LoRARequest("vision", 1, "vision-lora"))
 
 

@@ -32,6 +32,31 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
     p.add_argument("--verbose", action="store_true", help="log engine details")
+    _add_lora_args(p)
+    p.add_argument("--lora-path", default=None, help="a PEFT LoRA adapter folder to apply")
+
+
+def _add_lora_args(p: argparse.ArgumentParser) -> None:
+    """vLLM's LoRA engine arguments."""
+    p.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters")
+    p.add_argument("--max-loras", type=int, default=1, help="adapters on the device at once")
+    p.add_argument("--max-lora-rank", type=int, default=16)
+    p.add_argument("--max-cpu-loras", type=int, default=None, help="default: --max-loras")
+    p.add_argument(
+        "--enable-tower-connector-lora",
+        action="store_true",
+        help="adapters may target the vision tower and projector",
+    )
+
+
+def _lora_kwargs(args: argparse.Namespace) -> dict:
+    return {
+        "enable_lora": args.enable_lora,
+        "max_loras": args.max_loras,
+        "max_lora_rank": args.max_lora_rank,
+        "max_cpu_loras": args.max_cpu_loras,
+        "enable_tower_connector_lora": args.enable_tower_connector_lora,
+    }
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
@@ -90,6 +115,14 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "runs, FILE gains each run's workload, api and number before its extension",
     )
     p.add_argument(
+        "--num-loras",
+        type=int,
+        default=0,
+        help="random LoRA adapters (rank --lora-rank on all decoder linear layers, written to a "
+        "temp folder) spread across the prompts in turn; 0: none",
+    )
+    p.add_argument("--lora-rank", type=int, default=16, help="rank of the --num-loras adapters")
+    p.add_argument(
         "--profile",
         default=None,
         metavar="DIR",
@@ -101,6 +134,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 def _bench(args: argparse.Namespace) -> int:
     import gc
     import json
+    import tempfile
 
     import torch
 
@@ -116,7 +150,24 @@ def _bench(args: argparse.Namespace) -> int:
         print(describe(result))
         print("RESULT " + json.dumps(result), flush=True)
 
+    if args.num_loras < 0:
+        raise ValueError(f"--num-loras must be >= 0, got {args.num_loras}")
     if args.backend in ("vlmx", "both"):
+        lora_dir = tempfile.TemporaryDirectory(prefix="vlmx-bench-lora-")
+        lora_requests, lora_kwargs = None, {}
+        if args.num_loras:
+            from vlmx.bench.lora import write_random_adapters
+            from vlmx.bench.run import resolve_model
+
+            path = resolve_model(args.model)[0]
+            lora_requests = write_random_adapters(
+                path, args.lora_rank, args.num_loras, lora_dir.name
+            )
+            lora_kwargs = {
+                "enable_lora": True,
+                "max_loras": args.num_loras,
+                "max_lora_rank": args.lora_rank,
+            }
         llm = build_llm(
             args.model,
             max(WORKLOADS[w].images_per_prompt for w in args.workload),
@@ -124,6 +175,7 @@ def _bench(args: argparse.Namespace) -> int:
             device=args.device,
             enforce_eager=args.enforce_eager,
             async_scheduling=False if args.no_async_scheduling else None,
+            **lora_kwargs,
         )
         many = len(args.workload) * len(args.api) * args.runs > 1
         for workload in args.workload:
@@ -140,9 +192,11 @@ def _bench(args: argparse.Namespace) -> int:
                         profile_dir=_per_run(args.profile, tag, many),
                         timeline_path=_per_run(args.timeline, tag, many),
                         llm=llm,
+                        lora_requests=lora_requests,
                     ).summary()
                     report({**result, "run": run} if args.runs > 1 else result)
         del llm
+        lora_dir.cleanup()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -197,15 +251,23 @@ def _generate(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         device=args.device,
         limit_mm_per_prompt={"image": max(len(images), 1)},
+        **_lora_kwargs(args),
     )
     loaded = time.perf_counter()
+    lora = None
+    if args.lora_path is not None:
+        from vlmx import LoRARequest
+
+        lora = LoRARequest("cli", 1, args.lora_path)
     params = SamplingParams(
         temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed
     )
     if args.method == "chat":
         content = [{"type": "image_url", "image_url": {"url": x}} for x in images]
         content.append({"type": "text", "text": args.question})
-        outputs = llm.chat([{"role": "user", "content": content}], params, use_tqdm=False)
+        outputs = llm.chat(
+            [{"role": "user", "content": content}], params, use_tqdm=False, lora_request=lora
+        )
     else:
         engine = llm.llm_engine
         template = resolve_chat_template(
@@ -214,7 +276,10 @@ def _generate(args: argparse.Namespace) -> int:
         content = [{"type": "image"} for _ in images] + [{"type": "text", "text": args.question}]
         prompt = render_chat(engine.tokenizer, [{"role": "user", "content": content}], template)
         outputs = llm.generate(
-            {"prompt": prompt, "multi_modal_data": {"image": images}}, params, use_tqdm=False
+            {"prompt": prompt, "multi_modal_data": {"image": images}},
+            params,
+            use_tqdm=False,
+            lora_request=lora,
         )
     done = time.perf_counter()
     out = outputs[0]

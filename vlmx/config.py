@@ -66,6 +66,27 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA adapters (`enable_lora=True`): how many the device holds at once (`max_loras`, the
+    distinct adapters of one step), the host (`max_cpu_loras`), the largest rank, and whether
+    adapters may target the vision tower and the projector."""
+
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int = 1
+    enable_tower_connector_lora: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("max_loras", "max_lora_rank", "max_cpu_loras"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError(
+                f"max_cpu_loras={self.max_cpu_loras} must be >= max_loras={self.max_loras}"
+            )
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model_config: ModelConfig
     cache_config: CacheConfig
@@ -75,6 +96,7 @@ class EngineConfig:
     max_logprobs: int
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps
     async_scheduling: bool = False
+    lora_config: LoRAConfig | None = None  # None: enable_lora=False
 
 
 def parse_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from vlmx.engine.engine import LLMEngine
 from vlmx.engine.engine_args import EngineArgs, engine_args_from_kwargs
-from vlmx.lora.request import LORA_UNSUPPORTED, LoRARequest
+from vlmx.lora.request import LoRARequest
 from vlmx.multimodal.chat import (
     parse_chat_messages,
     render_chat,
@@ -115,21 +115,20 @@ class LLM:
         An invalid prompt does not stop the others: they all run, then `InvalidPromptsError`
         (a ValueError) names every invalid prompt and carries the outputs of the valid ones.
         """
-        if lora_request is not None:
-            raise ValueError(LORA_UNSUPPORTED)
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)
         params = self._params_list(sampling_params, len(prompts))
+        loras = self._lora_list(lora_request, len(prompts))
         with self._run_lock:
-            return self._run(prompts, params, use_tqdm)
+            return self._run(prompts, params, use_tqdm, loras)
 
     def chat(
         self,
         messages: dict | list[dict] | list[list[dict]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
-        lora_request: LoRARequest | None = None,
+        lora_request: LoRARequest | list[LoRARequest | None] | None = None,
         chat_template: str | None = None,
         chat_template_content_format: str = "auto",
         add_generation_prompt: bool = True,
@@ -140,8 +139,6 @@ class LLM:
         """OpenAI-style conversations rendered with the model's chat template (or
         `chat_template`) and run as one batch. `messages`: one message dict, one conversation
         (a list of message dicts) or a list of conversations; one output per conversation."""
-        if lora_request is not None:
-            raise ValueError(LORA_UNSUPPORTED)
         if chat_template_content_format not in ("auto", "openai"):
             raise ValueError(
                 f"chat_template_content_format={chat_template_content_format!r} is not supported; "
@@ -159,7 +156,8 @@ class LLM:
                 conversations, chat_template, render_kwargs, mm_processor_kwargs
             )
             params = self._params_list(sampling_params, len(prompts))
-            return self._run(prompts, params, use_tqdm)
+            loras = self._lora_list(lora_request, len(prompts))
+            return self._run(prompts, params, use_tqdm, loras)
 
     def _chat_prompts(
         self,
@@ -206,8 +204,25 @@ class LLM:
             )
         return params
 
+    def _lora_list(
+        self, lora_request: LoRARequest | Sequence[LoRARequest | None] | None, n: int
+    ) -> list[LoRARequest | None]:
+        """One adapter (or None: the base model) per prompt, from one for all or a list."""
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            return [lora_request] * n
+        loras = list(lora_request)
+        if len(loras) != n:
+            raise ValueError(
+                f"got {len(loras)} lora_requests for {n} prompts; pass one, or one per prompt"
+            )
+        return loras
+
     def _run(
-        self, prompts: list[Any], params: list[SamplingParams], use_tqdm: bool
+        self,
+        prompts: list[Any],
+        params: list[SamplingParams],
+        use_tqdm: bool,
+        loras: list[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Feed `prompts` to the engine in order as it has room, step it until all are done.
         The caller holds `_run_lock`.
@@ -244,8 +259,11 @@ class LLM:
                         # the request's (as in add_request), then the prompt's.
                         if isinstance(prompts[i], _BadPrompt):
                             raise ValueError(prompts[i].message)
-                        engine.check_request(request_id, params[i])
-                        engine.add_processed_request(request_id, *processed.result(), params[i])
+                        lora = loras[i] if loras else None
+                        engine.check_request(request_id, params[i], lora)
+                        engine.add_processed_request(
+                            request_id, *processed.result(), params[i], lora
+                        )
                     except ValueError as e:
                         errors[i] = str(e)
                         bar.update(1)

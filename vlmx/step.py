@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vlmx.lora.request import LoRARequest
 from vlmx.multimodal.inputs import MMFeature
 from vlmx.sampling_params import SamplingParams
 
@@ -40,6 +41,7 @@ class NewRequestData:
     mrope_positions: torch.Tensor | None = None  # [3, num_prompt_tokens] int64, M-RoPE only
     mrope_position_delta: int = 0
     lora_int_id: int = 0
+    lora_request: LoRARequest | None = None  # the adapter (0 / None: the base model)
 
 
 @dataclass(slots=True)

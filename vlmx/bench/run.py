@@ -198,13 +198,15 @@ def run_vlmx(
     profile_dir: str | None = None,
     timeline_path: str | None = None,
     llm=None,
+    lora_requests: list | None = None,
     **engine_kwargs,
 ) -> BenchResult:
     """One timed run of `workload`, after a 4-prompt warm-up on other images.
 
     `llm`: an LLM from `build_llm` to reuse. Its prefix and image caches are reset first, so
     the run computes what it would in a fresh process (which may still pay first-use costs
-    that a later run does not). None builds one from `model` and `engine_kwargs`."""
+    that a later run does not). None builds one from `model` and `engine_kwargs`.
+    `lora_requests`: adapters spread over the prompts in turn (the LLM needs enable_lora)."""
     from vlmx import SamplingParams
 
     if llm is None:
@@ -218,9 +220,12 @@ def run_vlmx(
     params = SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True)
 
     def run(batch):
+        loras = None
+        if lora_requests:
+            loras = [lora_requests[i % len(lora_requests)] for i in range(len(batch))]
         if api == "chat":
-            return llm.chat(batch, params, use_tqdm=False)
-        return llm.generate(batch, params, use_tqdm=False)
+            return llm.chat(batch, params, use_tqdm=False, lora_request=loras)
+        return llm.generate(batch, params, use_tqdm=False, lora_request=loras)
 
     prompt_fn = _prompt_fn(llm.llm_engine.config.model_config.architecture)
     warm, _ = prompts_for(workload, 4, seed=99)
@@ -269,6 +274,7 @@ def run_vlmx(
             "kv_blocks": engine.num_kv_blocks,
             "preemptions": engine.scheduler.num_preemptions,
             "cuda_graphs": engine.executor.cuda_graphs,
+            "num_loras": len(lora_requests or ()),
             **extra,
         },
     )

@@ -7,6 +7,7 @@ workers only through an `Executor`, with step records (`vlmx.step`). Prompt proc
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import itertools
 import logging
@@ -23,7 +24,8 @@ from vlmx.engine.kv_cache import KVCacheManager
 from vlmx.engine.output_processor import OutputProcessor
 from vlmx.engine.request import Request, RequestStatus
 from vlmx.engine.scheduler import Scheduler
-from vlmx.lora.request import LORA_UNSUPPORTED, LoRARequest
+from vlmx.lora.checker import LoRAChecker
+from vlmx.lora.request import LORA_DISABLED, LoRARequest
 from vlmx.models.registry import get_model_class, get_processor_class
 from vlmx.multimodal.inputs import ProcessedPrompt
 from vlmx.multimodal.loader import MediaLoader
@@ -44,6 +46,16 @@ def input_bytes(processed: ProcessedPrompt) -> int:
         for t in feature.data.values()
         if isinstance(t, torch.Tensor)
     )
+
+
+def with_adapter_hashes(processed: ProcessedPrompt, lora_int_id: int) -> ProcessedPrompt:
+    """`processed` with each image's hash keyed by the adapter too: an adapter on the vision
+    tower or projector changes the image's encoder output (and so its KV)."""
+    features = [
+        dataclasses.replace(f, mm_hash=f"{f.mm_hash}+lora{lora_int_id}")
+        for f in processed.mm_features
+    ]
+    return dataclasses.replace(processed, mm_features=features)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +98,12 @@ class LLMEngine:
             ),
             EncoderCacheManager(sc.encoder_cache_size),
             chunk_images=chunk_images,
+            max_loras=config.lora_config.max_loras if config.lora_config else None,
+        )
+        self.lora_checker = (
+            LoRAChecker(mc.architecture, mc.hf_config, config.lora_config)
+            if config.lora_config
+            else None
         )
         self.requests: dict[str, Request] = {}
         # Device bytes of encoder inputs each queued prompt holds (by its id, a parent's for
@@ -126,7 +144,7 @@ class LLMEngine:
         the engine and the other requests as they were."""
         self.check_request(request_id, params, lora_request)
         text, processed = self.process_prompt(prompt)
-        self._queue(request_id, text, processed, params)
+        self._queue(request_id, text, processed, params, lora_request)
 
     def add_processed_request(
         self,
@@ -140,14 +158,14 @@ class LLMEngine:
         thread; the request is checked as `add_request` checks it. Requests are scheduled in the
         order they are queued."""
         self.check_request(request_id, params, lora_request)
-        self._queue(request_id, text, processed, params)
+        self._queue(request_id, text, processed, params, lora_request)
 
     def check_request(
         self, request_id: str, params: SamplingParams, lora_request: LoRARequest | None = None
     ) -> None:
         """Raise ValueError if the request can't be queued, whatever its prompt."""
         if lora_request is not None:
-            raise ValueError(LORA_UNSUPPORTED)
+            self.check_lora(lora_request)
         if request_id in self.requests or request_id in self.output_processor.parents:
             raise ValueError(f"request id {request_id!r} is already in use")
         if params.logprobs is not None and params.logprobs > self.config.max_logprobs:
@@ -156,16 +174,29 @@ class LLMEngine:
                 "raise max_logprobs when building the LLM"
             )
 
+    def check_lora(self, lora_request: LoRARequest) -> None:
+        """Raise ValueError if the adapter cannot be applied (or LoRA is off)."""
+        if self.lora_checker is None:
+            raise ValueError(LORA_DISABLED)
+        self.lora_checker.check(lora_request)
+
     def _queue(
-        self, request_id: str, text: str | None, processed: ProcessedPrompt, params: SamplingParams
+        self,
+        request_id: str,
+        text: str | None,
+        processed: ProcessedPrompt,
+        params: SamplingParams,
+        lora_request: LoRARequest | None = None,
     ) -> None:
         """Queue a checked request: one, or `params.n` children that share its prompt."""
         arrival = next(self._arrival)
+        if lora_request is not None and self.lora_checker.check(lora_request).uses_tower:
+            processed = with_adapter_hashes(processed, lora_request.lora_int_id)
         num_bytes = input_bytes(processed)
         self.input_bytes[request_id] = num_bytes
         self.num_input_bytes += num_bytes
         if params.n == 1:
-            self._add(request_id, text, processed, params, arrival)
+            self._add(request_id, text, processed, params, arrival, lora_request)
             return
         children = []
         for i in range(params.n):
@@ -174,7 +205,7 @@ class LLMEngine:
             if params.seed is not None:
                 child.seed = params.seed + i
             children.append(f"{request_id}#{i}")
-            self._add(children[-1], text, processed, child, arrival)
+            self._add(children[-1], text, processed, child, arrival, lora_request)
         self.output_processor.add_parent(request_id, children)
 
     def _add(
@@ -184,6 +215,7 @@ class LLMEngine:
         processed: ProcessedPrompt,
         params: SamplingParams,
         arrival: int,
+        lora_request: LoRARequest | None = None,
     ) -> None:
         room = self.config.scheduler_config.max_model_len - len(processed.prompt_token_ids)
         request = Request(
@@ -197,6 +229,8 @@ class LLMEngine:
             mrope_positions=processed.mrope_positions,
             mrope_position_delta=processed.mrope_position_delta,
             arrival_index=arrival,
+            lora_request=lora_request,
+            lora_int_id=lora_request.lora_int_id if lora_request else 0,
         )
         self.requests[request_id] = request
         self.output_processor.add(request_id, text, processed.prompt_token_ids, params)
@@ -336,7 +370,7 @@ class LLMEngine:
         return outputs
 
     def add_lora(self, lora_request: LoRARequest) -> bool:
-        """vLLM's `LLMEngine.add_lora`; adapters are not supported yet, so this always raises."""
-        # NOTE: kept so that scripts written for vLLM reach a clear error instead of an
-        # AttributeError; it loads the adapter once LoRA lands.
-        raise ValueError(LORA_UNSUPPORTED)
+        """vLLM's `LLMEngine.add_lora`: check the adapter now (ValueError if it cannot be
+        applied); the worker reads its weights when a request first uses it."""
+        self.check_lora(lora_request)
+        return True

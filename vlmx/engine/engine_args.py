@@ -16,6 +16,7 @@ from typing import Any
 from vlmx.config import (
     CacheConfig,
     EngineConfig,
+    LoRAConfig,
     ModelConfig,
     SchedulerConfig,
     parse_device,
@@ -75,7 +76,9 @@ class EngineArgs:
     async_scheduling: bool | None = None
     enable_lora: bool = False
     max_lora_rank: int = 16
-    max_loras: int = 1
+    max_loras: int = 1  # adapters on the device at once (distinct adapters of one step)
+    max_cpu_loras: int | None = None  # adapters kept in host memory (None: max_loras)
+    enable_tower_connector_lora: bool = False  # adapters may target the tower and projector
     max_logprobs: int = 20
     device: str = "auto"
     disable_log_stats: bool = True
@@ -128,8 +131,6 @@ def _unsupported(args: EngineArgs) -> list[str]:
         )
     if args.pipeline_parallel_size != 1:
         problems.append(f"pipeline_parallel_size={args.pipeline_parallel_size} (use 1)")
-    if args.enable_lora:
-        problems.append("enable_lora=True (LoRA adapters are not supported yet)")
     if args.load_format not in ("auto", "safetensors", "dummy"):
         problems.append(f"load_format={args.load_format!r} (use 'auto', 'safetensors' or 'dummy')")
     if args.tokenizer_mode not in ("auto", "hf", "slow"):
@@ -240,6 +241,18 @@ def build_engine_config(args: EngineArgs) -> EngineConfig:
         async_scheduling=(
             device.type == "cuda" if args.async_scheduling is None else args.async_scheduling
         ),
+        lora_config=_lora_config(args),
+    )
+
+
+def _lora_config(args: EngineArgs) -> LoRAConfig | None:
+    if not args.enable_lora:
+        return None
+    return LoRAConfig(
+        max_loras=args.max_loras,
+        max_lora_rank=args.max_lora_rank,
+        max_cpu_loras=args.max_loras if args.max_cpu_loras is None else args.max_cpu_loras,
+        enable_tower_connector_lora=args.enable_tower_connector_lora,
     )
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vlmx.lora.request import LoRARequest
 from vlmx.multimodal.inputs import MMFeature
 from vlmx.outputs import RequestMetrics
 from vlmx.sampling_params import SamplingParams
@@ -59,6 +60,7 @@ class Request:
     mrope_position_delta: int = 0
     lora_int_id: int = 0
     arrival_index: int = 0
+    lora_request: LoRARequest | None = None
 
     all_token_ids: list[int] = field(init=False)
     mm_end: int = field(init=False)  # where the last image placeholder ends (0: no images)

@@ -41,8 +41,12 @@ class Scheduler:
         kv_cache: KVCacheManager,
         encoder_cache: EncoderCacheManager,
         chunk_images: bool = True,
+        max_loras: int | None = None,
     ) -> None:
         self.config = config
+        # Distinct LoRA adapters one step may hold (None: LoRA off): a waiting request whose
+        # adapter would be one more than the running requests hold waits.
+        self.max_loras = max_loras
         self.kv_cache = kv_cache
         self.encoder_cache = encoder_cache
         # False for families whose image tokens attend to each other bidirectionally: an
@@ -129,6 +133,8 @@ class Scheduler:
             and len(self.running) < self.config.max_num_seqs
         ):
             request = self.waiting[0]
+            if not self._lora_fits(request):
+                break
             hits, num_hit_tokens = self.kv_cache.get_computed_blocks(request)
             num_computed = request.num_computed_tokens + num_hit_tokens
             num_new = min(request.num_tokens - num_computed, token_budget)
@@ -152,6 +158,13 @@ class Scheduler:
             encoder_budget -= encoder_cost
             token_budget -= num_new
         return out
+
+    def _lora_fits(self, request: Request) -> bool:
+        """Whether running `request` keeps the running adapters within `max_loras`."""
+        if self.max_loras is None or not request.lora_int_id:
+            return True
+        running = {r.lora_int_id for r in self.running if r.lora_int_id}
+        return request.lora_int_id in running or len(running) < self.max_loras
 
     def _add_to_step(
         self,
@@ -183,6 +196,7 @@ class Scheduler:
                     mrope_positions=request.mrope_positions,
                     mrope_position_delta=request.mrope_position_delta,
                     lora_int_id=request.lora_int_id,
+                    lora_request=request.lora_request,
                 )
             )
         else:

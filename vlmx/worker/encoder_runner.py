@@ -11,6 +11,7 @@ The scheduler decides what is encoded when and what is dropped (`SchedulerOutput
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import numpy as np
@@ -33,23 +34,36 @@ class EncoderRunner:
     def clear(self) -> None:
         self.outputs.clear()
 
-    def run(self, step: SchedulerOutput, requests: dict[str, RequestState]) -> None:
-        """Drop the evicted outputs, then encode the step's new images in one batched call."""
+    def run(
+        self,
+        step: SchedulerOutput,
+        requests: dict[str, RequestState],
+        tower_lora: Callable[[RequestState], contextlib.AbstractContextManager] | None = None,
+    ) -> None:
+        """Drop the evicted outputs, then encode the step's new images in one batched call
+        (with `tower_lora`, one call per adapter on the tower: `tower_lora(state)` is the
+        context that applies the state's adapter, None where it has none)."""
         for mm_hash in step.freed_mm_hashes:
             self.outputs.pop(mm_hash, None)
-        features: list[MMFeature] = []
+        groups: dict[int, tuple[RequestState, list[MMFeature]]] = {}
         seen: set[str] = set()
         for request_id, indexes in step.encoder_inputs.items():
+            state = requests[request_id]
             for idx in indexes:
-                feature = requests[request_id].mm_features[idx]
+                feature = state.mm_features[idx]
                 if feature.mm_hash not in self.outputs and feature.mm_hash not in seen:
                     seen.add(feature.mm_hash)
-                    features.append(feature)
-        if not features:
-            return
-        for feature, embeds in zip(features, self.model.encode_images(features), strict=True):
-            assert embeds.shape[0] == feature.num_embeds, (embeds.shape, feature.num_embeds)
-            self.outputs[feature.mm_hash] = embeds
+                    lora_id = (
+                        state.lora_request.lora_int_id if tower_lora and state.lora_request else 0
+                    )
+                    groups.setdefault(lora_id, (state, []))[1].append(feature)
+        for state, features in groups.values():
+            context = tower_lora(state) if tower_lora else None
+            with context or contextlib.nullcontext():
+                embeds_list = self.model.encode_images(features)
+            for feature, embeds in zip(features, embeds_list, strict=True):
+                assert embeds.shape[0] == feature.num_embeds, (embeds.shape, feature.num_embeds)
+                self.outputs[feature.mm_hash] = embeds
 
     def merge(
         self, inputs_embeds: torch.Tensor, states: list[RequestState], num_scheduled: list[int]

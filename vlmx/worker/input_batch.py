@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from vlmx.lora.request import LoRARequest
 from vlmx.multimodal.inputs import MMFeature
 from vlmx.sampling_params import SamplingParams
 from vlmx.step import NewRequestData, SchedulerOutput
@@ -42,6 +43,7 @@ class RequestState:
     # The sample not read on the host yet: (the step that draws it, its index among that
     # step's samples, its index in token_ids).
     pending: tuple[object, int, int] | None = None
+    lora_request: LoRARequest | None = None  # its adapter (None: the base model)
 
     @property
     def num_tokens(self) -> int:
@@ -177,6 +179,7 @@ class InputBatch:
             mrope_position_delta=new.mrope_position_delta,
             mm_end=max((f.placeholder.end for f in new.mm_features), default=0),
             num_computed_tokens=new.num_computed_tokens,
+            lora_request=new.lora_request,
         )
 
     # -- host inputs ----------------------------------------------------------------------

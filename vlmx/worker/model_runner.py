@@ -27,6 +27,7 @@ from vlmx.layers.attention import (
     build_fast_plan,
     fast_path_available,
 )
+from vlmx.lora.manager import LoRAManager
 from vlmx.models.interface import Model
 from vlmx.step import PLACEHOLDER_TOKEN_ID, RunnerOutput, SchedulerOutput
 from vlmx.worker.cuda_graph import DecodeGraphs, capture_sizes, round_up_to_size
@@ -110,6 +111,16 @@ class ModelRunner:
             make_generator=lambda seed: make_generator(seed, device),
         )
         self.encoder = EncoderRunner(model, self._to_device)
+        # LoRA: slot weights and hooks on the adaptable layers (allocated before the KV cache
+        # is sized, so its budget leaves their bytes out).
+        self.lora: LoRAManager | None = None
+        if config.lora_config is not None:
+            self.lora = LoRAManager(model, config.lora_config, self.device, self.dtype)
+            if self.lora.batch.use_triton:
+                sched = config.scheduler_config
+                self.lora.allocate_token_buffers(
+                    max(sched.max_num_batched_tokens, capture_sizes(sched.max_num_seqs)[-1])
+                )
 
     def _graphs_supported(self) -> bool:
         """Decode steps can be captured when every layer attends through the fast path."""
@@ -147,7 +158,16 @@ class ModelRunner:
                 self.block_size,
                 self.device,
             )
-            self.graphs.capture()
+            with self._lora_capture():
+                self.graphs.capture()
+
+    def _lora_capture(self) -> contextlib.AbstractContextManager:
+        """While decode graphs are captured: LoRA applied from the persistent token groups
+        (no token in any group), so that each replay applies the groups of its step."""
+        if self.lora is None:
+            return contextlib.nullcontext()
+        self.lora.buffers.counts.zero_()
+        return self.lora.batch.applying(self.lora.buffers)
 
     @torch.inference_mode()
     def profile_run(self) -> None:
@@ -174,7 +194,12 @@ class ModelRunner:
         if self.staging is not None:
             self.staging.begin()
         input_ids, positions, metadata = self._device_inputs(inputs)
-        hidden = self.model(self.model.embed_tokens(input_ids), positions, self.kv_caches, metadata)
+        groups = None
+        if self.lora is not None:  # every token through slot 0 (zeros): LoRA's largest step
+            groups = self.lora.token_groups(np.zeros(num_tokens, dtype=np.int64), self._stage)
+        with self._lora_applying(groups):
+            inputs_embeds = self.model.embed_tokens(input_ids)
+            hidden = self.model(inputs_embeds, positions, self.kv_caches, metadata)
         self.model.compute_logits(hidden[-sched.max_num_seqs :])
         if self.staging is not None:
             self.staging.end()
@@ -245,8 +270,9 @@ class ModelRunner:
     def _launch(self, step: SchedulerOutput) -> PendingStep:
         batch = self.input_batch
         states = batch.update(step)
-        self.encoder.run(step, batch.requests)
         num_scheduled = step.num_scheduled_tokens
+        lora_groups = self._lora_groups(states, num_scheduled)
+        self.encoder.run(step, batch.requests, self._tower_lora if self._lora_tower else None)
         table = batch.block_table.gather(step.request_ids)
         inputs = batch.host_inputs(states, num_scheduled, table)
         patch = self._reserved_inputs(states, inputs.query_start_loc)
@@ -266,7 +292,8 @@ class ModelRunner:
                 input_ids.index_copy_(0, *patch)
             inputs_embeds = self.model.embed_tokens(input_ids)
             self.encoder.merge(inputs_embeds, states, num_scheduled)
-            hidden = self.model(inputs_embeds, positions, self.kv_caches, metadata)
+            with self._lora_applying(lora_groups):
+                hidden = self.model(inputs_embeds, positions, self.kv_caches, metadata)
 
         sample_rows = [
             i
@@ -311,6 +338,37 @@ class ModelRunner:
             pending.tokens_ready = torch.cuda.Event()
             pending.tokens_ready.record()
         return pending
+
+    # -- LoRA -----------------------------------------------------------------------------
+
+    @property
+    def _stage(self):
+        """CUDA: how LoRA's token groups reach their persistent buffers (pinned staging)."""
+        return self.staging.stage if self.lora is not None and self.lora.batch.use_triton else None
+
+    @property
+    def _lora_tower(self) -> bool:
+        return self.lora is not None and self.config.lora_config.enable_tower_connector_lora
+
+    def _lora_groups(self, states: list[RequestState], num_scheduled: list[int]):
+        """The step's tokens grouped by their request's adapter slot (None: no adapter)."""
+        if self.lora is None:
+            return None
+        slots = self.lora.slots_for([s.lora_request for s in states])
+        token_slots = np.repeat(np.asarray(slots, dtype=np.int64), num_scheduled)  # [T]
+        return self.lora.token_groups(token_slots, self._stage)
+
+    def _lora_applying(self, groups) -> contextlib.AbstractContextManager:
+        if groups is None:
+            return contextlib.nullcontext()
+        return self.lora.batch.applying(groups)
+
+    def _tower_lora(self, state: RequestState) -> contextlib.AbstractContextManager | None:
+        """The context applying `state`'s adapter to the vision tower (None: it has none)."""
+        request = state.lora_request
+        if request is None or not self.lora.uses_tower(request):
+            return None
+        return self.lora.batch.applying(uniform_slot=self.lora.slot_of[request.lora_int_id])
 
     def _logits_input(
         self, hidden: torch.Tensor, sample_rows: list[int], query_start_loc: list[int]

@@ -74,6 +74,10 @@ class Worker:
             return max(blocks_per_seq, min(wanted, _CPU_KV_BYTES // per_block))
         _, total = torch.cuda.mem_get_info(self.config.device)
         peak = self.profile_peak_memory()
+        if self.runner.lora is not None:
+            logger.info(
+                "LoRA slots: %.2f GiB (in the profiled peak)", self.runner.lora.num_bytes / 2**30
+            )
         reserved = (self.mm_input_bytes or 0) + cache.processor_cache_bytes
         num_blocks = kv_blocks_for_budget(
             total, cache.gpu_memory_utilization, peak, reserved, per_block

@@ -1,0 +1,102 @@
+"""The batched LoRA kernels (shrink, expand) against the torch reference, and the reference
+against a per-token loop.
+
+The Triton kernels run under Triton's CPU interpreter in a child pytest
+(`test_interpreter_tests_in_a_subprocess`, see tests/triton_interpreter.py), or on a GPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from triton_interpreter import CUDA, HAS_TRITON, INTERPRETER, in_interpreter, run_interpreter_tests
+
+from vlmx.ops import lora as ops
+
+# (row offset, rows) of each part: q | k | v; gate | up with padding rows between; one part
+SLICES = {
+    "qkv": ((0, 32), (32, 16), (48, 16)),
+    "padded": ((0, 24), (32, 24)),
+    "one": ((0, 40),),
+}
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+
+
+@pytest.mark.skipif(INTERPRETER or not HAS_TRITON, reason="interpreter run, or no triton")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the CUDA tests run the kernels")
+def test_interpreter_tests_in_a_subprocess():
+    run_interpreter_tests(__file__)
+
+
+def make_case(num_tokens, in_features, slices, rank, num_slots, seed, dtype, device):
+    gen = torch.Generator().manual_seed(seed)
+    out = max(o + s for o, s in slices) + 8  # rows past the last part stay untouched
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    x = rand(num_tokens, in_features)
+    y = rand(num_tokens, out)
+    a = rand(num_slots, len(slices) * rank, in_features)
+    b = rand(num_slots, out, rank)
+    rng = np.random.default_rng(seed)
+    token_slots = rng.integers(-1, num_slots - 1, num_tokens)  # the last slot is unused
+    return x, y, a, b, token_slots
+
+
+def groups_of(token_slots, num_slots, device, pad: int = 0) -> ops.LoRATokenGroups:
+    """The groups as the runner builds them; `pad` extra token indexes (persistent buffers)."""
+    order, starts, counts = ops.group_tokens(token_slots, num_slots)
+    rows = torch.from_numpy(order.astype(np.int64)).to(device)
+    return ops.LoRATokenGroups(
+        token_idx=torch.cat([rows, torch.zeros(pad, dtype=torch.long, device=device)]).int(),
+        starts=torch.from_numpy(starts).to(device),
+        counts=torch.from_numpy(counts).to(device),
+        rows_by_slot=[(s, rows[starts[s] : starts[s] + counts[s]]) for s in range(num_slots)],
+    )
+
+
+def test_reference_matches_a_per_token_loop():
+    slices = SLICES["qkv"]
+    x, y, a, b, token_slots = make_case(13, 24, slices, 4, 3, 0, torch.float64, "cpu")
+    expected = y.clone()
+    for t, slot in enumerate(token_slots.tolist()):
+        if slot < 0:
+            continue
+        for i, (offset, size) in enumerate(slices):
+            t_i = a[slot, i * 4 : (i + 1) * 4] @ x[t]  # [R]
+            expected[t, offset : offset + size] += b[slot, offset : offset + size] @ t_i
+    ops.lora_apply_torch(x, y, a, b, slices, groups_of(token_slots, 3, "cpu").rows_by_slot)
+    torch.testing.assert_close(y, expected)
+
+
+def _check_triton(name, num_tokens, in_features, rank, dtype, device):
+    slices = SLICES[name]
+    x, y, a, b, token_slots = make_case(num_tokens, in_features, slices, rank, 3, 1, dtype, device)
+    groups = groups_of(token_slots, 3, device, pad=5)
+    expected = y.clone()
+    ops.lora_apply_torch(x, expected, a, b, slices, groups.rows_by_slot)
+    table = torch.tensor(slices, dtype=torch.int32, device=device)
+    ops.lora_apply_triton(x, y, a, b, slices, table, groups)
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(y, expected, atol=tol * max(1, rank * in_features) ** 0.5, rtol=tol)
+
+
+@in_interpreter
+@pytest.mark.parametrize(
+    ("name", "num_tokens", "in_features", "rank"),
+    [("qkv", 21, 40, 8), ("padded", 5, 2048, 16), ("one", 17, 24, 20)],
+)
+def test_triton_matches_reference_in_interpreter(name, num_tokens, in_features, rank):
+    """Masked ragged tiles, split-K (2048 inputs, few tokens), a rank over one rank block."""
+    _check_triton(name, num_tokens, in_features, rank, torch.float32, "cpu")
+
+
+@CUDA
+@pytest.mark.parametrize(
+    ("name", "num_tokens", "in_features", "rank"),
+    [("qkv", 300, 2048, 16), ("padded", 7, 11008, 16), ("one", 2000, 2048, 64)],
+)
+def test_triton_matches_reference_on_cuda(name, num_tokens, in_features, rank):
+    _check_triton(name, num_tokens, in_features, rank, torch.bfloat16, "cuda")

@@ -9,6 +9,7 @@ on the CPU), so the same file is the GPU bf16 parity run.
 from __future__ import annotations
 
 import base64
+import copy
 import io
 import re
 
@@ -415,3 +416,38 @@ def test_bench_runs_vlmx_and_hf_on_a_tiny_checkpoint(ckpt, published_ckpt, tmp_p
     for result in (vlmx_result, hf_result):
         assert result["prompts"] == 2 and result["output_tokens"] == 2 * 4
     assert vlmx_result["input_tokens"] == hf_result["input_tokens"]  # the same prompts
+
+
+# ---------------------------------------------------------------------------------------------
+# The vision LoRA
+
+
+def test_vision_lora_matches_peft(ckpt, published_ckpt, ref, batch) -> None:
+    """The checkpoint's vision-lora (fused qkv_proj / gate_up_proj targets) through
+    LoRARequest, as vLLM's example names it, against HF with the adapter applied by PEFT; a
+    batch mixing it and the base model; the published layout's adapter folder too."""
+    from peft import PeftModel
+
+    from vlmx import LoRARequest
+
+    lora = LoRARequest("vision", 1, f"{ckpt}/vision-lora")
+    llm = _llm(ckpt, enable_lora=True, max_lora_rank=320)
+    prompts = [{"prompt": p, "multi_modal_data": {"image": imgs}} for p, imgs in batch]
+    adapted = llm.generate(prompts, GREEDY, lora_request=lora, use_tqdm=False)
+    mixed = llm.generate(prompts, GREEDY, lora_request=[lora, None], use_tqdm=False)
+    base_model = ref.model
+    # NOTE: PEFT injects its layers into the model it wraps: wrap a copy
+    ref.model = PeftModel.from_pretrained(copy.deepcopy(base_model), f"{ckpt}/vision-lora")
+    try:
+        for (prompt, images), output in zip(batch, adapted):
+            compare_with_reference(ref, prompt, images, output)
+        assert mixed[0].outputs[0].token_ids == adapted[0].outputs[0].token_ids
+    finally:
+        ref.model = base_model
+    compare_with_reference(ref, *batch[1], mixed[1])  # the base model, in the same batch
+    base = _generate(llm, batch[:1])[0]
+    assert base.outputs[0].token_ids != adapted[0].outputs[0].token_ids  # the adapter matters
+    published = _llm(published_ckpt, enable_lora=True, max_lora_rank=320)
+    lora_pub = LoRARequest("vision", 1, f"{published_ckpt}/vision-lora")
+    again = published.generate(prompts[:1], GREEDY, lora_request=lora_pub, use_tqdm=False)
+    assert again[0].outputs[0].token_ids == adapted[0].outputs[0].token_ids

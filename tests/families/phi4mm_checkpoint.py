@@ -132,11 +132,38 @@ def build_phi4mm_model(seed: int = 0) -> Phi4MultimodalForCausalLM:
     return model.eval()
 
 
+# The published vision-lora's targets: the decoder's fused layers (r=256, alpha=512 there)
+VISION_LORA_MODULES = (
+    r"model\.layers\.\d+\.(self_attn\.(qkv_proj|o_proj)|mlp\.(gate_up_proj|down_proj))"
+)
+
+
+def write_vision_lora(model: Phi4MultimodalForCausalLM, out: Path, seed: int = 7) -> str:
+    """A PEFT adapter of the decoder's fused layers saved to `out` (as the published
+    `vision-lora/`), its weights random: PEFT starts B at zero, which would test nothing."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=VISION_LORA_MODULES)
+    peft_model = get_peft_model(copy.deepcopy(model), config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+    peft_model.save_pretrained(out)
+    return str(out)
+
+
 def build_phi4mm_checkpoint(folder, layout: str = "transformers", seed: int = 0) -> str:
-    """Write a tiny random Phi-4-multimodal checkpoint into `folder`; returns its path."""
+    """Write a tiny random Phi-4-multimodal checkpoint into `folder`, with its `vision-lora/`
+    adapter folder beside the weights as published; returns its path."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    build_phi4mm_model(seed).save_pretrained(folder)
+    model = build_phi4mm_model(seed)
+    model.save_pretrained(folder)
+    write_vision_lora(model, folder / "vision-lora")
     build_phi4mm_tokenizer().save_pretrained(folder)
     Phi4MultimodalImageProcessor().save_pretrained(folder)
     if layout == "published":

@@ -12,6 +12,7 @@ import base64
 import copy
 import io
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -29,7 +30,13 @@ from tests.families.phi4mm_checkpoint import (
     build_phi4mm_checkpoint,
     tiny_phi4mm_config,
 )
-from tests.hf_reference import TEST_DEVICE, TEST_DTYPE, HFReference, compare_with_reference
+from tests.hf_reference import (
+    TEST_ATOL,
+    TEST_DEVICE,
+    TEST_DTYPE,
+    HFReference,
+    compare_with_reference,
+)
 from vlmx import LLM, SamplingParams
 from vlmx.config import ModelConfig
 from vlmx.demo.images import structured_image
@@ -58,6 +65,10 @@ class Phi4Reference(HFReference):
         self.model = Phi4MultimodalForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         self.image_processor = Phi4MultimodalImageProcessor.from_pretrained(path)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
+        # what callers of HFReference read of its processor: the chat template, the tokenizer
+        self.processor = SimpleNamespace(
+            apply_chat_template=self.tokenizer.apply_chat_template, tokenizer=self.tokenizer
+        )
 
     def chat_prompt(self, num_images: int, question: str) -> str:
         tags = "".join(f"<|image_{i + 1}|>" for i in range(num_images))
@@ -328,13 +339,15 @@ def test_published_layout_and_kwargs_match_reference(published_ckpt, ref, batch)
 def test_prefix_caching_and_chunked_prefill(ckpt, batch) -> None:
     baseline = _generate(_llm(ckpt, enable_prefix_caching=False), batch)
 
+    tol = max(2e-3, TEST_ATOL)  # bf16 on the GPU: other step shapes round differently
+
     def check(outputs):
         for out, base in zip(outputs, baseline):
             assert out.prompt_token_ids == base.prompt_token_ids
             assert out.outputs[0].token_ids == base.outputs[0].token_ids
             for a, b in zip(out.outputs[0].logprobs, base.outputs[0].logprobs):
                 for token_id in b:
-                    assert abs(a[token_id].logprob - b[token_id].logprob) < 2e-3
+                    assert abs(a[token_id].logprob - b[token_id].logprob) < tol
 
     llm = _llm(ckpt, enable_prefix_caching=True)
     check(_generate(llm, batch))

@@ -40,6 +40,7 @@ from transformers import (
 
 from tests.families import idefics3_checkpoint
 from tests.families.gemma3_checkpoint import build_gemma3_checkpoint
+from tests.families.phi4mm_checkpoint import build_phi4mm_checkpoint
 from tests.hf_reference import HFReference, compare_with_reference
 from tests.hub_cache import add_snapshot, use_hub_cache
 from tests.loopback import serve_files
@@ -113,11 +114,7 @@ ROWS = {
         _unsupported("Phi3VForCausalLM"),
         {"architectures": ["Phi3VForCausalLM"], "model_type": "phi3_v"},
     ),
-    "phi4_mm": Row(
-        "microsoft/Phi-4-multimodal-instruct",
-        _unsupported("Phi4MMForCausalLM"),
-        {"architectures": ["Phi4MMForCausalLM"], "model_type": "phi4mm"},
-    ),
+    "phi4_mm": Row("microsoft/Phi-4-multimodal-instruct"),  # published layout + vision-lora/
     # NOTE: fails on its arguments before looking for the checkpoint, so it needs no stub.
     "pixtral_hf": Row("mistral-community/pixtral-12b", r"tensor_parallel_size=2"),
     "qwen_vl_chat": Row(
@@ -146,7 +143,14 @@ ENGINE_KWARGS = {
         "enforce_eager": True,
         "mm_processor_kwargs": {"size": IDEFICS3_SIZE},
     },
+    "phi4_mm": {
+        "max_model_len": 10000,
+        "max_num_seqs": 2,
+        "enable_lora": True,
+        "max_lora_rank": 320,
+    },
 }
+PHI4_PROMPT = f"<|user|><|image_1|><|image_2|>{QUESTION}<|end|><|assistant|>"
 IDEFICS3_PROMPT = (
     "<|begin_of_text|>User:Image-1: <image>\n\nImage-2: <image>\n\n"
     f"{QUESTION}<end_of_utterance>\nAssistant:"
@@ -197,11 +201,20 @@ def hub_snapshots(tmp_path_factory, qwen2_vl_hub_ckpt, qwen2_5_vl_hub_ckpt) -> d
         "qwen2_5_vl": qwen2_5_vl_hub_ckpt,
         "gemma3": build_gemma3_checkpoint(build / "gemma3", "hub"),
         "idefics3": build_idefics3(build / "idefics3"),
+        "phi4_mm": build_phi4mm_checkpoint(build / "phi4_mm", "published"),
+        # the same weights in transformers' layout, for the reference (HF reads the published
+        # layout only with the checkpoint's code)
+        "phi4_mm_hf": build_phi4mm_checkpoint(build / "phi4_mm_hf"),
     }
     for row, spec in ROWS.items():
         if spec.stub is not None:
             sources[row] = build_stub(build / row, spec)
-    snapshots = {row: add_snapshot(cache, ROWS[row].hub_id, src) for row, src in sources.items()}
+    snapshots = {
+        row: add_snapshot(cache, ROWS[row].hub_id, src)
+        for row, src in sources.items()
+        if row in ROWS
+    }
+    snapshots["phi4_mm_hf"] = sources["phi4_mm_hf"]
     with pytest.MonkeyPatch.context() as mp:
         use_hub_cache(mp, cache)
         yield snapshots
@@ -268,7 +281,12 @@ def direct(hub_snapshots):
     def get(row: str) -> tuple[LLM, HFReference]:
         if row not in built:
             llm = LLM(ROWS[row].hub_id, limit_mm_per_prompt={"image": 2}, **ENGINE_KWARGS[row])
-            ref = HFReference(hub_snapshots[row], model_cls=HF_CLASSES[row])
+            if row == "phi4_mm":
+                from tests.test_phi4mm import Phi4Reference
+
+                ref = Phi4Reference(hub_snapshots["phi4_mm_hf"])
+            else:
+                ref = HFReference(hub_snapshots[row], model_cls=HF_CLASSES[row])
             if row == "idefics3":  # the example's mm_processor_kwargs, for the reference too
                 ref.processor.image_processor.size = IDEFICS3_SIZE
             built[row] = llm, ref
@@ -280,6 +298,8 @@ def direct(hub_snapshots):
 def generate_prompt(row: str) -> str:
     if row == "idefics3":
         return IDEFICS3_PROMPT
+    if row == "phi4_mm":  # the example's own prompt (the published template has no images)
+        return PHI4_PROMPT
     content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": QUESTION}]
     messages = [{"role": "user", "content": content}]
     if row in ("qwen2_vl", "qwen2_5_vl"):

@@ -129,6 +129,12 @@ def build_phi4mm_model(seed: int = 0) -> Phi4MultimodalForCausalLM:
         for name, param in model.named_parameters():
             if ".img_processor." in name and param.ndim == 2:
                 param.mul_(0.2)
+            # the layers, not the tied embedding of the last token, decide the next token (at
+            # HF's init the tiny decoder repeats <|assistant|>, which decodes to no text)
+            if name.startswith("model.layers.") and name.endswith(
+                ("o_proj.weight", "down_proj.weight")
+            ):
+                param.mul_(3.0)
     return model.eval()
 
 

@@ -191,6 +191,12 @@ def test_processor_errors(ckpt) -> None:
         processor.process(ids, [image_tensor(50, 50, 0)] * 2, {})
     with pytest.raises(ValueError, match="aspect ratio"):
         processor.process(ids, [image_tensor(2, 2000, 0)], {})
+    image = image_tensor(50, 50, 0)
+    expanded = processor.process(ids, [image], {}).prompt_token_ids
+    with pytest.raises(ValueError, match="more image tokens"):
+        processor.process(expanded + [IMAGE_TOKEN_ID], [image], {})
+    with pytest.raises(ValueError, match="more image tokens"):
+        processor.process(expanded, [], {})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -252,9 +252,7 @@ class Phi4MMProcessor(ImageProcessorBase[HDEntry]):
         ids:    t I*n0 I*n1 t  -> image 0 at [1, 1 + n0), image 1 at [1 + n0, 1 + n0 + n1)
         ```
         """
-        slots = [
-            (start, end) for start, end in find_token_runs(prompt_token_ids, self.image_token_id)
-        ]
+        slots = find_token_runs(prompt_token_ids, self.image_token_id)
         spans, run, cursor = [], 0, None
         for image_idx, e in enumerate(expansions):
             if cursor is None or cursor == slots[run][1]:
@@ -268,7 +266,8 @@ class Phi4MMProcessor(ImageProcessorBase[HDEntry]):
             length = e.length if slots[run][1] - cursor >= e.length else 1
             spans.append((cursor, cursor + length))
             cursor += length
-        if cursor is not None and (cursor != slots[run][1] or run + 1 != len(slots)):
+        runs_used = 0 if cursor is None else run + 1
+        if runs_used != len(slots) or (cursor is not None and cursor != slots[run][1]):
             raise ValueError(
                 f"prompt has more image tokens than its {len(expansions)} images take: one per "
                 "image (<|image_i|>), or each image's whole expansion"

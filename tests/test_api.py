@@ -342,7 +342,7 @@ def test_logprobs(llm, tokenizer):
         assert completion.cumulative_logprob == pytest.approx(total)
 
 
-def test_lora_request_is_refused(llm):
+def test_lora_request_is_refused_without_enable_lora(llm):
     lora = LoRARequest("a", 1, "/x")
     messages = [{"role": "user", "content": "Hi"}]
     calls = [
@@ -352,7 +352,7 @@ def test_lora_request_is_refused(llm):
         lambda: llm.llm_engine.add_request("lora", TEXT, GREEDY, lora_request=lora),
     ]
     for call in calls:
-        with pytest.raises(ValueError, match=r"LoRA.*not supported"):
+        with pytest.raises(ValueError, match=r"lora_request was given.*enable_lora=False"):
             call()
     assert not llm.llm_engine.has_unfinished_requests()
 

@@ -100,3 +100,37 @@ def test_triton_matches_reference_in_interpreter(name, num_tokens, in_features, 
 )
 def test_triton_matches_reference_on_cuda(name, num_tokens, in_features, rank):
     _check_triton(name, num_tokens, in_features, rank, torch.bfloat16, "cuda")
+
+
+@in_interpreter
+def test_engine_with_the_kernels_matches_the_torch_path_in_interpreter(qwen2_5_vl_ckpt, tmp_path):
+    """A whole engine run with two adapters and the base model mixed, the LoRA layers through
+    the Triton kernels (token groups in the persistent buffers, as on CUDA) and through the
+    torch path: the same tokens and logprobs."""
+    from vlmx import LLM, SamplingParams
+    from vlmx.bench.lora import write_random_adapters
+
+    loras = write_random_adapters(qwen2_5_vl_ckpt, 4, 2, str(tmp_path), std=0.3)
+    llm = LLM(
+        model=qwen2_5_vl_ckpt, dtype="float32", device="cpu", max_model_len=256,
+        enable_lora=True, max_loras=2, max_lora_rank=4,
+    )  # fmt: skip
+    prompts = [{"prompt_token_ids": list(range(100, 124))}] * 3  # one prompt, three models
+    params = SamplingParams(temperature=0.0, max_tokens=3, logprobs=2)
+
+    def run():
+        llm.reset_prefix_cache()
+        return llm.generate(prompts, params, use_tqdm=False, lora_request=[*loras, None])
+
+    torch_path = run()
+    manager = llm.llm_engine.executor.runner.lora
+    manager.batch.use_triton = True
+    manager.allocate_token_buffers(256)
+    kernels = run()
+    answers = [out.outputs[0].token_ids for out in torch_path]
+    assert answers[0] != answers[2] and answers[1] != answers[2]  # the adapters change them
+    for ref, out in zip(torch_path, kernels):
+        assert out.outputs[0].token_ids == ref.outputs[0].token_ids
+        for ref_lp, lp in zip(ref.outputs[0].logprobs, out.outputs[0].logprobs):
+            for token_id, entry in ref_lp.items():
+                assert abs(lp[token_id].logprob - entry.logprob) < 1e-4

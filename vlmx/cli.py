@@ -123,6 +123,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--lora-rank", type=int, default=16, help="rank of the --num-loras adapters")
     p.add_argument(
+        "--max-loras",
+        type=int,
+        default=None,
+        help="adapters on the GPU at once with --num-loras (default: --num-loras)",
+    )
+    p.add_argument(
         "--profile",
         default=None,
         metavar="DIR",
@@ -165,7 +171,8 @@ def _bench(args: argparse.Namespace) -> int:
             )
             lora_kwargs = {
                 "enable_lora": True,
-                "max_loras": args.num_loras,
+                "max_loras": args.max_loras or args.num_loras,
+                "max_cpu_loras": args.num_loras,
                 "max_lora_rank": args.lora_rank,
             }
         llm = build_llm(

@@ -15,9 +15,11 @@ from vlmx.models.loader import load_hf_config
 from vlmx.models.registry import get_model_class, resolve_architecture
 
 
-def write_random_adapters(model_path: str, rank: int, num: int, folder: str) -> list[LoRARequest]:
+def write_random_adapters(
+    model_path: str, rank: int, num: int, folder: str, std: float = 0.01
+) -> list[LoRARequest]:
     """`num` adapters of `rank` on all decoder linear layers (named as vlmx's fused layers,
-    which map onto themselves whole), values ~ N(0, 0.01^2) with scale alpha / r = 1."""
+    which map onto themselves whole), values ~ N(0, std^2) with scale alpha / r = 1."""
     hf_config = load_hf_config(model_path)
     architecture = resolve_architecture(getattr(hf_config, "architectures", None))
     with torch.device("meta"):
@@ -30,8 +32,8 @@ def write_random_adapters(model_path: str, rank: int, num: int, folder: str) -> 
         for t in targets:
             rows = sum(size for _, size in t.slices)
             key = f"base_model.model.{t.name}"
-            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, t.in_features, generator=gen) * 0.01
-            tensors[f"{key}.lora_B.weight"] = torch.randn(rows, rank, generator=gen) * 0.01
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, t.in_features, generator=gen) * std
+            tensors[f"{key}.lora_B.weight"] = torch.randn(rows, rank, generator=gen) * std
         path = os.path.join(folder, f"adapter-{i}")
         os.makedirs(path, exist_ok=True)
         save_file({k: v.to(torch.bfloat16) for k, v in tensors.items()},

@@ -48,13 +48,13 @@ class LoRABatch:
             self._busy, self.groups, self.uniform_slot = False, None, None
 
 
-class LoRASlots(nn.Module):
-    """One layer's slot weights, and the forward hook that applies them."""
+class LoRASlots:
+    """One layer's slot weights, and the forward hook that applies them (kept out of the
+    model's parameters: the checkpoint knows nothing of them)."""
 
     def __init__(
         self, target: LoRATarget, max_loras: int, rank: int, batch: LoRABatch, dtype, device
     ) -> None:
-        super().__init__()
         self.target = target
         self.batch = batch
         num_parts = len(target.slices)

@@ -60,6 +60,7 @@ class LoRAManager:
             self.layers[name] = slots
         self.host: OrderedDict[int, HostAdapter] = OrderedDict()  # least recently used first
         self.slot_of: OrderedDict[int, int] = OrderedDict()  # lora id -> slot, LRU first
+        self.tower_ids: set[int] = set()  # adapters in a slot that reach the tower
         self.free_slots = list(range(config.max_loras - 1, -1, -1))
 
     @property
@@ -110,13 +111,18 @@ class LoRAManager:
         else:
             victim = next(i for i in self.slot_of if i not in in_use)
             slot = self.slot_of.pop(victim)
+            self.tower_ids.discard(victim)
+            logger.info("LoRA %d leaves slot %d", victim, slot)
         adapter = self._host_adapter(request)
         for name, layer in self.layers.items():
             layer.load(slot, adapter.layers.get(name, []))
         self.slot_of[request.lora_int_id] = slot
+        if adapter.plan.uses_tower:
+            self.tower_ids.add(request.lora_int_id)
 
     def uses_tower(self, request: LoRARequest | None) -> bool:
-        return request is not None and self._host_adapter(request).plan.uses_tower
+        """Whether the request's adapter (in a slot) reaches the tower or projector."""
+        return request is not None and request.lora_int_id in self.tower_ids
 
     # -- a step's tokens ------------------------------------------------------------------
 

@@ -101,9 +101,11 @@ def lora_apply_triton(
     rank = b.shape[-1]
     assert x.stride(-1) == 1 and y.is_contiguous() and a.is_contiguous() and b.is_contiguous()
     block_m = _block_m(num_tokens)
-    shrunk = torch.zeros(num_tokens, num_r, dtype=torch.float32, device=x.device)
     block_n = max(16, min(64, triton.next_power_of_2(num_r)))
     split_k = 1 if num_tokens > 512 else max(1, min(8, in_features // 1024))
+    # NOTE: rows of tokens without an adapter are never read: only split-K's sums need zeros
+    alloc = torch.zeros if split_k > 1 else torch.empty
+    shrunk = alloc(num_tokens, num_r, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(num_tokens, block_m), triton.cdiv(num_r, block_n) * split_k, num_slots)
     _shrink_kernel[grid](
         x, a, shrunk, groups.token_idx, groups.starts, groups.counts,

@@ -343,8 +343,13 @@ class ModelRunner:
 
     @property
     def _stage(self):
-        """CUDA: how LoRA's token groups reach their persistent buffers (pinned staging)."""
-        return self.staging.stage if self.lora is not None and self.lora.batch.use_triton else None
+        """With the Triton kernels: how LoRA's token groups reach their persistent buffers
+        (pinned staging on CUDA; plain tensors under Triton's CPU interpreter)."""
+        if self.lora is None or not self.lora.batch.use_triton:
+            return None
+        if self.staging is None:
+            return lambda array, dtype: torch.as_tensor(np.asarray(array), dtype=dtype)
+        return self.staging.stage
 
     @property
     def _lora_tower(self) -> bool:

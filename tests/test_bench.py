@@ -92,6 +92,7 @@ def test_presets_match_the_published_shapes():
     expected["qwen3-vl-8b"] = (4096, 36)
     expected["aria"] = (2560, 28)  # more of it in tests/test_aria_preset.py
     expected["llama-3.2-11b-vision"] = (4096, 40)  # nested: text_config
+    expected["phi-4-multimodal"] = (3072, 32)
     for name in PRESETS:
         config = json.loads(Path(preset_path(name), "config.json").read_text())
         text = config.get("text_config", config)  # flat (Qwen-VL hub files) or nested

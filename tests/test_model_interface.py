@@ -12,6 +12,7 @@ from tests.families.gemma3_checkpoint import tiny_gemma3_config
 from tests.families.internvl_checkpoint import tiny_internvl_config
 from tests.families.llava_onevision_checkpoint import tiny_llava_onevision_config
 from tests.families.mllama_checkpoint import tiny_mllama_config
+from tests.families.phi4mm_checkpoint import tiny_phi4mm_config
 from tests.families.qwen3_vl_checkpoint import tiny_qwen3_vl_config
 from vlmx.demo.configs import tiny_qwen_vl_config
 from vlmx.models.interface import Model
@@ -30,6 +31,8 @@ CONFIGS = {
     "Qwen3VLForConditionalGeneration": tiny_qwen3_vl_config,
     "AriaForConditionalGeneration": aria_checkpoint.tiny_config,
     "MllamaForConditionalGeneration": tiny_mllama_config,
+    "Phi4MultimodalForCausalLM": tiny_phi4mm_config,
+    "Phi4MMForCausalLM": tiny_phi4mm_config,  # the published layout: the same model
 }
 # architecture -> embeddings of its largest image under the processor's defaults (tiny config)
 LARGEST = {
@@ -46,6 +49,8 @@ LARGEST = {
     "Qwen3VLForConditionalGeneration": 128 * 128,  # 16384 tokens at most, square
     "AriaForConditionalGeneration": aria_checkpoint.PATCH_TO_QUERY[196],  # one 980 px crop
     "MllamaForConditionalGeneration": None,  # one <|image|> row per image, whatever its size
+    "Phi4MultimodalForCausalLM": 96 * 97 + 1 + 16 * 17,  # 6 x 6 crops + the global view
+    "Phi4MMForCausalLM": 96 * 97 + 1 + 16 * 17,
 }
 
 
@@ -109,6 +114,11 @@ def test_profile_images_are_capped_by_the_budget_where_the_family_allows() -> No
     assert [f.num_embeds for f in internvl.profile_image_features(2 * largest)] == [largest] * 2
     assert internvl.profile_image_features(4 * per_tile)[0].num_embeds == 4 * per_tile
     assert internvl.profile_image_features(2 * per_tile)[0].num_embeds == per_tile
+    phi4 = _model("Phi4MultimodalForCausalLM")
+    grid_4x4 = 64 * 65 + 1 + 16 * 17  # 16 crops of 16 x 16 features, a separator per row
+    assert [f.num_embeds for f in phi4.profile_image_features(10000)] == [9585]
+    assert [f.num_embeds for f in phi4.profile_image_features(5000)] == [grid_4x4]
+    assert phi4.profile_image_features(10)[0].num_embeds == 16 * 17 + 1 + 16 * 17  # 1 crop
     gemma = _model("Gemma3ForConditionalGeneration")
     mm_tokens = gemma.mm_tokens
     assert [f.num_embeds for f in gemma.profile_image_features(1)] == [mm_tokens]

@@ -43,6 +43,7 @@ from transformers import (
 from tests.families import aria_checkpoint, idefics3_checkpoint
 from tests.families.gemma3_checkpoint import build_gemma3_checkpoint
 from tests.families.mllama_checkpoint import build_mllama_checkpoint
+from tests.families.phi4mm_checkpoint import build_phi4mm_checkpoint
 from tests.hf_reference import HFReference, compare_with_reference
 from tests.hub_cache import add_snapshot, use_hub_cache
 from tests.loopback import serve_files
@@ -108,11 +109,7 @@ ROWS = {
         _unsupported("Phi3VForCausalLM"),
         {"architectures": ["Phi3VForCausalLM"], "model_type": "phi3_v"},
     ),
-    "phi4_mm": Row(
-        "microsoft/Phi-4-multimodal-instruct",
-        _unsupported("Phi4MMForCausalLM"),
-        {"architectures": ["Phi4MMForCausalLM"], "model_type": "phi4mm"},
-    ),
+    "phi4_mm": Row("microsoft/Phi-4-multimodal-instruct"),  # published layout + vision-lora/
     # NOTE: fails on its arguments before looking for the checkpoint, so it needs no stub.
     "pixtral_hf": Row("mistral-community/pixtral-12b", r"tensor_parallel_size=2"),
     "qwen_vl_chat": Row(
@@ -147,6 +144,12 @@ ENGINE_KWARGS = {
     # ARIA_ATOL of the float32 reference
     "aria": {"tokenizer_mode": "slow", "trust_remote_code": True, "dtype": "bfloat16"},
     "mllama": {"max_model_len": 4096, "max_num_seqs": 16},
+    "phi4_mm": {
+        "max_model_len": 10000,
+        "max_num_seqs": 2,
+        "enable_lora": True,
+        "max_lora_rank": 320,
+    },
 }
 ARIA_ATOL = 0.1
 ARIA_PROMPT = (
@@ -154,6 +157,7 @@ ARIA_PROMPT = (
     f"{QUESTION}<|im_end|>\n<|im_start|>assistant\n"
 )
 MLLAMA_PROMPT = f"<|image|><|image|><|begin_of_text|>{QUESTION}"  # the example's
+PHI4_PROMPT = f"<|user|><|image_1|><|image_2|>{QUESTION}<|end|><|assistant|>"
 IDEFICS3_PROMPT = (
     "<|begin_of_text|>User:Image-1: <image>\n\nImage-2: <image>\n\n"
     f"{QUESTION}<end_of_utterance>\nAssistant:"
@@ -206,6 +210,7 @@ def hub_snapshots(tmp_path_factory, qwen2_vl_hub_ckpt, qwen2_5_vl_hub_ckpt) -> d
         "idefics3": build_idefics3(build / "idefics3"),
         "aria": aria_checkpoint.build_checkpoint(build / "aria"),
         "mllama": build_mllama_checkpoint(build / "mllama"),
+        "phi4_mm": build_phi4mm_checkpoint(build / "phi4_mm", "published"),
     }
     for row, spec in ROWS.items():
         if spec.stub is not None:
@@ -270,14 +275,21 @@ def _recorded(method, name: str, calls: list):
 
 
 @pytest.fixture(scope="module")
-def direct(hub_snapshots):
+def direct(hub_snapshots, tmp_path_factory):
     """row -> (vlmx LLM built here with the example's engine arguments, HF reference)."""
     built = {}
 
     def get(row: str) -> tuple[LLM, HFReference]:
         if row not in built:
             llm = LLM(ROWS[row].hub_id, limit_mm_per_prompt={"image": 2}, **ENGINE_KWARGS[row])
-            ref = HFReference(hub_snapshots[row], model_cls=HF_CLASSES[row])
+            if row == "phi4_mm":
+                from tests.test_phi4mm import Phi4Reference
+
+                # the same weights in transformers' layout (HF reads the published layout only
+                # with the checkpoint's code)
+                ref = Phi4Reference(build_phi4mm_checkpoint(tmp_path_factory.mktemp("phi4_hf")))
+            else:
+                ref = HFReference(hub_snapshots[row], model_cls=HF_CLASSES[row])
             if row == "idefics3":  # the example's mm_processor_kwargs, for the reference too
                 ref.processor.image_processor.size = IDEFICS3_SIZE
             built[row] = llm, ref
@@ -293,6 +305,8 @@ def generate_prompt(row: str) -> str:
         return ARIA_PROMPT
     if row == "mllama":
         return MLLAMA_PROMPT
+    if row == "phi4_mm":  # the example's own prompt (the published template has no images)
+        return PHI4_PROMPT
     content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": QUESTION}]
     messages = [{"role": "user", "content": content}]
     if row in ("qwen2_vl", "qwen2_5_vl"):

@@ -180,7 +180,7 @@ class LLM:
                 prompts.append(_BadPrompt(str(e)))
                 continue
             prompt: dict[str, Any] = {
-                "prompt_token_ids": engine.tokenizer.encode(text, add_special_tokens=False),
+                "prompt_token_ids": engine.input_processor.encode(text, add_special_tokens=False),
                 "prompt": text,
             }
             if images:

@@ -20,6 +20,7 @@ from vlmx.bench.llava_onevision_preset import (
     write_llava_onevision_folder,
 )
 from vlmx.bench.mllama_preset import llama_3_2_11b_vision, write_mllama_preset
+from vlmx.bench.phi4_preset import write_phi4_preset
 from vlmx.demo.checkpoint import write_hub_metadata
 from vlmx.demo.tokenizer import (
     EOS_TOKEN_ID,
@@ -147,6 +148,7 @@ PRESETS = {
     "qwen3-vl-8b": ("qwen3_vl", _qwen3_vl_8b),
     "aria": ("aria", aria_config),
     "llama-3.2-11b-vision": ("mllama", llama_3_2_11b_vision),
+    "phi-4-multimodal": ("phi4mm", None),  # its writer builds the config too
 }
 # family -> how its preset folder is written (default: the Qwen-VL hub files)
 _FOLDER_WRITERS = {
@@ -154,8 +156,8 @@ _FOLDER_WRITERS = {
     "qwen3_vl": lambda config, _, folder: _write_qwen3_vl(config, folder),
     "aria": write_aria_metadata,
     "mllama": write_mllama_preset,
+    "phi4mm": lambda _, __, folder: write_phi4_preset(folder),
 }
-# family -> the writer of its preset folder (default: the Qwen-VL hub layout)
 
 
 def preset_path(name: str) -> str:
@@ -165,6 +167,7 @@ def preset_path(name: str) -> str:
     family, make_config = PRESETS[name]
 
     def build(tmp: Path) -> None:
-        _FOLDER_WRITERS.get(family, write_hub_metadata)(make_config(), family, tmp)
+        config = make_config() if make_config is not None else None
+        _FOLDER_WRITERS.get(family, write_hub_metadata)(config, family, tmp)
 
     return str(build_once(vlmx_cache_dir() / f"preset-{name}-v1", build))

@@ -24,6 +24,7 @@ from vlmx.bench.floor import (
     meta_model,
     workload_floor,
 )
+from vlmx.bench.phi4_hf import PHI4_ARCHITECTURES, load_phi4_hf
 from vlmx.bench.presets import PRESETS, preset_path
 from vlmx.bench.workloads import WORKLOADS, prompt_form, prompts_for
 from vlmx.multimodal.chat import load_chat_template
@@ -160,9 +161,9 @@ _FLAT_IMAGE_TYPES = ("qwen2_vl", "qwen2_5_vl", "aria")
 
 def prompt_writer(hf_config, apply_chat_template: Callable[..., str]) -> Callable[[str, int], str]:
     """How the bench writes a `generate` prompt of a question and its images: the family's own
-    form where the bench has one (the anchor's Qwen-VL prompt, vLLM's example form for Aria),
-    else the checkpoint's chat template (`apply_chat_template`, a tokenizer's or processor's)
-    over the `chat` API's turns."""
+    form where the bench has one (the anchor's Qwen-VL prompt, vLLM's example forms for Aria,
+    Mllama and Phi-4), else the checkpoint's chat template (`apply_chat_template`, a
+    tokenizer's or processor's) over the `chat` API's turns."""
     form = prompt_form(hf_config.model_type)
     if form is not None:
         return form
@@ -407,11 +408,39 @@ def run_hf(
     min(num_prompts, 256) prompts a batch and, on out-of-memory, starts again at half (larger
     batches only ever ran faster here); on the CPU it is min(num_prompts, 32).
     """
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from vlmx.models.loader import load_hf_config
 
     path, load_format = resolve_model(model)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if load_hf_config(path).architectures[0] in PHI4_ARCHITECTURES:
+        hf_model, make_inputs = load_phi4_hf(path, load_format, device, dtype)
+    else:
+        hf_model, make_inputs = _load_auto_hf(path, load_format, device, dtype)
+    requests, out_len = prompts_for(workload, num_prompts)
+    out_len = output_len or out_len
+
+    @torch.inference_mode()
+    def run(reqs: list, batch_size: int) -> tuple[int, int]:
+        num_in = num_out = 0
+        for i in range(0, len(reqs), batch_size):
+            chunk = reqs[i : i + batch_size]
+            inputs = make_inputs(chunk)
+            out = hf_model.generate(
+                **inputs, max_new_tokens=out_len, min_new_tokens=out_len, do_sample=False
+            )
+            num_in += int(inputs["attention_mask"].sum())
+            num_out += (out.shape[1] - inputs["input_ids"].shape[1]) * len(chunk)
+        return num_in, num_out
+
+    return _time_hf(run, workload, num_prompts, batch_size, device, requests)
+
+
+def _load_auto_hf(path: str, load_format: str, device: torch.device, dtype: torch.dtype):
+    """(transformers model through `AutoModelForImageTextToText`, make_inputs), as
+    `load_phi4_hf` for Phi-4."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
     if load_format == "dummy":
         config = AutoConfig.from_pretrained(path)
         with torch.device(device):
@@ -423,39 +452,32 @@ def run_hf(
     processor.tokenizer.padding_side = "left"
     prompt = prompt_writer(hf_model.config, processor.apply_chat_template)
     nested = hf_model.config.model_type not in _FLAT_IMAGE_TYPES
-    requests, out_len = prompts_for(workload, num_prompts)
-    out_len = output_len or out_len
 
-    @torch.inference_mode()
-    def run(reqs) -> tuple[int, int]:
-        num_in = num_out = 0
-        for i in range(0, len(reqs), batch_size):
-            chunk = reqs[i : i + batch_size]
-            images = [ims for _, ims in chunk] if nested else [im for _, ims in chunk for im in ims]
-            inputs = processor(
-                text=[prompt(q, len(ims)) for q, ims in chunk],
-                images=images,
-                padding=True,
-                return_tensors="pt",
-            ).to(device)
-            out = hf_model.generate(
-                **inputs, max_new_tokens=out_len, min_new_tokens=out_len, do_sample=False
-            )
-            num_in += int(inputs["attention_mask"].sum())
-            num_out += (out.shape[1] - inputs["input_ids"].shape[1]) * len(chunk)
-        return num_in, num_out
+    def make_inputs(chunk: list) -> dict:
+        images = [ims for _, ims in chunk] if nested else [im for _, ims in chunk for im in ims]
+        return processor(
+            text=[prompt(q, len(ims)) for q, ims in chunk],
+            images=images,
+            padding=True,
+            return_tensors="pt",
+        ).to(device)
 
+    return hf_model, make_inputs
+
+
+def _time_hf(run, workload: str, num_prompts: int, batch_size, device, requests) -> BenchResult:
+    """The timed HF run after a warm-up, halving the batch on out-of-memory (see `run_hf`)."""
     fixed = batch_size is not None
     if batch_size is None:
         batch_size = min(num_prompts, 256 if device.type == "cuda" else 32)
-    run(prompts_for(workload, 2, seed=99)[0])
+    run(prompts_for(workload, 2, seed=99)[0], batch_size)
     while True:
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         start = time.monotonic()
         try:
-            num_in, num_out = run(requests)
+            num_in, num_out = run(requests, batch_size)
         except torch.OutOfMemoryError:
             if fixed or batch_size == 1:
                 raise

@@ -107,12 +107,20 @@ def mllama_prompt(question: str, num_images: int) -> str:
     return "<|image|>" * num_images + "<|begin_of_text|>" + question
 
 
+def phi4_prompt(question: str, num_images: int) -> str:
+    """vLLM's phi4_mm example prompt: the images' tags, then the question."""
+    tags = "".join(f"<|image_{i + 1}|>" for i in range(num_images))
+    return f"<|user|>{tags}{question}<|end|><|assistant|>"
+
+
 # model_type -> the bench's own prompt form for it (others: the checkpoint's chat template)
 _PROMPT_FORMS = {
     "qwen2_vl": qwen_chat_prompt,
     "qwen2_5_vl": qwen_chat_prompt,
     "aria": aria_chat_prompt,
     "mllama": mllama_prompt,
+    "phi4mm": phi4_prompt,  # the published layout
+    "phi4_multimodal": phi4_prompt,  # transformers'
 }
 
 

@@ -37,9 +37,12 @@ _GENERATION_DEFAULTS = {
 def load_tokenizer(config: EngineConfig):
     mc = config.model_config
     # NOTE: code shipped in a model folder never runs, whatever trust_remote_code says (as
-    # `load_hf_config`): the tokenizers of the supported families are transformers' own.
+    # `load_hf_config`): the tokenizers of the supported families are transformers' own. The
+    # config is the one vlmx read (a published layout transformers cannot read alone: Phi-4's).
+    same_folder = mc.tokenizer_path == mc.model_path
     return AutoTokenizer.from_pretrained(
         mc.tokenizer_path,
+        config=mc.hf_config if same_folder else None,
         trust_remote_code=False,
         use_fast=mc.tokenizer_mode != "slow",
     )
@@ -133,11 +136,17 @@ class InputProcessor:
         self.check_length(processed)
         return text, processed
 
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Prompt text -> token ids: the tokenizer's, or the processor's `encode_prompt` where
+        the family's image tags are text (Phi-4's `<|image_1|>`)."""
+        encode = getattr(self.processor, "encode_prompt", None) or self.tokenizer.encode
+        return encode(text, add_special_tokens=add_special_tokens)
+
     def _token_ids(self, prompt: Mapping, text: Any) -> list[int]:
         if "prompt_token_ids" in prompt:
             token_ids = token_id_list(prompt["prompt_token_ids"])
         elif isinstance(text, str):
-            token_ids = self.tokenizer.encode(text)
+            token_ids = self.encode(text)
         else:
             raise ValueError("a prompt dict needs 'prompt' (str) or 'prompt_token_ids' (list[int])")
         if not token_ids:

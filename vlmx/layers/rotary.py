@@ -23,7 +23,14 @@ axis:        t h w t h w ...   w    ...  t
 ```
 
 `apply_rotary` runs as one fused Triton kernel (`vlmx.ops.fused`) where it can (CUDA, Triton),
-else as `apply_rotary_torch`, the reference the kernel reproduces.
+else as `apply_rotary_torch`, the reference the kernel reproduces. A table narrower than the head
+(partial rotary, Phi-3 / Phi-4's `partial_rotary_factor`) rotates the first `cos.shape[-1]` dims
+of each head and passes the rest through, as HF's `apply_rotary_pos_emb` does when its `cos` is
+narrower than q.
+
+LongRoPE (HF rope_type "longrope", `_compute_longrope_parameters`): per-frequency divisors
+`short_factor` / `long_factor` on the inverse frequencies and one `attention_factor` on cos and
+sin; see `LongRopeEmbedding` for which positions take which factors.
 """
 
 from __future__ import annotations
@@ -46,6 +53,10 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     `apply_rotary_pos_emb_vision` upcasts) and tables cast to the model dtype for the decoder (HF
     `apply_rotary_pos_emb` works in the activations' dtype).
     """
+    rotary_dim = cos.shape[-1]
+    if rotary_dim < x.shape[-1]:  # partial rotary: the rest of each head passes through
+        rotated = apply_rotary(x[..., :rotary_dim].contiguous(), cos, sin)
+        return torch.cat((rotated, x[..., rotary_dim:]), dim=-1)
     if fused.can_fuse_rotary(x, cos, sin):
         return fused.apply_rotary(x, cos, sin)
     return apply_rotary_torch(x, cos, sin)
@@ -158,3 +169,59 @@ class VisionRotaryEmbedding(nn.Module):
         freqs = (pos_hw[..., None].float() * inv_freq).flatten(1)  # [N, head_dim / 2]: h | w
         freqs = torch.cat((freqs, freqs), dim=-1)
         return freqs.cos(), freqs.sin()
+
+
+class LongRopeEmbedding(nn.Module):
+    """LongRoPE over the first `rotary_dim` dims of a head (Phi-3 / Phi-4-mini).
+
+    Matches HF `Phi4MultimodalRotaryEmbedding` / `Phi3RotaryEmbedding` with rope_type
+    "longrope": `inv_freq = 1 / (factor_i * theta ** (2i / rotary_dim))`, cos and sin times
+    `attention_factor` (default `sqrt(1 + ln(s) / ln(original_max))`, s = max_position_embeddings
+    / original_max_position_embeddings, 1 when s <= 1).
+
+    NOTE: HF picks the factors per forward call: `long_factor` for every token once the
+    sequence is longer than `original_max_position_embeddings`, else `short_factor` (and its
+    `generate` recomputes the cache when a sequence crosses that length). Over a paged KV cache
+    a token's rotation is fixed when it is written, so here the factors go by position: positions
+    below `original_max_position_embeddings` take the short factors, the ones from there on the
+    long factors. A sequence that stays within `original_max_position_embeddings` tokens equals
+    HF exactly; beyond it, its first tokens keep their short-factor keys.
+    """
+
+    def __init__(
+        self,
+        rotary_dim: int,
+        rope_theta: float,
+        short_factor: list[float],
+        long_factor: list[float],
+        original_max_position_embeddings: int,
+        attention_factor: float,
+    ) -> None:
+        super().__init__()
+        for name, factors in (("short_factor", short_factor), ("long_factor", long_factor)):
+            if len(factors) != rotary_dim // 2:
+                raise ValueError(
+                    f"rope_scaling {name} has {len(factors)} values; the rotary dims "
+                    f"({rotary_dim}) need {rotary_dim // 2}"
+                )
+        self.rotary_dim = rotary_dim
+        self.original_max = original_max_position_embeddings
+        self.attention_factor = attention_factor
+        short = torch.tensor(short_factor, dtype=torch.float32, device="cpu")
+        long = torch.tensor(long_factor, dtype=torch.float32, device="cpu")
+        # NOTE: HF computes 1 / (factor * theta ** e); the same float32 ops here
+        exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device="cpu").float()
+        powers = rope_theta ** (exponents / rotary_dim)  # [rotary_dim / 2]
+        self._short = _InvFreq(1.0 / (short * powers))
+        self._long = _InvFreq(1.0 / (long * powers))
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: [T] int64 -> cos, sin: [T, rotary_dim] float32."""
+        if positions.ndim != 1:
+            raise ValueError(f"LongRoPE takes positions [T], got {tuple(positions.shape)}")
+        device = positions.device
+        is_long = (positions >= self.original_max)[:, None]  # [T, 1]
+        inv_freq = torch.where(is_long, self._long.on(device), self._short.on(device))
+        freqs = positions[:, None].float() * inv_freq  # [T, rotary_dim / 2]
+        freqs = torch.cat((freqs, freqs), dim=-1)  # [T, rotary_dim]
+        return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor

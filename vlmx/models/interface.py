@@ -34,6 +34,10 @@ class Processor(Protocol):
     shrink_images_hint: str  # how a user makes images cost fewer tokens, quoted in errors
     cache: ProcessorCache  # preprocessed images by mm_hash; `LLM.reset_mm_cache` clears it
 
+    # Optional: `encode_prompt(text, add_special_tokens) -> list[int]`, used instead of
+    # `tokenizer.encode` for a
+    # prompt given as text, by a family whose image tags are text (Phi-4's `<|image_1|>`).
+
     def process(
         self,
         prompt_token_ids: list[int],  # tokenized prompt, one placeholder per image

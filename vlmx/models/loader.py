@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 
-from vlmx.models.registry import get_model_class, resolve_architecture
+from vlmx.models.registry import config_reader, get_model_class, resolve_architecture
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,11 @@ def load_hf_config(
         raw = json.load(f)
     overrides = hf_overrides or {}
     resolve_architecture(overrides.get("architectures", raw.get("architectures")))
-    config = AutoConfig.from_pretrained(model_path, trust_remote_code=False)
+    reader = config_reader(raw.get("model_type"))
+    if reader is not None:  # a published layout transformers reads only with remote code
+        config = reader(raw)
+    else:
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=False)
     for key, value in overrides.items():
         setattr(config, key, value)
     return config

@@ -69,6 +69,14 @@ _MODELS: dict[str, tuple[str, str, str]] = {
         "MllamaForConditionalGeneration",
         "MllamaProcessor",
     ),
+    "Phi4MultimodalForCausalLM": ("phi4mm", "Phi4MMForCausalLM", "Phi4MMProcessor"),
+    "Phi4MMForCausalLM": ("phi4mm", "Phi4MMForCausalLM", "Phi4MMProcessor"),  # published
+}
+
+# config.json model_type that transformers reads only with the folder's own code -> (module in
+# vlmx.models, function: the raw config dict -> a transformers config). Never runs that code.
+_CONFIG_READERS: dict[str, tuple[str, str]] = {
+    "phi4mm": ("phi4mm_config", "read_published_config"),
 }
 
 
@@ -94,6 +102,14 @@ def resolve_architecture(architectures: list[str] | None) -> str:
         f"checkpoint architectures {architectures} are not supported by vlmx; supported "
         f"architectures: {', '.join(supported_architectures())}"
     )
+
+
+def config_reader(model_type: str | None):
+    """The function that reads a config.json of this model_type, or None (transformers' own)."""
+    if model_type not in _CONFIG_READERS:
+        return None
+    module, fn = _CONFIG_READERS[model_type]
+    return getattr(importlib.import_module(f"vlmx.models.{module}"), fn)
 
 
 def get_model_class(architecture: str) -> type:

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 
 from vlmx.bench.presets import PRESETS, preset_path
-from vlmx.bench.workloads import chat_prompt
+from vlmx.bench.workloads import prompt_form
 from vlmx.models.aria import AriaForConditionalGeneration
 
 
@@ -35,7 +35,7 @@ def test_aria_preset_has_the_published_size():
 def test_aria_preset_prompt_form_and_processor():
     path = preset_path("aria")
     tokenizer = AutoTokenizer.from_pretrained(path)
-    prompt = chat_prompt("aria", "a question", 2)
+    prompt = prompt_form("aria")("a question", 2)
     ids = tokenizer.encode(prompt)
     assert ids.count(9) == 2 and max(ids) < 100352
     processor = AutoProcessor.from_pretrained(path)

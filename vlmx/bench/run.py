@@ -460,7 +460,7 @@ def _load_auto_hf(path: str, load_format: str, device: torch.device, dtype: torc
             images=images,
             padding=True,
             return_tensors="pt",
-        ).to(device)
+        ).to(device, dtype=dtype)  # floating inputs in the model's dtype (Aria's pixels)
 
     return hf_model, make_inputs
 

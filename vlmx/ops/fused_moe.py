@@ -106,6 +106,9 @@ def fused_moe(
     h = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)  # [P, I]
     y = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)  # [P, H]
     block_n, block_k = (32, 32) if x.device.type == "cpu" else (64, 64)
+    # NOTE: float32 inputs multiply in full precision (tl.dot would round them to TF32), so a
+    # float32 run matches the torch reference; 16-bit inputs are unaffected.
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
     w13, w2 = w_gate_up, w_down
 
     grid1 = (num_blocks, triton.cdiv(inter, block_n))
@@ -113,14 +116,14 @@ def fused_moe(
         x, w13, h, sorted_ids, block_experts,
         num_pairs, top_k, hidden, inter,
         x.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), h.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision,
     )  # fmt: skip
     grid2 = (num_blocks, triton.cdiv(hidden, block_n))
     _down_kernel[grid2](
         h, w2, y, weights, sorted_ids, block_experts,
         num_pairs, inter, hidden,
         h.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), y.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=precision,
     )  # fmt: skip
     # NOTE: the reference adds the k outputs of a token one expert at a time in x.dtype.
     return y.view(num_tokens, top_k, hidden).sum(1, dtype=torch.float32).to(x.dtype)
@@ -134,6 +137,7 @@ if triton is not None:
         num_pairs, top_k, K, N,
         stride_xt, stride_we, stride_wk, stride_wn, stride_hp,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):  # fmt: skip
         """h[pair, n] = silu(x[t] @ w[e][:, n]) * (x[t] @ w[e][:, N + n]) for a block of one
         expert's pairs (t = pair // top_k) and BLOCK_N of the N = I columns."""
@@ -162,8 +166,8 @@ if triton is not None:
             mask = k_ok[:, None] & col_ok[None, :]
             b_gate = tl.load(w_rows + cols[None, :] * stride_wn, mask=mask, other=0.0)
             b_up = tl.load(w_rows + (N + cols[None, :]) * stride_wn, mask=mask, other=0.0)
-            acc_gate = tl.dot(a, b_gate, acc_gate)
-            acc_up = tl.dot(a, b_up, acc_up)
+            acc_gate = tl.dot(a, b_gate, acc_gate, input_precision=PRECISION)
+            acc_up = tl.dot(a, b_up, acc_up, input_precision=PRECISION)
         # the reference rounds both GEMM outputs to x's dtype, then silu, then the product
         dtype = h_ptr.dtype.element_ty
         gate = acc_gate.to(dtype).to(tl.float32)
@@ -182,6 +186,7 @@ if triton is not None:
         num_pairs, K, N,
         stride_hp, stride_we, stride_wk, stride_wn, stride_yp,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):  # fmt: skip
         """y[pair, n] = weight[pair] * (h[pair] @ w[e][:, n]) for a block of one expert's pairs
         and BLOCK_N of the N = H columns."""
@@ -210,7 +215,7 @@ if triton is not None:
                 mask=k_ok[:, None] & col_ok[None, :],
                 other=0.0,
             )
-            acc = tl.dot(a, b, acc)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
         dtype = y_ptr.dtype.element_ty
         weight = tl.load(weights_ptr + safe, mask=valid, other=0.0).to(tl.float32)
         out = (acc.to(dtype).to(tl.float32) * weight[:, None]).to(dtype)

@@ -14,10 +14,9 @@ from __future__ import annotations
 import base64
 import io
 
-import numpy as np
 import pytest
 import torch
-from transformers import AutoConfig, AutoProcessor, AutoTokenizer
+from transformers import AutoConfig, AutoProcessor
 from transformers import InternVLForConditionalGeneration as HFInternVL
 from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas
 
@@ -31,9 +30,10 @@ from tests.families.internvl_checkpoint import (
     build_internvl_checkpoint,
     tiny_internvl_config,
 )
+from tests.family_helpers import checkpoint_model_config as model_config
+from tests.family_helpers import engine_processor, image_tensor
 from tests.hf_reference import TEST_DEVICE, TEST_DTYPE, HFReference, compare_with_reference
 from vlmx import LLM, SamplingParams
-from vlmx.config import ModelConfig
 from vlmx.demo.checkpoint import randomize_zero_params
 from vlmx.demo.images import structured_image
 from vlmx.layers.attention import AttentionMetadata
@@ -87,34 +87,6 @@ def ref(ckpt) -> HFReference:
     return HFReference(ckpt, model_cls=HFInternVL)
 
 
-def model_config(path: str, mm_processor_kwargs: dict | None = None) -> ModelConfig:
-    hf_config = AutoConfig.from_pretrained(path)
-    return ModelConfig(
-        model=path,
-        model_path=path,
-        tokenizer_path=path,
-        tokenizer_mode="auto",
-        trust_remote_code=False,
-        hf_config=hf_config,
-        architecture=hf_config.architectures[0],
-        dtype=torch.float32,
-        max_model_len=32768,
-        mm_processor_kwargs=mm_processor_kwargs or {},
-    )
-
-
-def new_processor(config: ModelConfig) -> InternVLProcessor:
-    """The processor as the engine builds it: with the checkpoint's tokenizer."""
-    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_path)
-    return InternVLProcessor(config, tokenizer, torch.device("cpu"))
-
-
-def image_tensor(height: int, width: int, variant: int) -> torch.Tensor:
-    """uint8 [3, H, W] from the demo's structured images."""
-    pil = structured_image(width, height, variant)
-    return torch.from_numpy(np.array(pil)).permute(2, 0, 1).contiguous()
-
-
 def prompt_text(num_images: int) -> str:
     """A prompt as the chat template writes it: one <IMG_CONTEXT> per image."""
     images = "".join(f"Image {i + 1}: <IMG_CONTEXT>\n" for i in range(num_images))
@@ -140,7 +112,7 @@ def test_tile_grid_matches_hf() -> None:
 @pytest.mark.parametrize("ours_kwargs,hf_kwargs", KWARGS)
 def test_processor_matches_hf(ckpt, tok, hf_processor, ours_kwargs, hf_kwargs) -> None:
     hf = hf_processor
-    processor = new_processor(model_config(ckpt))
+    processor = engine_processor(InternVLProcessor, model_config(ckpt))
     images = [image_tensor(h, w, i) for i, (h, w) in enumerate(SIZES)]
     text = prompt_text(len(images))
     hf_out = hf(text=[text], images=images, return_tensors="pt", **hf_kwargs)
@@ -162,7 +134,7 @@ def test_processor_matches_hf(ckpt, tok, hf_processor, ours_kwargs, hf_kwargs) -
 
 def test_engine_wide_kwargs_and_per_prompt_override(ckpt, tok, hf_processor) -> None:
     hf = hf_processor
-    processor = new_processor(model_config(ckpt, {"max_dynamic_patch": 4}))
+    processor = engine_processor(InternVLProcessor, model_config(ckpt, {"max_dynamic_patch": 4}))
     image = image_tensor(300, 400, 3)
     for ours_kwargs, hf_kwargs in [
         ({}, {"max_patches": 4}),
@@ -177,7 +149,7 @@ def test_engine_wide_kwargs_and_per_prompt_override(ckpt, tok, hf_processor) -> 
 
 def test_expanded_prompt_is_kept_and_cache_is_used(ckpt, tok, hf_processor) -> None:
     hf = hf_processor
-    processor = new_processor(model_config(ckpt))
+    processor = engine_processor(InternVLProcessor, model_config(ckpt))
     images = [image_tensor(224, 224, 0), image_tensor(150, 330, 2)]
     text = prompt_text(2)
     hf_ids = hf(text=[text], images=images)["input_ids"][0]
@@ -193,7 +165,7 @@ def test_expanded_prompt_is_kept_and_cache_is_used(ckpt, tok, hf_processor) -> N
 
 
 def test_processor_errors(ckpt, tok) -> None:
-    processor = new_processor(model_config(ckpt))
+    processor = engine_processor(InternVLProcessor, model_config(ckpt))
     image = image_tensor(64, 96, 4)
     with pytest.raises(ValueError, match=r"2 image placeholders \(<IMG_CONTEXT>\) but 1 images"):
         processor.process(prompt_ids(tok, 2), [image], {})
@@ -214,7 +186,7 @@ def test_processor_errors(ckpt, tok) -> None:
     with pytest.raises(ValueError, match="run of 3"):
         processor.process([5, IMG_CONTEXT_ID, IMG_CONTEXT_ID, IMG_CONTEXT_ID, 6], [image], {})
     with pytest.raises(ValueError, match="unknown mm_processor_kwargs"):
-        new_processor(model_config(ckpt, {"max_num": 3}))
+        engine_processor(InternVLProcessor, model_config(ckpt, {"max_num": 3}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,7 +239,7 @@ def _ours(path: str) -> InternVLForConditionalGeneration:
 @pytest.mark.parametrize("layout", ["transformers", "hub"])
 def test_image_features_and_prefill_match_hf(ckpt, tok, hub_ckpt, ref, layout) -> None:
     model = _ours(ckpt if layout == "transformers" else hub_ckpt)
-    processor = new_processor(model_config(ckpt))
+    processor = engine_processor(InternVLProcessor, model_config(ckpt))
     images = [image_tensor(300, 400, 3), image_tensor(96, 64, 4), image_tensor(224, 224, 0)]
     out = processor.process(prompt_ids(tok, 3), images, {})
     pixel_values = torch.cat([f.data["pixel_values"] for f in out.mm_features])

@@ -19,10 +19,9 @@ import base64
 import io
 import json
 
-import numpy as np
 import pytest
 import torch
-from transformers import AutoConfig, AutoProcessor, AutoTokenizer
+from transformers import AutoConfig, AutoProcessor
 from transformers import LlavaOnevisionForConditionalGeneration as HFOnevision
 from transformers.image_processing_utils import select_best_resolution
 
@@ -32,6 +31,8 @@ from tests.families.llava_onevision_checkpoint import (
     build_llava_onevision_checkpoint,
     tiny_llava_onevision_config,
 )
+from tests.family_helpers import checkpoint_model_config as model_config
+from tests.family_helpers import engine_processor, image_tensor
 from tests.hf_reference import (
     TEST_ATOL,
     TEST_DEVICE,
@@ -42,7 +43,6 @@ from tests.hf_reference import (
 from vlmx import LLM, SamplingParams
 from vlmx.bench.presets import preset_path
 from vlmx.cli import main as cli_main
-from vlmx.config import ModelConfig
 from vlmx.demo.checkpoint import randomize_zero_params
 from vlmx.demo.images import structured_image
 from vlmx.layers.anyres import best_resolution
@@ -88,34 +88,6 @@ def ref(ckpt) -> OnevisionReference:
     return OnevisionReference(ckpt, model_cls=HFOnevision)
 
 
-def model_config(path: str, mm_processor_kwargs: dict | None = None) -> ModelConfig:
-    hf_config = AutoConfig.from_pretrained(path)
-    return ModelConfig(
-        model=path,
-        model_path=path,
-        tokenizer_path=path,
-        tokenizer_mode="auto",
-        trust_remote_code=False,
-        hf_config=hf_config,
-        architecture=hf_config.architectures[0],
-        dtype=torch.float32,
-        max_model_len=32768,
-        mm_processor_kwargs=mm_processor_kwargs or {},
-    )
-
-
-def new_processor(config: ModelConfig) -> LlavaOnevisionProcessor:
-    """The processor as the engine builds it: with the checkpoint's tokenizer."""
-    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_path)
-    return LlavaOnevisionProcessor(config, tokenizer, torch.device("cpu"))
-
-
-def image_tensor(height: int, width: int, variant: int) -> torch.Tensor:
-    """uint8 [3, H, W] from the demo's structured images."""
-    pil = structured_image(width, height, variant)
-    return torch.from_numpy(np.array(pil)).permute(2, 0, 1).contiguous()
-
-
 def prompt_text(num_images: int) -> str:
     """A prompt as the chat template writes it: the images first, then the text."""
     return f"<|im_start|>user {'<image>' * num_images}\nDescribe.<|im_end|><|im_start|>assistant\n"
@@ -159,7 +131,7 @@ def _hf_pixels(hf_out, i: int, num_tiles: int) -> torch.Tensor:
 
 
 def test_processor_matches_hf(ckpt, tok, hf_processor) -> None:
-    processor = new_processor(model_config(ckpt))
+    processor = engine_processor(LlavaOnevisionProcessor, model_config(ckpt))
     images = [image_tensor(h, w, i) for i, (h, w) in enumerate(SIZES)]
     # each image alone in its prompt (AnyRes), then all in one prompt (one square tile each)
     cases = [([image], prompt_text(1)) for image in images] + [(images, prompt_text(len(images)))]
@@ -189,7 +161,7 @@ def test_processor_matches_hf(ckpt, tok, hf_processor) -> None:
 
 
 def test_expanded_prompt_is_kept_and_errors_are_clear(ckpt, tok, hf_processor) -> None:
-    processor = new_processor(model_config(ckpt))
+    processor = engine_processor(LlavaOnevisionProcessor, model_config(ckpt))
     images = [image_tensor(90, 200, 0), image_tensor(64, 64, 1)]
     out = processor.process(tok(prompt_text(2))["input_ids"], images, {})
     again = processor.process(out.prompt_token_ids, images, {})
@@ -198,7 +170,9 @@ def test_expanded_prompt_is_kept_and_errors_are_clear(ckpt, tok, hf_processor) -
     with pytest.raises(ValueError, match="takes none"):
         processor.process(tok(prompt_text(2))["input_ids"], images, {"max_patches": 2})
     with pytest.raises(ValueError, match="takes none"):
-        new_processor(model_config(ckpt, {"image_grid_pinpoints": [[56, 56]]}))
+        engine_processor(
+            LlavaOnevisionProcessor, model_config(ckpt, {"image_grid_pinpoints": [[56, 56]]})
+        )
     with pytest.raises(ValueError, match=r"1 image placeholders \(<image>\) but 2 images"):
         processor.process(tok(prompt_text(1))["input_ids"], images, {})
     with pytest.raises(ValueError, match="video placeholders"):
@@ -211,7 +185,7 @@ def test_default_strategy_refuses_a_lone_image_and_counts_one_less(tmp_path, tok
         tmp_path / "default", vision_feature_select_strategy="default"
     )
     hf_processor = AutoProcessor.from_pretrained(path)
-    processor = new_processor(model_config(path))
+    processor = engine_processor(LlavaOnevisionProcessor, model_config(path))
     images = [image_tensor(90, 200, 0), image_tensor(64, 64, 1)]
     out = processor.process(tok(prompt_text(2))["input_ids"], images, {})
     hf_out = hf_processor(text=[prompt_text(2)], images=[images], return_tensors="pt")
@@ -262,7 +236,7 @@ def test_image_features_match_hf(ckpt, tok, hf_processor, overrides) -> None:
     hf = _hf_model(config)
     model = LlavaOnevisionForConditionalGeneration(config)
     model.load_weights(hf.state_dict().items())  # the module names: model.vision_tower.* ...
-    processor = new_processor(model_config(ckpt))
+    processor = engine_processor(LlavaOnevisionProcessor, model_config(ckpt))
     images = [image_tensor(333, 517, 0), image_tensor(700, 25, 1), image_tensor(56, 56, 2)]
     for group in ([images[0]], [images[1]], images):  # lone images (AnyRes), then several
         text = prompt_text(len(group))
@@ -389,7 +363,7 @@ def test_preset_is_the_published_size() -> None:
         model = LlavaOnevisionForConditionalGeneration(config)
     assert 8.02e9 < sum(p.numel() for p in model.parameters()) < 8.04e9
     assert (model.side, model.max_tiles, len(model.pinpoints)) == (27, 9, 36)
-    processor = new_processor(model_config(path))
+    processor = engine_processor(LlavaOnevisionProcessor, model_config(path))
     s = processor.settings
     assert (s.tile_size, s.side, s.max_tiles, s.image_mean) == (384, 27, 9, (0.5, 0.5, 0.5))
     assert processor.image_token_id == 151646 and processor.video_token_id == 151647

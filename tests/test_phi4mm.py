@@ -14,7 +14,6 @@ import io
 import re
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 from transformers import (
@@ -30,6 +29,8 @@ from tests.families.phi4mm_checkpoint import (
     build_phi4mm_checkpoint,
     tiny_phi4mm_config,
 )
+from tests.family_helpers import checkpoint_model_config as model_config
+from tests.family_helpers import engine_processor, image_tensor
 from tests.hf_reference import (
     TEST_ATOL,
     TEST_DEVICE,
@@ -38,7 +39,6 @@ from tests.hf_reference import (
     compare_with_reference,
 )
 from vlmx import LLM, SamplingParams
-from vlmx.config import ModelConfig
 from vlmx.demo.images import structured_image
 from vlmx.layers.phi3 import PhiRope
 from vlmx.layers.rotary import apply_rotary
@@ -105,30 +105,8 @@ def ref(ckpt) -> Phi4Reference:
     return Phi4Reference(ckpt)
 
 
-def model_config(path: str, mm_processor_kwargs: dict | None = None) -> ModelConfig:
-    hf_config = load_hf_config(path)
-    return ModelConfig(
-        model=path,
-        model_path=path,
-        tokenizer_path=path,
-        tokenizer_mode="auto",
-        trust_remote_code=False,
-        hf_config=hf_config,
-        architecture=hf_config.architectures[0],
-        dtype=torch.float32,
-        max_model_len=32768,
-        mm_processor_kwargs=mm_processor_kwargs or {},
-    )
-
-
 def new_processor(path: str, mm_processor_kwargs: dict | None = None) -> Phi4MMProcessor:
-    config = model_config(path, mm_processor_kwargs)
-    return Phi4MMProcessor(config, AutoTokenizer.from_pretrained(path), torch.device("cpu"))
-
-
-def image_tensor(height: int, width: int, variant: int) -> torch.Tensor:
-    pil = structured_image(width, height, variant)
-    return torch.from_numpy(np.array(pil)).permute(2, 0, 1).contiguous()
+    return engine_processor(Phi4MMProcessor, model_config(path, mm_processor_kwargs))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from dataclasses import asdict
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoProcessor, AutoTokenizer, CLIPVisionConfig
+from transformers import AutoConfig, AutoProcessor, CLIPVisionConfig
 
 from tests.families.pixtral_checkpoint import (
     HF_CLASSES,
@@ -24,9 +24,10 @@ from tests.families.pixtral_checkpoint import (
     build_pixtral_checkpoint,
     tiny_config,
 )
+from tests.family_helpers import checkpoint_model_config as model_config
+from tests.family_helpers import engine_processor
 from tests.hf_reference import TEST_DEVICE, TEST_DTYPE, HFReference, compare_with_reference
 from vlmx import LLM, EngineArgs, SamplingParams
-from vlmx.config import ModelConfig
 from vlmx.layers.attention import AttentionMetadata
 from vlmx.models.loader import build_model as vlmx_build_model
 from vlmx.models.pixtral import (
@@ -92,32 +93,8 @@ def reference(checkpoints, arch: str, layout: str = "transformers") -> HFReferen
     return _REFS[arch, layout]
 
 
-def model_config(
-    path: str, mm_processor_kwargs: dict | None = None, dtype: torch.dtype = torch.float32
-) -> ModelConfig:
-    hf_config = AutoConfig.from_pretrained(path)
-    return ModelConfig(
-        model=path,
-        model_path=path,
-        tokenizer_path=path,
-        tokenizer_mode="auto",
-        trust_remote_code=False,
-        hf_config=hf_config,
-        architecture=hf_config.architectures[0],
-        dtype=dtype,
-        max_model_len=32768,
-        mm_processor_kwargs=mm_processor_kwargs or {},
-    )
-
-
-def new_processor(config: ModelConfig) -> PixtralProcessor:
-    """The processor as the engine builds it: with the checkpoint's tokenizer."""
-    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_path)
-    return PixtralProcessor(config, tokenizer, torch.device("cpu"))
-
-
 def processor(checkpoints, arch: str, layout: str = "transformers", **kwargs) -> PixtralProcessor:
-    return new_processor(model_config(checkpoints[arch, layout], **kwargs))
+    return engine_processor(PixtralProcessor, model_config(checkpoints[arch, layout], **kwargs))
 
 
 def hf_crops(hf_out) -> list[torch.Tensor]:
@@ -232,7 +209,7 @@ def test_processor_errors(checkpoints):
 
 def test_pixel_values_in_model_dtype(checkpoints):
     path = checkpoints["llava", "transformers"]
-    proc = new_processor(model_config(path, dtype=torch.bfloat16))
+    proc = engine_processor(PixtralProcessor, model_config(path, dtype=torch.bfloat16))
     ref = AutoProcessor.from_pretrained(path)
     image = structured_image(50, 70, 0)
     prompt, ids = vlmx_prompt(ref.tokenizer, 1)
@@ -303,7 +280,7 @@ def test_image_features_and_prefill_logits_match_hf(checkpoints, arch, layout):
     model = vlmx_build_model(config.architecture, config.hf_config, path, "cpu", torch.float32)
     if arch == "mistral3":  # tied by config; the hub layout ships an lm_head of its own
         assert (model.lm_head is None) == (layout == "transformers")
-    proc = new_processor(config)
+    proc = engine_processor(PixtralProcessor, config)
     images = [structured_image(h, w, s) for s, (h, w) in enumerate([(90, 60), (40, 130), (77, 77)])]
     prompt, ids = vlmx_prompt(ref.processor.tokenizer, 3)
     processed = proc.process(ids, images, {})

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoConfig, AutoProcessor, AutoTokenizer
+from transformers import AutoConfig, AutoProcessor
 from transformers import Qwen3VLForConditionalGeneration as HFQwen3VL
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextRotaryEmbedding
 
@@ -33,9 +33,10 @@ from tests.families.qwen3_vl_checkpoint import (
     build_qwen3_vl_checkpoint,
     tiny_qwen3_vl_config,
 )
+from tests.family_helpers import checkpoint_model_config as model_config
+from tests.family_helpers import engine_processor, image_tensor
 from tests.hf_reference import TEST_DEVICE, TEST_DTYPE, HFReference, compare_with_reference
 from vlmx import LLM, SamplingParams
-from vlmx.config import ModelConfig
 from vlmx.demo.images import structured_image
 from vlmx.layers.attention import AttentionMetadata
 from vlmx.layers.rotary import RotaryEmbedding
@@ -59,31 +60,9 @@ def ref(ckpt) -> HFReference:
     return HFReference(ckpt, model_cls=HFQwen3VL)
 
 
-def model_config(path: str, mm_processor_kwargs: dict | None = None) -> ModelConfig:
-    hf_config = AutoConfig.from_pretrained(path)
-    return ModelConfig(
-        model=path,
-        model_path=path,
-        tokenizer_path=path,
-        tokenizer_mode="auto",
-        trust_remote_code=False,
-        hf_config=hf_config,
-        architecture=hf_config.architectures[0],
-        dtype=torch.float32,
-        max_model_len=32768,
-        mm_processor_kwargs=mm_processor_kwargs or {},
-    )
-
-
 def new_processor(path: str, device: str = "cpu") -> Qwen2VLProcessor:
     """The processor as the engine builds it: the checkpoint's tokenizer, images on `device`."""
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return Qwen2VLProcessor(model_config(path), tokenizer, torch.device(device))
-
-
-def image_tensor(height: int, width: int, variant: int) -> torch.Tensor:
-    pil = structured_image(width, height, variant)
-    return torch.from_numpy(np.array(pil)).permute(2, 0, 1).contiguous()
+    return engine_processor(Qwen2VLProcessor, model_config(path), device)
 
 
 def prompt_text(num_images: int) -> str:

@@ -34,24 +34,10 @@ from transformers import (
 )
 
 from tests.small_tokenizer import build_small_tokenizer
+from vlmx.bench.llava_onevision_preset import CHAT_TEMPLATE
 from vlmx.demo.checkpoint import randomize_zero_params
 
-# The chat template of llava-hf/llava-onevision-qwen2-*-ov-hf: per message, its images first,
-# then its videos, then its texts, each text after a newline.
-LLAVA_ONEVISION_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + ' ' }}"
-    "{% if message['content'] is string %}{{ '\n' + message['content'] }}{% else %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
-    "{{ '<image>' }}{% endfor %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}"
-    "{{ '<video>' }}{% endfor %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{{ '\n' + content['text'] }}{% endfor %}{% endif %}"
-    "{{ '<|im_end|>' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+LLAVA_ONEVISION_CHAT_TEMPLATE = CHAT_TEMPLATE  # the same template the bench preset ships
 
 VOCAB_SIZE = 400
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]

@@ -19,24 +19,10 @@ from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaIma
 from transformers import MllamaProcessor as HFMllamaProcessor
 
 from tests.small_tokenizer import build_small_tokenizer
+from vlmx.bench.mllama_preset import CHAT_TEMPLATE
 from vlmx.demo.checkpoint import randomize_zero_params
 
-# Llama 3.2 Vision's chat template, reduced to what the tests use: bos, headers, one <|image|>
-# per image part, <|eot_id|>.
-MLLAMA_CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' %}{{ '<|image|>' }}"
-    "{% elif content['type'] == 'text' %}{{ content['text'] }}"
-    "{% endif %}{% endfor %}{% endif %}"
-    "{{ '<|eot_id|>' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
-    "{% endif %}"
-)
+MLLAMA_CHAT_TEMPLATE = CHAT_TEMPLATE  # the same template the bench preset ships
 
 VOCAB_SIZE = 400  # the text vocabulary; <|image|> is id 400, one of the 8 rows past it
 SPECIAL_TOKENS = [

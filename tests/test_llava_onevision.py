@@ -15,8 +15,6 @@ path passes them: a prompt's images are processed together (several: one tile ea
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 
 import pytest
@@ -31,14 +29,13 @@ from tests.families.llava_onevision_checkpoint import (
     build_llava_onevision_checkpoint,
     tiny_llava_onevision_config,
 )
+from tests.family_helpers import check_generate_and_chat, engine_processor, image_tensor
 from tests.family_helpers import checkpoint_model_config as model_config
-from tests.family_helpers import engine_processor, image_tensor
 from tests.hf_reference import (
     TEST_ATOL,
     TEST_DEVICE,
     TEST_DTYPE,
     HFReference,
-    compare_with_reference,
 )
 from vlmx import LLM, SamplingParams
 from vlmx.bench.presets import preset_path
@@ -282,12 +279,6 @@ def _generate(llm: LLM, batch, params=GREEDY):
     return llm.generate(prompts, params, use_tqdm=False)
 
 
-def _data_url(image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
 @pytest.fixture(scope="module")
 def batch(ref, test_images):
     """Prompts of 1 (AnyRes), 2 and 3 images of different sizes (chat-template form)."""
@@ -298,22 +289,11 @@ def batch(ref, test_images):
 def test_generate_and_chat_match_reference(ckpt, ref, batch) -> None:
     llm = _llm(ckpt)
     gen = _generate(llm, batch)
-    conversations = []
-    for _, images in batch:
-        content = [{"type": "image_url", "image_url": {"url": _data_url(im)}} for im in images]
-        content.append({"type": "text", "text": QUESTION})
-        conversations.append([{"role": "user", "content": content}])
-    chat = llm.chat(conversations, GREEDY, use_tqdm=False)
     processor = llm.llm_engine.processor
     assert processor.num_image_tokens(300, 400) == gen[0].prompt_token_ids.count(IMAGE_TOKEN_ID)
     # 3 x 3 tiles: a 12 x 12 grid, unpadded to 10 x 12, scaled to 7 x 8, a newline per row
     assert processor.num_image_tokens(300, 400) == NUM_IMAGE_TOKENS + 7 * (8 + 1)
-    for (prompt, images), g, c in zip(batch, gen, chat):
-        assert len(g.outputs[0].token_ids) == GREEDY.max_tokens
-        compare_with_reference(ref, prompt, images, g)
-        assert c.prompt_token_ids == g.prompt_token_ids
-        assert c.outputs[0].token_ids == g.outputs[0].token_ids
-        compare_with_reference(ref, prompt, images, c)
+    check_generate_and_chat(llm, ref, batch, gen, QUESTION, GREEDY)
 
 
 def test_prefix_caching_and_chunked_prefill(ckpt, batch) -> None:

@@ -8,9 +8,7 @@ on the CPU), so the same file is the GPU bf16 parity run.
 
 from __future__ import annotations
 
-import base64
 import copy
-import io
 import re
 from types import SimpleNamespace
 
@@ -29,8 +27,8 @@ from tests.families.phi4mm_checkpoint import (
     build_phi4mm_checkpoint,
     tiny_phi4mm_config,
 )
+from tests.family_helpers import check_generate_and_chat, engine_processor, image_tensor
 from tests.family_helpers import checkpoint_model_config as model_config
-from tests.family_helpers import engine_processor, image_tensor
 from tests.hf_reference import (
     TEST_ATOL,
     TEST_DEVICE,
@@ -269,12 +267,6 @@ def _generate(llm: LLM, batch, params=GREEDY, **extra):
     return llm.generate(prompts, params, use_tqdm=False)
 
 
-def _data_url(image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
 @pytest.fixture(scope="module")
 def batch(ref):
     """Prompts with 2 and 3 images of different sizes and crop grids."""
@@ -290,18 +282,7 @@ def batch(ref):
 def test_generate_and_chat_match_reference(ckpt, ref, batch) -> None:
     llm = _llm(ckpt)
     gen = _generate(llm, batch)
-    conversations = []
-    for _, images in batch:
-        content = [{"type": "image_url", "image_url": {"url": _data_url(im)}} for im in images]
-        content.append({"type": "text", "text": QUESTION})
-        conversations.append([{"role": "user", "content": content}])
-    chat = llm.chat(conversations, GREEDY, use_tqdm=False)
-    for (prompt, images), g, c in zip(batch, gen, chat):
-        assert len(g.outputs[0].token_ids) == GREEDY.max_tokens
-        compare_with_reference(ref, prompt, images, g)
-        assert c.prompt_token_ids == g.prompt_token_ids
-        assert c.outputs[0].token_ids == g.outputs[0].token_ids
-        compare_with_reference(ref, prompt, images, c)
+    check_generate_and_chat(llm, ref, batch, gen, QUESTION, GREEDY)
     hf_greedy = ref.greedy(*batch[0], max_new_tokens=GREEDY.max_tokens)
     assert gen[0].outputs[0].token_ids == hf_greedy
 

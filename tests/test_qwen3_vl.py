@@ -12,9 +12,7 @@
 
 from __future__ import annotations
 
-import base64
 import inspect
-import io
 import json
 from pathlib import Path
 
@@ -33,8 +31,8 @@ from tests.families.qwen3_vl_checkpoint import (
     build_qwen3_vl_checkpoint,
     tiny_qwen3_vl_config,
 )
+from tests.family_helpers import check_generate_and_chat, engine_processor, image_tensor
 from tests.family_helpers import checkpoint_model_config as model_config
-from tests.family_helpers import engine_processor, image_tensor
 from tests.hf_reference import TEST_DEVICE, TEST_DTYPE, HFReference, compare_with_reference
 from vlmx import LLM, SamplingParams
 from vlmx.demo.images import structured_image
@@ -223,12 +221,6 @@ def _generate(llm: LLM, batch, params=GREEDY):
     return llm.generate(prompts, params, use_tqdm=False)
 
 
-def _data_url(image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
 @pytest.fixture(scope="module")
 def batch(ref, test_images):
     """Prompts with 2 and 3 images of different sizes and aspect ratios (chat-template form)."""
@@ -239,18 +231,7 @@ def batch(ref, test_images):
 def test_generate_and_chat_match_reference(ckpt, ref, batch) -> None:
     llm = _llm(ckpt)
     gen = _generate(llm, batch)
-    conversations = []
-    for _, images in batch:
-        content = [{"type": "image_url", "image_url": {"url": _data_url(im)}} for im in images]
-        content.append({"type": "text", "text": QUESTION})
-        conversations.append([{"role": "user", "content": content}])
-    chat = llm.chat(conversations, GREEDY, use_tqdm=False)
-    for (prompt, images), g, c in zip(batch, gen, chat):
-        assert len(g.outputs[0].token_ids) == GREEDY.max_tokens
-        compare_with_reference(ref, prompt, images, g)
-        assert c.prompt_token_ids == g.prompt_token_ids
-        assert c.outputs[0].token_ids == g.outputs[0].token_ids
-        compare_with_reference(ref, prompt, images, c)
+    check_generate_and_chat(llm, ref, batch, gen, QUESTION, GREEDY)
 
 
 def test_prefix_caching_and_chunked_prefill_match_reference(ckpt, ref, batch) -> None:

@@ -75,3 +75,24 @@ def check_generate_and_chat(llm, ref, batch: list, generated: list, question: st
         assert c.prompt_token_ids == g.prompt_token_ids
         assert c.outputs[0].token_ids == g.outputs[0].token_ids
         compare_with_reference(ref, prompt, images, c)
+
+
+def assert_same_outputs(outputs: list, baseline: list, atol: float) -> None:
+    """The same prompt ids and tokens as `baseline`, each step's logprobs within `atol` (for
+    runs that differ only in how the engine schedules: prefix-cache hits, chunked prefill)."""
+    for out, base in zip(outputs, baseline, strict=True):
+        assert out.prompt_token_ids == base.prompt_token_ids
+        assert out.outputs[0].token_ids == base.outputs[0].token_ids
+        for a, b in zip(out.outputs[0].logprobs, base.outputs[0].logprobs):
+            for token_id in b:
+                assert abs(a[token_id].logprob - b[token_id].logprob) < atol
+
+
+def assert_swap_changes_logprobs(ab, ba) -> None:
+    """Outputs of one prompt with its two images swapped: the same token ids, other logprobs
+    (the images reach the model, not only their placeholders)."""
+    assert ab.prompt_token_ids == ba.prompt_token_ids
+    first, second = (
+        {t: lp.logprob for t, lp in o.outputs[0].logprobs[0].items()} for o in (ab, ba)
+    )
+    assert set(first) != set(second) or max(abs(first[t] - second[t]) for t in first) > 1e-3

@@ -27,7 +27,13 @@ from tests.families.phi4mm_checkpoint import (
     build_phi4mm_checkpoint,
     tiny_phi4mm_config,
 )
-from tests.family_helpers import check_generate_and_chat, engine_processor, image_tensor
+from tests.family_helpers import (
+    assert_same_outputs,
+    assert_swap_changes_logprobs,
+    check_generate_and_chat,
+    engine_processor,
+    image_tensor,
+)
 from tests.family_helpers import checkpoint_model_config as model_config
 from tests.hf_reference import (
     TEST_ATOL,
@@ -307,12 +313,7 @@ def test_prefix_caching_and_chunked_prefill(ckpt, batch) -> None:
     tol = max(2e-3, TEST_ATOL)  # bf16 on the GPU: other step shapes round differently
 
     def check(outputs):
-        for out, base in zip(outputs, baseline):
-            assert out.prompt_token_ids == base.prompt_token_ids
-            assert out.outputs[0].token_ids == base.outputs[0].token_ids
-            for a, b in zip(out.outputs[0].logprobs, base.outputs[0].logprobs):
-                for token_id in b:
-                    assert abs(a[token_id].logprob - b[token_id].logprob) < tol
+        assert_same_outputs(outputs, baseline, tol)
 
     llm = _llm(ckpt, enable_prefix_caching=True)
     check(_generate(llm, batch))
@@ -328,9 +329,7 @@ def test_swapping_images_changes_logprobs(ckpt, ref) -> None:
     a, b = structured_image(224, 168, 0), structured_image(224, 168, 5)  # same layout
     params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=5)
     out = _generate(_llm(ckpt), [(prompt, [a, b]), (prompt, [b, a])], params)
-    assert out[0].prompt_token_ids == out[1].prompt_token_ids
-    first, second = ({t: lp.logprob for t, lp in o.outputs[0].logprobs[0].items()} for o in out)
-    assert set(first) != set(second) or max(abs(first[t] - second[t]) for t in first) > 1e-3
+    assert_swap_changes_logprobs(*out)
 
 
 def test_audio_is_refused(ckpt) -> None:

@@ -115,3 +115,12 @@ def test_window_is_refused_with_ray(capsys):
     argv = ["run-batch", "-i", "in.jsonl", "-o", "out.jsonl", "--ray", "--window", "4"]
     assert main(argv) == 2
     assert "with --ray use --batch-size" in capsys.readouterr().err
+
+
+def test_a_chat_template_file_is_read_by_the_driver(tmp_path):
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    (tmp_path / "t.jinja").write_text(template)
+    config = processor_config("demo", {}, RayBatchOptions(), str(tmp_path / "t.jinja"))
+    assert config.chat_template == template
+    with pytest.raises(ValueError, match="no such file"):
+        processor_config("demo", {}, RayBatchOptions(), str(tmp_path / "missing.jinja"))

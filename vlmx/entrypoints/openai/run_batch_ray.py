@@ -41,6 +41,7 @@ from vlmx.entrypoints.openai.run_batch import (
     triage,
     write_answer,
 )
+from vlmx.multimodal.chat import resolve_chat_template
 from vlmx.ray.config import vlmxEngineProcessorConfig
 from vlmx.ray.processor import EngineActor, Processor, import_ray
 
@@ -125,6 +126,11 @@ def processor_config(
     options: RayBatchOptions,
     chat_template: str | None = None,
 ) -> vlmxEngineProcessorConfig:
+    """The processor's config. A `chat_template` (text, or a .jinja / .json file) is resolved
+    here, so that a bad one fails at the start and actors on other machines get its text."""
+    if chat_template is not None:
+        # NOTE: with a template given, the model and tokenizer are not read.
+        chat_template = resolve_chat_template(chat_template, model, None)
     return vlmxEngineProcessorConfig(
         model_source=model,
         engine_kwargs=engine_kwargs,
@@ -155,7 +161,9 @@ def run_batch_ray(
     start = time.perf_counter()
     done = read_done(out_path)
     summary = BatchSummary()
-    bar = tqdm(total=count_lines(in_path), desc="run-batch", unit="req", disable=not progress)
+    bar = tqdm(
+        total=count_lines(in_path), desc="run-batch", unit="req", disable=None if progress else True
+    )
     bar.update(done.num_lines)
     pending = out_path + PENDING_SUFFIX
     try:

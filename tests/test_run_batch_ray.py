@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,15 @@ def test_window_is_refused_with_ray(capsys):
     argv = ["run-batch", "-i", "in.jsonl", "-o", "out.jsonl", "--ray", "--window", "4"]
     assert main(argv) == 2
     assert "with --ray use --batch-size" in capsys.readouterr().err
+
+
+def test_ray_missing_is_one_line_naming_the_extra(monkeypatch, capsys, tmp_path):
+    from vlmx.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    argv = ["run-batch", "-i", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "out.jsonl")]
+    assert main([*argv, "--ray"]) == 2
+    assert 'pip install "vlmx[ray]"' in capsys.readouterr().err
 
 
 def test_a_chat_template_file_is_read_by_the_driver(tmp_path):

@@ -181,9 +181,14 @@ def _run_batch(args: argparse.Namespace) -> int:
 
 def _run_batch_ray(args: argparse.Namespace) -> int:
     from vlmx.entrypoints.openai import run_batch_ray as rb
+    from vlmx.ray.processor import import_ray
 
     if args.window is not None:
         raise ValueError("--window is for the single-engine run-batch; with --ray use --batch-size")
+    try:
+        import_ray()
+    except ImportError as e:  # NOTE: one line naming the extra, not a traceback
+        raise ValueError(str(e)) from None
     options = rb.RayBatchOptions(
         concurrency=args.concurrency,
         num_gpus_per_engine=args.num_gpus_per_engine,

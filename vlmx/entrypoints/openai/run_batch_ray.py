@@ -19,6 +19,7 @@ sampling, `n`, logprobs), since the actor reads the body itself rather than `vlm
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections import Counter
@@ -27,10 +28,8 @@ from typing import Any
 
 from vlmx.entrypoints.openai import convert
 from vlmx.entrypoints.openai.run_batch import (
-    BadLine,
     BatchRequest,
     BatchSummary,
-    bad_line,
     count_lines,
     parse_line,
     read_done,
@@ -44,6 +43,8 @@ from vlmx.entrypoints.openai.run_batch import (
 from vlmx.multimodal.chat import resolve_chat_template
 from vlmx.ray.config import vlmxEngineProcessorConfig
 from vlmx.ray.processor import EngineActor, Processor, import_ray
+
+logger = logging.getLogger(__name__)
 
 PENDING_SUFFIX = ".pending"  # OUT.jsonl.pending: this run's lines to run; removed at the end
 NODE_ID_LABEL = "ray.io/node-id"  # the label Ray gives every node: its id
@@ -81,15 +82,16 @@ class BatchLineActor(EngineActor):
         where: list[int] = []  # row of each request
         for i, row in enumerate(rows):
             number, text = row.split("\t", 1)
-            try:
-                request = parse_line(int(number), text)
-            except BadLine as e:  # NOTE: the driver parsed it; only an edited input gets here
-                answers[i] = bad_line(e)
-                continue
+            # NOTE: the driver parsed this very text into a request; it cannot raise BadLine.
+            request = parse_line(int(number), text)
             try:
                 prompt, sampling = request_inputs(self.context, request)
             except ValueError as e:
                 answers[i] = refused_line(request, str(e))
+                continue
+            except Exception as e:  # a gap in validation must not cost the batch (as run_batch)
+                logger.exception("line %d failed", request.line)
+                answers[i] = refused_line(request, f"{type(e).__name__}: {e}")
                 continue
             requests.append(request)
             prompts.append(prompt)

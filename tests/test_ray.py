@@ -109,6 +109,13 @@ def test_config_checks_its_values():
     assert _config(concurrency=[1, 3]).min_max_concurrency == (1, 3)
 
 
+def test_the_capwords_name_is_the_same_class():
+    from vlmx.ray import VlmxEngineProcessorConfig
+
+    assert VlmxEngineProcessorConfig is vlmxEngineProcessorConfig
+    assert VlmxEngineProcessorConfig(model_source="demo", batch_size=2).batch_size == 2
+
+
 def test_missing_ray_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
     with pytest.raises(ImportError, match=r'pip install "vlmx\[ray\]"'):

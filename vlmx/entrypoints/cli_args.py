@@ -65,12 +65,17 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
         group.add_argument(flag, dest=name, action=action, default=not value, help=help_text)
 
 
-def engine_args(args: argparse.Namespace) -> EngineArgs:
-    """`EngineArgs` from the parsed options; options not given keep EngineArgs' defaults."""
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The `EngineArgs` fields the options give (all but the model); others keep defaults."""
     given = {name: getattr(args, name) for _, name, _, _ in _ENGINE_OPTIONS}
     given = {k: v for k, v in given.items() if v is not None}
     flags = {name: getattr(args, name) for _, name, _, _ in _ENGINE_FLAGS}
-    return EngineArgs(model=args.model, **given, **flags)
+    return {**given, **flags}
+
+
+def engine_args(args: argparse.Namespace) -> EngineArgs:
+    """`EngineArgs` from the parsed options; options not given keep EngineArgs' defaults."""
+    return EngineArgs(model=args.model, **engine_kwargs(args))
 
 
 # -- vlmx serve -------------------------------------------------------------------------------
@@ -148,6 +153,13 @@ def _add_run_batch(sub: argparse._SubParsersAction) -> None:
         "--window", type=int, default=None, help="lines in flight (default 2 * max-num-seqs)"
     )
     p.add_argument("--verbose", action="store_true", help="log engine details")
+    ray = p.add_argument_group("ray (--ray: one engine per Ray actor, across GPUs and machines)")
+    ray.add_argument("--ray", action="store_true", help="run the file through Ray Data")
+    ray.add_argument("--concurrency", type=int, default=1, help="engines (actors)")
+    ray.add_argument("--num-gpus-per-engine", type=float, default=1.0, help="0: CPU engines")
+    ray.add_argument("--num-cpus-per-engine", type=float, default=1.0)
+    ray.add_argument("--batch-size", type=int, default=64, help="lines given to an engine at once")
+    ray.add_argument("--ray-address", default=None, help="a running cluster (default: local)")
     add_engine_options(p)
     p.set_defaults(entrypoint=_run_batch)
 
@@ -156,11 +168,42 @@ def _run_batch(args: argparse.Namespace) -> int:
     from vlmx.engine.engine import LLMEngine
     from vlmx.entrypoints.openai.run_batch import BatchRunner
 
+    if args.ray:
+        return _run_batch_ray(args)
     engine = LLMEngine(engine_args(args).create_engine_config())
     runner = BatchRunner(
         engine, args.served_model_name or args.model, args.window, args.chat_template
     )
     summary = runner.run(args.input_file, args.output_file, progress=sys.stderr.isatty())
+    print(summary.describe(), file=sys.stderr)
+    return 0
+
+
+def _run_batch_ray(args: argparse.Namespace) -> int:
+    from vlmx.entrypoints.openai import run_batch_ray as rb
+    from vlmx.ray.processor import import_ray
+
+    if args.window is not None:
+        raise ValueError("--window is for the single-engine run-batch; with --ray use --batch-size")
+    try:
+        import_ray()
+    except ImportError as e:  # NOTE: one line naming the extra, not a traceback
+        raise ValueError(str(e)) from None
+    options = rb.RayBatchOptions(
+        concurrency=args.concurrency,
+        num_gpus_per_engine=args.num_gpus_per_engine,
+        num_cpus_per_engine=args.num_cpus_per_engine,
+        batch_size=args.batch_size,
+    )
+    config = rb.processor_config(args.model, engine_kwargs(args), options, args.chat_template)
+    summary = rb.run_batch_ray(
+        args.input_file,
+        args.output_file,
+        config,
+        args.served_model_name or args.model,
+        address=args.ray_address,
+        progress=sys.stderr.isatty(),
+    )
     print(summary.describe(), file=sys.stderr)
     return 0
 

@@ -9,11 +9,13 @@ processor = build_llm_processor(config, preprocess=lambda row: {"messages": ...,
 processor(ray.data.read_parquet("images.parquet")).write_parquet("results/")
 ```
 
+`VlmxEngineProcessorConfig` is the same class under a CapWords name.
+
 Ray is an optional extra (`pip install "vlmx[ray]"`); this package imports it only when a
 processor is built or run.
 """
 
-from vlmx.ray.config import vlmxEngineProcessorConfig
+from vlmx.ray.config import VlmxEngineProcessorConfig, vlmxEngineProcessorConfig
 from vlmx.ray.processor import Processor, build_llm_processor
 from vlmx.ray.rows import RESULT_COLUMNS
 
@@ -23,6 +25,7 @@ build_processor = build_llm_processor
 __all__ = [
     "RESULT_COLUMNS",
     "Processor",
+    "VlmxEngineProcessorConfig",
     "build_llm_processor",
     "build_processor",
     "vlmxEngineProcessorConfig",

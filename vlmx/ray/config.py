@@ -99,3 +99,8 @@ def _check_concurrency(concurrency: Any) -> None:
             f"concurrency must be a positive number of engines or a (min, max) pair with "
             f"1 <= min <= max, got {concurrency!r}"
         )
+
+
+# NOTE: the same class under a Python-style (CapWords) name; `vlmxEngineProcessorConfig` mirrors
+# ray.data.llm's `vLLMEngineProcessorConfig` for those who port a vLLM script.
+VlmxEngineProcessorConfig = vlmxEngineProcessorConfig

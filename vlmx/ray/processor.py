@@ -116,8 +116,13 @@ class Processor:
         postprocess: Callable[[dict], dict] | None,
         preprocess_map_kwargs: dict[str, Any] | None,
         postprocess_map_kwargs: dict[str, Any] | None,
+        actor: type[EngineActor] = EngineActor,
+        actor_kwargs: dict[str, Any] | None = None,
     ) -> None:
         self.config = config
+        # NOTE: a subclass of EngineActor reads other rows (vlmx run-batch --ray's batch lines).
+        self.actor = actor
+        self.actor_kwargs = actor_kwargs or {}
         self.preprocess = preprocess
         self.postprocess = postprocess
         self.preprocess_map_kwargs = preprocess_map_kwargs or {}
@@ -133,8 +138,8 @@ class Processor:
             remote_args["accelerator_type"] = config.accelerator_type
         min_size, max_size = config.min_max_concurrency
         dataset = dataset.map_batches(
-            EngineActor,
-            fn_constructor_kwargs={"config": config},
+            self.actor,
+            fn_constructor_kwargs={"config": config, **self.actor_kwargs},
             batch_size=config.batch_size,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(min_size=min_size, max_size=max_size),

@@ -207,6 +207,35 @@ def read_lines(path: str) -> Iterator[tuple[int, str]]:
                 yield number, text
 
 
+def triage(
+    number: int, text: str, done: Done, seen: Counter
+) -> BatchRequest | dict[str, Any] | None:
+    """What one input line needs: a `BatchRequest` to run, an answer line to write at once (a
+    bad line, a duplicate custom_id), or None (an earlier run answered it). `seen` counts the
+    custom_ids read so far (updated here); shared by the engine and the Ray paths."""
+    request, bad = None, None
+    try:
+        request = parse_line(number, text)
+        custom_id = request.custom_id
+    except BadLine as e:
+        bad, custom_id = e, e.custom_id
+    if custom_id is None:  # NOTE: such a line is known by its number
+        return None if number in done.lines else bad_line(bad)
+    seen[custom_id] += 1
+    occurrence = seen[custom_id]
+    if occurrence > 1:
+        if occurrence - 1 <= done.duplicates[custom_id]:
+            return None
+        message = (
+            f"line {number}: custom_id {custom_id!r} is a duplicate of an earlier line; "
+            "give every line its own custom_id"
+        )
+        return bad_line(BadLine(number, custom_id, DUPLICATE, message))
+    if custom_id in done.custom_ids:
+        return None
+    return bad_line(bad) if bad is not None else request
+
+
 # -- the run ----------------------------------------------------------------------------------
 
 
@@ -269,6 +298,20 @@ class BatchRunner:
         return summary
 
 
+def write_answer(out, line: dict[str, Any], summary: BatchSummary, bar) -> None:
+    """Append one answer line to `out` and flush; count it in `summary` and on `bar`."""
+    out.write(json.dumps(line, ensure_ascii=False) + "\n")
+    out.flush()
+    ok = line["error"] is None and line["response"]["status_code"] == 200
+    if ok:
+        summary.num_ok += 1
+    else:
+        summary.num_errors += 1
+    bar.update(1)
+    elapsed = max(bar.format_dict.get("elapsed", 0.0), 1e-9)
+    bar.set_postfix(img_s=f"{summary.num_images / elapsed:.1f}", refresh=False)
+
+
 class _RunState:
     """One run's moving parts: the lines being processed, those in the engine, the output."""
 
@@ -305,32 +348,11 @@ class _RunState:
 
     def _read(self, number: int, text: str) -> None:
         self.num_read += 1
-        request, bad = None, None
-        try:
-            request = parse_line(number, text)
-            custom_id = request.custom_id
-        except BadLine as e:
-            bad, custom_id = e, e.custom_id
-        if custom_id is None:  # NOTE: such a line is known by its number
-            if number not in self.done.lines:
-                self._write(bad_line(bad))
-            return
-        self.seen[custom_id] += 1
-        occurrence = self.seen[custom_id]
-        if occurrence > 1:
-            if occurrence - 1 > self.done.duplicates[custom_id]:
-                message = (
-                    f"line {number}: custom_id {custom_id!r} is a duplicate of an earlier line; "
-                    "give every line its own custom_id"
-                )
-                self._write(bad_line(BadLine(number, custom_id, DUPLICATE, message)))
-            return
-        if custom_id in self.done.custom_ids:
-            return
-        if bad is not None:
-            self._write(bad_line(bad))
-            return
-        self.ahead.append((request, self.runner.pool.submit(self._process, request)))
+        verdict = triage(number, text, self.done, self.seen)
+        if isinstance(verdict, BatchRequest):
+            self.ahead.append((verdict, self.runner.pool.submit(self._process, verdict)))
+        elif verdict is not None:
+            self._write(verdict)
 
     def _process(self, request: BatchRequest):
         prompt, params = request_inputs(self.runner.context, request)
@@ -359,17 +381,8 @@ class _RunState:
         self.summary.max_lines_in_flight = max(
             self.summary.max_lines_in_flight, self.num_read - self.num_written
         )
-        self.out.write(json.dumps(line, ensure_ascii=False) + "\n")
-        self.out.flush()
+        write_answer(self.out, line, self.summary, self.bar)
         self.num_written += 1
-        ok = line["error"] is None and line["response"]["status_code"] == 200
-        if ok:
-            self.summary.num_ok += 1
-        else:
-            self.summary.num_errors += 1
-        self.bar.update(1)
-        elapsed = max(self.bar.format_dict.get("elapsed", 0.0), 1e-9)
-        self.bar.set_postfix(img_s=f"{self.summary.num_images / elapsed:.1f}", refresh=False)
 
     def abort_all(self) -> None:
         for future in (f for _, f in self.ahead):

@@ -13,6 +13,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -96,3 +98,27 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.section(f"parity on {TEST_DEVICE} in {TEST_DTYPE}: max |logprob diff|")
     for test_id, diff in sorted(MAX_LOGPROB_DIFFS.items()):
         terminalreporter.write_line(f"{diff:.2e}  {test_id}")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray cluster for one test module: 2 CPUs, a small object store."""
+    import ray
+
+    # NOTE: the workers import this checkout's vlmx (not an installed one) as the tests do.
+    repo_root = str(Path(__file__).resolve().parent.parent)
+    path = os.pathsep.join(p for p in (repo_root, os.environ.get("PYTHONPATH")) if p)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYTHONPATH", path)
+        mp.setenv("RAY_AUTH_MODE", "disabled")
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            object_store_memory=200 * 2**20,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+        try:
+            yield ray
+        finally:
+            ray.shutdown()

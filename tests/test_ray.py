@@ -7,9 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -17,7 +15,6 @@ from vlmx import LLM, SamplingParams
 from vlmx.ray import RESULT_COLUMNS, build_llm_processor, vlmxEngineProcessorConfig
 from vlmx.ray.rows import row_request
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 ENGINE_KWARGS = {
     "device": "cpu",
     "dtype": "float32",
@@ -124,28 +121,6 @@ def test_missing_ray_names_the_extra(monkeypatch):
 
 # ---------------------------------------------------------------------------------------------
 # On a local Ray cluster
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    # NOTE: the workers import this checkout's vlmx (not an installed one) as the tests do.
-    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PYTHONPATH", path)
-        mp.setenv("RAY_AUTH_MODE", "disabled")
-        ray.init(
-            num_cpus=2,
-            include_dashboard=False,
-            object_store_memory=200 * 2**20,
-            log_to_driver=False,
-            configure_logging=False,
-        )
-        try:
-            yield ray
-        finally:
-            ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ exactly one line per input line."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -23,31 +22,8 @@ from vlmx.entrypoints.openai.run_batch_ray import (
     run_batch_ray,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 # NOTE: float32 on CPU in the actors too, so that greedy answers match the single engine's.
 ACTOR_KWARGS = {k: v for k, v in ENGINE_KWARGS.items() if k not in ("model", "device")}
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    # NOTE: the workers import this checkout's vlmx (not an installed one) as the tests do.
-    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PYTHONPATH", path)
-        mp.setenv("RAY_AUTH_MODE", "disabled")
-        ray.init(
-            num_cpus=2,
-            include_dashboard=False,
-            object_store_memory=200 * 2**20,
-            log_to_driver=False,
-            configure_logging=False,
-        )
-        try:
-            yield ray
-        finally:
-            ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ SLICES = {
     "qkv": ((0, 32), (32, 16), (48, 16)),
     "padded": ((0, 24), (32, 24)),
     "one": ((0, 40),),
+    "wide": ((0, 300), (320, 200)),  # several output column blocks
 }
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 
@@ -85,18 +86,47 @@ def _check_triton(name, num_tokens, in_features, rank, dtype, device):
 
 @in_interpreter
 @pytest.mark.parametrize(
-    ("name", "num_tokens", "in_features", "rank"),
-    [("qkv", 21, 40, 8), ("padded", 5, 2048, 16), ("one", 17, 24, 20)],
+    ("name", "num_tokens", "in_features", "rank", "target_programs"),
+    [
+        ("qkv", 21, 40, 8, 512),  # K under one block
+        ("padded", 5, 2048, 16, 512),  # split-K over 8 chunks, padding rows between parts
+        ("one", 17, 24, 20, 512),  # a rank under a power of two
+        ("qkv", 37, 1000, 16, 512),  # K not a multiple of the chunk: a ragged last chunk
+        ("qkv", 19, 300, 48, 512),  # 3 * 48 = 144 shrink columns: two column blocks
+        ("wide", 40, 1000, 16, 8),  # few programs wanted: 2 K chunks, 2 column blocks a program
+    ],
 )
-def test_triton_matches_reference_in_interpreter(name, num_tokens, in_features, rank):
-    """Masked ragged tiles, split-K (2048 inputs, few tokens), a rank over one rank block."""
+def test_triton_matches_reference_in_interpreter(
+    name, num_tokens, in_features, rank, target_programs, monkeypatch
+):
+    """Masked ragged tiles, uneven slot groups (one slot unused, tokens of none), split-K,
+    expand programs over several column blocks."""
+    monkeypatch.setattr(ops, "_TARGET_PROGRAMS", target_programs)
     _check_triton(name, num_tokens, in_features, rank, torch.float32, "cpu")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="no triton")
+@pytest.mark.parametrize(("num_tokens", "in_features"), [(256, 2048), (256, 11008), (8192, 2048)])
+def test_split_k_covers_k_with_enough_programs(num_tokens, in_features):
+    """The K chunks tile K exactly (the last may be ragged, none empty), in BLOCK_K multiples; a
+    decode step of 256 tokens gets over a hundred shrink programs."""
+    m_blocks = -(-num_tokens // ops._block_m(num_tokens))
+    split, chunk = ops._split_k(m_blocks, in_features)
+    assert chunk % ops._SHRINK_BLOCK_K == 0
+    assert (split - 1) * chunk < in_features <= split * chunk
+    assert m_blocks * split >= 128
 
 
 @CUDA
 @pytest.mark.parametrize(
     ("name", "num_tokens", "in_features", "rank"),
-    [("qkv", 300, 2048, 16), ("padded", 7, 11008, 16), ("one", 2000, 2048, 64)],
+    [
+        ("qkv", 300, 2048, 16),
+        ("padded", 7, 11008, 16),
+        ("one", 2000, 2048, 64),
+        ("wide", 256, 11008, 16),
+        ("qkv", 256, 2048, 48),
+    ],
 )
 def test_triton_matches_reference_on_cuda(name, num_tokens, in_features, rank):
     _check_triton(name, num_tokens, in_features, rank, torch.bfloat16, "cuda")

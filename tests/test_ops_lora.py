@@ -86,23 +86,36 @@ def _check_triton(name, num_tokens, in_features, rank, dtype, device):
 
 @in_interpreter
 @pytest.mark.parametrize(
-    ("name", "num_tokens", "in_features", "rank", "target_programs"),
+    ("name", "num_tokens", "in_features", "rank", "tuning"),
     [
-        ("qkv", 21, 40, 8, 512),  # K under one block
-        ("padded", 5, 2048, 16, 512),  # split-K over 8 chunks, padding rows between parts
-        ("one", 17, 24, 20, 512),  # a rank under a power of two
-        ("qkv", 37, 1000, 16, 512),  # K not a multiple of the chunk: a ragged last chunk
-        ("qkv", 19, 300, 48, 512),  # 3 * 48 = 144 shrink columns: two column blocks
-        ("wide", 40, 1000, 16, 8),  # few programs wanted: 2 K chunks, 2 column blocks a program
+        ("qkv", 21, 40, 8, {}),  # K under one block
+        ("padded", 5, 2048, 16, {}),  # split-K over 8 chunks, padding rows between parts
+        ("one", 17, 24, 20, {}),  # a rank under a power of two
+        ("qkv", 37, 1000, 16, {}),  # K not a multiple of the chunk: a ragged last chunk
+        ("qkv", 19, 300, 48, {}),  # 3 * 48 = 144 shrink columns: two column blocks
+        # few programs wanted: 2 K chunks, 2 column blocks a program
+        ("wide", 40, 1000, 16, {"_TARGET_PROGRAMS": 8}),
+        # the expand loads the partial planes 2 at a time: 8 planes; 3 planes (one masked)
+        ("padded", 5, 2048, 16, {"_MAX_PARTIALS_A_LOAD": 512}),
+        ("qkv", 37, 700, 16, {"_MAX_PARTIALS_A_LOAD": 512}),
     ],
 )
 def test_triton_matches_reference_in_interpreter(
-    name, num_tokens, in_features, rank, target_programs, monkeypatch
+    name, num_tokens, in_features, rank, tuning, monkeypatch
 ):
     """Masked ragged tiles, uneven slot groups (one slot unused, tokens of none), split-K,
-    expand programs over several column blocks."""
-    monkeypatch.setattr(ops, "_TARGET_PROGRAMS", target_programs)
+    expand programs over several column blocks and several loads of partial planes."""
+    for knob, value in tuning.items():
+        monkeypatch.setattr(ops, knob, value)
     _check_triton(name, num_tokens, in_features, rank, torch.float32, "cpu")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="no triton")
+def test_planes_a_load_is_a_power_of_two_within_the_limit():
+    assert ops._planes_a_load(8, 16 * 16) == 8  # a decode step: every plane at once
+    assert ops._planes_a_load(15, 16 * 16) == 16  # masked past 15
+    assert ops._planes_a_load(16, 64 * 64) == 2  # 2 * 4096 = the limit
+    assert ops._planes_a_load(4, 64 * 256) == 1  # one plane over the limit: one at a time
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="no triton")

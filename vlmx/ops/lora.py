@@ -91,6 +91,7 @@ _SHRINK_BLOCK_K = 128
 _MIN_K_CHUNK = 256  # inputs per split-K program, at least
 _MAX_SPLIT_K = 16
 _TARGET_PROGRAMS = 512
+_MAX_PARTIALS_A_LOAD = 8192  # float32 values of partial planes one expand program loads at once
 
 
 def _block_m(num_tokens: int) -> int:
@@ -109,6 +110,12 @@ def _expand_blocks(rank: int) -> tuple[int, int]:
     """(BLOCK_R: the whole rank in one tile, BLOCK_N: output columns per tile)."""
     block_r = max(16, triton.next_power_of_2(rank))
     return block_r, 128 if block_r <= 32 else 64 if block_r <= 128 else 32
+
+
+def _planes_a_load(split_k: int, plane_tile: int) -> int:
+    """Partial planes the expand loads at once: all of them, up to 8192 float32 values."""
+    fit = max(1, _MAX_PARTIALS_A_LOAD // plane_tile)
+    return min(triton.next_power_of_2(split_k), 1 << (fit.bit_length() - 1))
 
 
 def lora_apply_triton(
@@ -149,7 +156,8 @@ def lora_apply_triton(
         partials, b, y, groups.token_idx, groups.starts, groups.counts, slice_table,
         rank, split_k, partials.stride(0), partials.stride(1), b.stride(0), b.stride(1),
         y.stride(0), num_chunks,
-        BLOCK_M=block_m, BLOCK_N=block_out, BLOCK_R=block_r, N_ITERS=n_iters, num_warps=4,
+        BLOCK_M=block_m, BLOCK_N=block_out, BLOCK_R=block_r, N_ITERS=n_iters,
+        S_TILE=_planes_a_load(split_k, block_m * block_r), num_warps=4,
     )  # fmt: skip
 
 
@@ -199,7 +207,7 @@ if triton is not None:
         p_ptr, b_ptr, y_ptr, idx_ptr, start_ptr, count_ptr, slice_ptr,
         rank, split_k, stride_pk, stride_pm, stride_bs, stride_bn, stride_ym, num_chunks,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-        N_ITERS: tl.constexpr,
+        N_ITERS: tl.constexpr, S_TILE: tl.constexpr,
     ):  # fmt: skip
         """y[rows of slot, part's columns of chunk] += (sum over k of partials[k]) @ B^T."""
         pid_m, pid_pc, slot = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -218,11 +226,19 @@ if triton is not None:
         rows = rows.to(tl.int64)
         offs_r = tl.arange(0, BLOCK_R)
         r_mask = offs_r < rank
-        t_ptrs = p_ptr + rows[:, None] * stride_pm + part * rank + offs_r[None, :]
-        t_mask = m_mask[:, None] & r_mask[None, :]
+        # t: S_TILE planes a load [S_TILE, BLOCK_M, BLOCK_R] (in flight at once), summed
+        offs_s = tl.arange(0, S_TILE)
+        t_ptrs = (
+            p_ptr
+            + offs_s[:, None, None] * stride_pk
+            + rows[None, :, None] * stride_pm
+            + (part * rank + offs_r)[None, None, :]
+        )
+        t_mask = m_mask[None, :, None] & r_mask[None, None, :]
         t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for k in range(0, split_k):
-            t += tl.load(t_ptrs + k * stride_pk, mask=t_mask, other=0.0)
+        for s0 in range(0, split_k, S_TILE):
+            mask = t_mask & (s0 + offs_s < split_k)[:, None, None]
+            t += tl.sum(tl.load(t_ptrs + s0 * stride_pk, mask=mask, other=0.0), axis=0)
         t = t.to(b_ptr.dtype.element_ty)
         b_base = b_ptr + slot.to(tl.int64) * stride_bs + offset * stride_bn
         for i in range(N_ITERS):

@@ -149,7 +149,9 @@ def lora_apply_triton(
     )  # fmt: skip
     block_r, block_out = _expand_blocks(rank)
     col_blocks = triton.cdiv(max(size for _, size in slices), block_out)
+    # a power of two: few kernel variants across the captured batch sizes
     n_iters = max(1, min(8, m_blocks * len(slices) * col_blocks // _TARGET_PROGRAMS))
+    n_iters = 1 << (n_iters.bit_length() - 1)
     num_chunks = triton.cdiv(col_blocks, n_iters)
     grid = (m_blocks, len(slices) * num_chunks, num_slots)
     _expand_kernel[grid](

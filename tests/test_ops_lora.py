@@ -19,6 +19,7 @@ SLICES = {
     "qkv": ((0, 32), (32, 16), (48, 16)),
     "padded": ((0, 24), (32, 24)),
     "one": ((0, 40),),
+    "wide": ((0, 300), (320, 200)),  # several output column blocks
 }
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 
@@ -85,18 +86,60 @@ def _check_triton(name, num_tokens, in_features, rank, dtype, device):
 
 @in_interpreter
 @pytest.mark.parametrize(
-    ("name", "num_tokens", "in_features", "rank"),
-    [("qkv", 21, 40, 8), ("padded", 5, 2048, 16), ("one", 17, 24, 20)],
+    ("name", "num_tokens", "in_features", "rank", "tuning"),
+    [
+        ("qkv", 21, 40, 8, {}),  # K under one block
+        ("padded", 5, 2048, 16, {}),  # split-K over 8 chunks, padding rows between parts
+        ("one", 17, 24, 20, {}),  # a rank under a power of two
+        ("qkv", 37, 1000, 16, {}),  # K not a multiple of the chunk: a ragged last chunk
+        ("qkv", 19, 300, 48, {}),  # 3 * 48 = 144 shrink columns: two column blocks
+        # few programs wanted: 2 K chunks, 2 column blocks a program
+        ("wide", 40, 1000, 16, {"_TARGET_PROGRAMS": 8}),
+        # the expand loads the partial planes 2 at a time: 8 planes; 3 planes (one masked)
+        ("padded", 5, 2048, 16, {"_MAX_PARTIALS_A_LOAD": 512}),
+        ("qkv", 37, 700, 16, {"_MAX_PARTIALS_A_LOAD": 512}),
+    ],
 )
-def test_triton_matches_reference_in_interpreter(name, num_tokens, in_features, rank):
-    """Masked ragged tiles, split-K (2048 inputs, few tokens), a rank over one rank block."""
+def test_triton_matches_reference_in_interpreter(
+    name, num_tokens, in_features, rank, tuning, monkeypatch
+):
+    """Masked ragged tiles, uneven slot groups (one slot unused, tokens of none), split-K,
+    expand programs over several column blocks and several loads of partial planes."""
+    for knob, value in tuning.items():
+        monkeypatch.setattr(ops, knob, value)
     _check_triton(name, num_tokens, in_features, rank, torch.float32, "cpu")
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="no triton")
+def test_planes_a_load_is_a_power_of_two_within_the_limit():
+    assert ops._planes_a_load(8, 16 * 16) == 8  # a decode step: every plane at once
+    assert ops._planes_a_load(15, 16 * 16) == 16  # masked past 15
+    assert ops._planes_a_load(16, 64 * 64) == 2  # 2 * 4096 = the limit
+    assert ops._planes_a_load(4, 64 * 256) == 1  # one plane over the limit: one at a time
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="no triton")
+@pytest.mark.parametrize(("num_tokens", "in_features"), [(256, 2048), (256, 11008), (8192, 2048)])
+def test_split_k_covers_k_with_enough_programs(num_tokens, in_features):
+    """The K chunks tile K exactly (the last may be ragged, none empty), in BLOCK_K multiples; a
+    decode step of 256 tokens gets over a hundred shrink programs."""
+    m_blocks = -(-num_tokens // ops._block_m(num_tokens))
+    split, chunk = ops._split_k(m_blocks, in_features)
+    assert chunk % ops._SHRINK_BLOCK_K == 0
+    assert (split - 1) * chunk < in_features <= split * chunk
+    assert m_blocks * split >= 128
 
 
 @CUDA
 @pytest.mark.parametrize(
     ("name", "num_tokens", "in_features", "rank"),
-    [("qkv", 300, 2048, 16), ("padded", 7, 11008, 16), ("one", 2000, 2048, 64)],
+    [
+        ("qkv", 300, 2048, 16),
+        ("padded", 7, 11008, 16),
+        ("one", 2000, 2048, 64),
+        ("wide", 256, 11008, 16),
+        ("qkv", 256, 2048, 48),
+    ],
 )
 def test_triton_matches_reference_on_cuda(name, num_tokens, in_features, rank):
     _check_triton(name, num_tokens, in_features, rank, torch.bfloat16, "cuda")

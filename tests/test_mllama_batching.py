@@ -88,6 +88,10 @@ def test_mixed_step_equals_one_by_one(ckpt, llm) -> None:
     assert store.num_tower_calls == calls + 1  # 8 images: one tower call in the first step
     first_scheduled, _ = steps[0]
     assert len(first_scheduled) == len(batch)  # every request in the first step
+    prefill = steps[0][1]  # runs before and between images attend beside the batch
+    assert prefill.batch is not None and prefill.batch.num_rows > 0
+    assert any(seq.mask is not None for seq in prefill.masked)  # image 0 only: masked
+    assert any(seq.mask is None for seq in prefill.masked)  # no image yet: every key
 
     decodes = [m for n, m in steps if len(n) == len(batch) and all(k == 1 for k in n)]
     assert decodes

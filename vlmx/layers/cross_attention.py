@@ -33,13 +33,14 @@ from vlmx.ops.varlen import varlen_flash_attention
 
 @dataclass(slots=True)
 class CrossSequence:
-    """One sequence whose rows need a key mask (they see some of its images, not all)."""
+    """Rows of one sequence that attend on their own (with a key mask, or a prefill's rows
+    beside the sequence's run in the batch)."""
 
     start: int  # its rows in the gathered block: start .. end - 1
     end: int
     key_start: int  # its keys in `CrossAttentionMetadata.kv`: key_start .. + num_keys - 1
     num_keys: int
-    mask: torch.Tensor  # [end - start or 1, num_keys] bool (True = attend)
+    mask: torch.Tensor | None  # [1, num_keys] bool (True = attend), every row's; None: all
 
 
 @dataclass(slots=True)
@@ -92,17 +93,21 @@ def _batch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: Cross
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None):
-    """One sequence: q [n, heads, hd], k / v [N, kv_heads, hd] -> [n, heads, hd]. 4-D inputs:
-    SDPA's fused kernels take no 3-D ones (those fall back to the math path, which copies the
-    keys and values once per query head group)."""
+    """One sequence: q [n, heads, hd], k / v [N, kv_heads, hd], mask [1, N] or None ->
+    [n, heads, hd].
+
+    4-D inputs, each KV head's group of query heads folded into its query rows: SDPA's fused
+    kernels take no 3-D inputs, and its fallback (the math path) copies the keys and values
+    once per query head of a group on every call."""
+    n, heads, hd = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    assert mask is None or mask.shape[0] == 1, mask.shape  # one mask for all rows
+    q = q.view(n, kv_heads, group, hd).permute(1, 2, 0, 3).reshape(1, kv_heads, group * n, hd)
     o = F.scaled_dot_product_attention(
-        q.transpose(0, 1)[None],  # [1, heads, n, head_dim]
-        k.transpose(0, 1)[None],
-        v.transpose(0, 1)[None],
-        attn_mask=mask,
-        enable_gqa=True,
-    )
-    return o[0].transpose(0, 1)
+        q, k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=mask
+    )  # [1, kv_heads, group * n, hd]
+    return o.view(kv_heads, group, n, hd).permute(2, 0, 1, 3).reshape(n, heads, hd)
 
 
 class CrossAttention(nn.Module):

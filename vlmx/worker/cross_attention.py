@@ -233,37 +233,45 @@ class CrossAttentionStore:
     def metadata(
         self, states: list[RequestState], num_scheduled: list[int]
     ) -> CrossAttentionMetadata | None:
-        """The step's cross-attention inputs; None when none of its requests has images."""
-        batched: list[tuple[int, int, int, int]] = []  # (key start, keys, step row, rows)
-        masked: list[tuple[int, int, int, torch.Tensor]] = []  # (step row, rows, key start, mask)
-        has_image: dict[int, np.ndarray] = {}  # step row -> [rows] bool
+        """The step's cross-attention inputs; None when none of its requests has images.
+
+        Each sequence's rows split into runs that see the same images (`_runs`); per sequence,
+        its longest run that reads leading keys with no mask joins the varlen batch, the other
+        runs (a prefill's rows before and between its images) attend one by one."""
+        batched: list[tuple[int, int, int, int, np.ndarray]] = []  # keys at, keys, row, n, seen
+        masked: list[tuple[int, int, int, int, torch.Tensor | None, np.ndarray]] = []
         step_row = 0
         for state, n in zip(states, num_scheduled):
             entry = self.entries.get(state.request_id)
             if entry is not None:
                 start = state.num_computed_tokens
-                (mask, num_keys), has_image[step_row] = self._keys(entry, start, start + n)
+                runs, has_image = self._runs(entry, start, start + n)
                 key_start = entry.slot * self.keys_per_image
-                if mask is None:
-                    batched.append((key_start, num_keys, step_row, n))
-                else:
-                    masked.append((step_row, n, key_start, mask))
+                unmasked = [run for run in runs if run[2] is None]
+                best = max(unmasked, key=lambda run: run[1], default=None)
+                for run in runs:
+                    first, length, mask, num_keys = run
+                    seen = has_image[first : first + length]
+                    if run is best:
+                        batched.append((key_start, num_keys, step_row + first, length, seen))
+                    else:
+                        masked.append((step_row + first, length, key_start, num_keys, mask, seen))
             step_row += n
-        if not has_image:
+        if not batched and not masked:
             return None
-        batched.sort()
-        firsts = [(r, n) for _, _, r, n in batched] + [(r, n) for r, n, _, _ in masked]
-        rows = np.concatenate([np.arange(r, r + n) for r, n in firsts])  # [R]
-        row_mask = np.concatenate([has_image[r] for r, _ in firsts])  # [R]
-        seqs, gathered = [], len(rows) - sum(n for _, n, _, _ in masked)
-        for _, n, key_start, mask in masked:
-            seqs.append(CrossSequence(gathered, gathered + n, key_start, mask.shape[1], mask))
+        batched.sort(key=lambda b: b[0])
+        parts = [(b[2], b[3], b[4]) for b in batched] + [(m[0], m[1], m[5]) for m in masked]
+        rows = np.concatenate([np.arange(r, r + n) for r, n, _ in parts])  # [R]
+        row_mask = np.concatenate([seen for _, _, seen in parts]).astype(np.float32)  # [R]
+        seqs, gathered = [], sum(b[3] for b in batched)
+        for _, n, key_start, num_keys, mask, _ in masked:
+            seqs.append(CrossSequence(gathered, gathered + n, key_start, num_keys, mask))
             gathered += n
         return CrossAttentionMetadata(
             rows=self._to_device(rows, torch.long),  # [R]
-            row_mask=self._to_device(row_mask.astype(np.float32)[:, None], torch.float32),
+            row_mask=self._to_device(row_mask[:, None], torch.float32),  # [R, 1]
             kv=self._pool(),
-            batch=self._batch(batched) if batched else None,
+            batch=self._batch([b[:4] for b in batched]) if batched else None,
             masked=seqs,
         )
 
@@ -291,7 +299,7 @@ class CrossAttentionStore:
 
     def profile_metadata(self, kv: torch.Tensor, num_tokens: int) -> CrossAttentionMetadata:
         """A profile step's cross-attention: every row over every key of `kv`, masked."""
-        mask = torch.ones(num_tokens, kv.shape[2], dtype=torch.bool, device=self.device)
+        mask = torch.ones(1, kv.shape[2], dtype=torch.bool, device=self.device)
         return CrossAttentionMetadata(
             rows=torch.arange(num_tokens, device=self.device),
             row_mask=torch.ones(num_tokens, 1, device=self.device),
@@ -300,31 +308,27 @@ class CrossAttentionStore:
             masked=[CrossSequence(0, num_tokens, 0, kv.shape[2], mask)],
         )
 
-    def _keys(
+    def _runs(
         self, entry: CrossEntry, start: int, end: int
-    ) -> tuple[tuple[torch.Tensor | None, int], np.ndarray]:
-        """((the mask of the keys the rows of positions start..end-1 see: [n, keys], or
-        [1, keys] when all rows see the same; None: all rows read the leading keys, how many),
-        whether each row sees an image, [n] bool).
+    ) -> tuple[list[tuple[int, int, torch.Tensor | None, int]], np.ndarray]:
+        """The runs of the rows of positions start..end-1 that see the same images: (first row,
+        rows, their keys' mask [1, num_keys] or None = the leading keys, how many keys), and
+        whether each row sees an image, [n] bool.
 
         A row that sees no image attends to every key (HF zeroes its additive mask)."""
         n = end - start
         if start >= entry.last_boundary and entry.tail is not None:
-            return entry.tail[0], np.full(n, entry.tail[1])
+            (mask, num_keys), seen = entry.tail
+            return [(0, n, mask, num_keys)], np.full(n, seen)
         positions = np.arange(start, end)
         visible = (positions[:, None] >= entry.starts) & (positions[:, None] < entry.ends)
         has_image = visible.any(axis=1)  # [n]
-        rows = np.unique(visible, axis=0)
-        if len(rows) == 1:  # every row sees the same images
-            keys = self._row_keys(entry, rows[0])
-            if start >= entry.last_boundary:
-                entry.tail = (keys, bool(rows[0].any()))
-            return keys, has_image
-        num_keys = entry.num_images * self.keys_per_image
-        vis = host_to_device(visible, self.device, torch.bool)  # [n, I]
-        mask = vis[:, entry.key_image] & entry.key_valid  # [n, keys]
-        mask[~host_to_device(has_image, self.device, torch.bool)] = True
-        return (mask, num_keys), has_image
+        changes = np.flatnonzero((visible[1:] != visible[:-1]).any(axis=1)) + 1
+        bounds = [0, *changes.tolist(), n]
+        runs = [(a, b - a, *self._row_keys(entry, visible[a])) for a, b in zip(bounds, bounds[1:])]
+        if start >= entry.last_boundary:  # every row from here on sees the same images
+            entry.tail = (runs[0][2:], bool(has_image[0]))
+        return runs, has_image
 
     def _row_keys(self, entry: CrossEntry, visible: np.ndarray) -> tuple[torch.Tensor | None, int]:
         """The keys of a row that sees `visible` images: (mask [1, keys] or None, key count)."""

@@ -1,15 +1,16 @@
 """Gated cross-attention from text tokens to per-request image states (Mllama / Llama 3.2 Vision).
 
 The image states' keys and values are computed once per request (`CrossAttention.kv`) and kept
-by the worker for the request's life (`vlmx.worker.cross_attention`); each step passes, for the
-sequences of the step that have images, their K/V and which of their keys each query row sees
-(`CrossAttentionMetadata`). Sequences without images skip the layer (HF skips cross-attention
-layers when there are no image states).
+by the worker in one pool for the request's life (`vlmx.worker.cross_attention`); each step
+passes the pool, the rows that cross-attend, and how they attend (`CrossAttentionMetadata`).
+Sequences without images skip the layer (HF skips cross-attention layers when there are no
+image states).
 
 ```
 step rows:   [a0 a1 a2 | b0 | c0 c1]      a, c have images, b has none
 rows:        [0 1 2 4 5]                  the rows that cross-attend, gathered once per layer
-seqs:        a: rows 0..3 of the gathered block, keys of a;  c: rows 3..5, keys of c
+batch:       rows 0..2 over a's leading keys, rows 3..4 over c's: one varlen call
+masked:      after the batch's rows, runs of rows with their own key mask (prefill only)
 ```
 
 A row that sees no image (text before the first `<|image|>`) still attends, with no mask, to

@@ -1,15 +1,16 @@
 """Gated cross-attention from text tokens to per-request image states (Mllama / Llama 3.2 Vision).
 
 The image states' keys and values are computed once per request (`CrossAttention.kv`) and kept
-by the worker for the request's life (`vlmx.worker.cross_attention`); each step passes, for the
-sequences of the step that have images, their K/V and which of their keys each query row sees
-(`CrossAttentionMetadata`). Sequences without images skip the layer (HF skips cross-attention
-layers when there are no image states).
+by the worker in one pool for the request's life (`vlmx.worker.cross_attention`); each step
+passes the pool, the rows that cross-attend, and how they attend (`CrossAttentionMetadata`).
+Sequences without images skip the layer (HF skips cross-attention layers when there are no
+image states).
 
 ```
 step rows:   [a0 a1 a2 | b0 | c0 c1]      a, c have images, b has none
 rows:        [0 1 2 4 5]                  the rows that cross-attend, gathered once per layer
-seqs:        a: rows 0..3 of the gathered block, keys of a;  c: rows 3..5, keys of c
+batch:       rows 0..2 over a's leading keys, rows 3..4 over c's: one varlen call
+masked:      after the batch's rows, runs of rows with their own key mask (prefill only)
 ```
 
 A row that sees no image (text before the first `<|image|>`) still attends, with no mask, to
@@ -28,17 +29,41 @@ from torch import nn
 
 from vlmx.layers.mlp import GatedMLP
 from vlmx.layers.norm import RMSNorm
+from vlmx.ops.varlen import varlen_flash_attention
 
 
 @dataclass(slots=True)
 class CrossSequence:
-    """One sequence of the step that cross-attends."""
+    """Rows of one sequence that attend on their own (with a key mask, or a prefill's rows
+    beside the sequence's run in the batch)."""
 
     start: int  # its rows in the gathered block: start .. end - 1
     end: int
-    kv: torch.Tensor  # [num_cross_layers, 2, num_keys, num_kv_heads, head_dim]
-    mask: torch.Tensor | None  # [end - start or 1, num_keys] bool (True = attend); None: all
-    num_keys: int  # the rows attend over kv's first num_keys keys
+    key_start: int  # its keys in `CrossAttentionMetadata.kv`: key_start .. + num_keys - 1
+    num_keys: int
+    mask: torch.Tensor | None  # [1, num_keys] bool (True = attend), every row's; None: all
+
+
+@dataclass(slots=True)
+class CrossBatch:
+    """The sequences whose rows all attend to a run of their keys with no mask (every decode
+    row, most prefill rows), as one varlen batch over the whole pool: their rows are the first
+    rows of the gathered block, in the order of their keys in the pool, and the pool's keys no
+    sequence reads form segments of no query between them.
+
+    ```
+    pool keys:  [ gap | a's keys | gap | b's keys ]      cu_k = [0, g0, g0 + a, ...]
+    queries:    [     | a0 a1    |     | b0       ]      cu_q = [0, 0, 2, 2, 3]
+    ```"""
+
+    num_rows: int
+    cu_q: torch.Tensor  # [S + 1] int32, on the device
+    cu_k: torch.Tensor  # [S + 1] int32, on the device
+    cu_q_cpu: list[int]
+    cu_k_cpu: list[int]
+    max_q: int
+    max_k: int
+    flash: bool  # one varlen FlashAttention call (CUDA, bf16 / fp16); else SDPA per segment
 
 
 @dataclass(slots=True)
@@ -46,9 +71,44 @@ class CrossAttentionMetadata:
     """The cross-attention part of one step (built by the worker; None when no sequence of the
     step has images)."""
 
-    rows: torch.Tensor  # [R] int64, the step rows of the sequences that have images
+    rows: torch.Tensor  # [R] int64, the step rows that cross-attend (gathered block order)
     row_mask: torch.Tensor  # [R, 1] float, 0 = the row sees no image (MLP branch zeroed)
-    seqs: list[CrossSequence]
+    kv: torch.Tensor  # [num_cross_layers, 2, num_keys, kv_heads, head_dim]: the worker's pool
+    batch: CrossBatch | None  # the gathered block's first rows
+    masked: list[CrossSequence]  # the rows after them
+
+
+def _batch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: CrossBatch):
+    """q [b.num_rows, heads, head_dim], k / v [pool keys, kv_heads, head_dim] -> like q."""
+    if b.flash:
+        n = b.cu_k_cpu[-1]
+        return varlen_flash_attention(
+            q, k[:n], v[:n], b.cu_q, b.cu_k, b.max_q, b.max_k, causal=False
+        )
+    out = torch.empty_like(q)
+    for i in range(len(b.cu_q_cpu) - 1):
+        qs, qe, ks, ke = b.cu_q_cpu[i], b.cu_q_cpu[i + 1], b.cu_k_cpu[i], b.cu_k_cpu[i + 1]
+        if qe > qs:
+            out[qs:qe] = _sdpa(q[qs:qe], k[ks:ke], v[ks:ke], None)
+    return out
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None):
+    """One sequence: q [n, heads, hd], k / v [N, kv_heads, hd], mask [1, N] or None ->
+    [n, heads, hd].
+
+    4-D inputs, each KV head's group of query heads folded into its query rows: SDPA's fused
+    kernels take no 3-D inputs, and its fallback (the math path) copies the keys and values
+    once per query head of a group on every call."""
+    n, heads, hd = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    assert mask is None or mask.shape[0] == 1, mask.shape  # one mask for all rows
+    q = q.view(n, kv_heads, group, hd).permute(1, 2, 0, 3).reshape(1, kv_heads, group * n, hd)
+    o = F.scaled_dot_product_attention(
+        q, k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=mask
+    )  # [1, kv_heads, group * n, hd]
+    return o.view(kv_heads, group, n, hd).permute(2, 0, 1, 3).reshape(n, heads, hd)
 
 
 class CrossAttention(nn.Module):
@@ -73,21 +133,23 @@ class CrossAttention(nn.Module):
         v = self.v_proj(states).view(n, self.num_kv_heads, self.head_dim)
         return torch.stack([k, v])
 
-    def forward(self, x: torch.Tensor, seqs: list[CrossSequence], layer_idx: int) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cross: CrossAttentionMetadata, layer_idx: int
+    ) -> torch.Tensor:
         """x [R, hidden] (the gathered rows) -> [R, hidden]."""
         r = x.shape[0]
         q = self.q_norm(self.q_proj(x).view(r, self.num_heads, self.head_dim))
-        out = torch.empty_like(q)
-        for seq in seqs:
-            k, v = seq.kv[layer_idx, :, : seq.num_keys]  # [N, kv_heads, head_dim] each
-            o = F.scaled_dot_product_attention(
-                q[seq.start : seq.end].transpose(0, 1),  # [heads, n, head_dim]
-                k.transpose(0, 1),
-                v.transpose(0, 1),
-                attn_mask=seq.mask,
-                enable_gqa=True,
-            )
-            out[seq.start : seq.end] = o.transpose(0, 1)
+        k, v = cross.kv[layer_idx]  # [pool keys, kv_heads, head_dim] each
+        batch = cross.batch
+        if batch is not None and not cross.masked:
+            out = _batch_attention(q, k, v, batch)
+        else:
+            out = torch.empty_like(q)
+            if batch is not None:
+                out[: batch.num_rows] = _batch_attention(q[: batch.num_rows], k, v, batch)
+            for seq in cross.masked:
+                keys = slice(seq.key_start, seq.key_start + seq.num_keys)
+                out[seq.start : seq.end] = _sdpa(q[seq.start : seq.end], k[keys], v[keys], seq.mask)
         return self.o_proj(out.reshape(r, -1))
 
 
@@ -114,7 +176,7 @@ class CrossAttentionDecoderLayer(nn.Module):
         if cross is None:
             return x
         h = x.index_select(0, cross.rows)  # [R, hidden]
-        attn = self.cross_attn(self.input_layernorm(h), cross.seqs, self.layer_idx)
+        attn = self.cross_attn(self.input_layernorm(h), cross, self.layer_idx)
         h = h + self.cross_attn_attn_gate.tanh() * attn
         mlp = self.mlp(self.post_attention_layernorm(h)) * cross.row_mask.to(h.dtype)
         h = h + self.cross_attn_mlp_gate.tanh() * mlp

@@ -114,7 +114,11 @@ class ModelRunner:
         )
         self.encoder = EncoderRunner(model, self._to_device)
         # Cross-attention models: each request's image K/V, kept from its first step to its end
-        self.cross = CrossAttentionStore(model, config) if model.uses_cross_attention else None
+        self.cross = (
+            CrossAttentionStore(model, config, self._to_device)
+            if model.uses_cross_attention
+            else None
+        )
         # LoRA: slot weights and hooks on the adaptable layers (allocated before the KV cache
         # is sized, so its budget leaves their bytes out).
         self.lora: LoRAManager | None = None

@@ -39,7 +39,6 @@ from vlmx.device import host_to_device
 from vlmx.layers.cross_attention import CrossAttentionMetadata, CrossBatch, CrossSequence
 from vlmx.models.interface import CrossAttentionModel
 from vlmx.models.mllama_processor import cross_attention_spans
-from vlmx.ops.varlen import flash_varlen_available
 from vlmx.step import SchedulerOutput
 from vlmx.worker.input_batch import RequestState
 
@@ -102,9 +101,6 @@ class CrossAttentionStore:
         self.pool: torch.Tensor | None = None  # allocated on first use
         device = self.device
         self._to_device = to_device or (lambda a, dtype: host_to_device(a, device, dtype))
-        self.flash = self.dtype in (torch.bfloat16, torch.float16) and flash_varlen_available(
-            device
-        )
 
     @property
     def num_images(self) -> int:
@@ -288,13 +284,8 @@ class CrossAttentionStore:
             cu_k.append(key_start + num_keys)
         return CrossBatch(
             num_rows=cu_q[-1],
-            cu_q=self._to_device(cu_q, torch.int32),
-            cu_k=self._to_device(cu_k, torch.int32),
-            cu_q_cpu=cu_q,
-            cu_k_cpu=cu_k,
-            max_q=int(np.diff(cu_q).max()),
-            max_k=int(np.diff(cu_k).max()),
-            flash=self.flash,
+            cu_q=cu_q,
+            cu_k=cu_k,
         )
 
     def profile_metadata(self, kv: torch.Tensor, num_tokens: int) -> CrossAttentionMetadata:

@@ -221,3 +221,10 @@ def load_reference_modules(path: str) -> tuple[CLIPVisionModel, HDEmbedding, Phi
     hd.load_state_dict(parts["hd"], strict=True)
     text.load_state_dict(parts["text"], strict=True)
     return clip, hd, text
+
+
+def tiny_phi3v_config():
+    """The tiny checkpoint's config as vlmx reads it (the published layout's reader)."""
+    from vlmx.models.phi3v_config import read_published_config
+
+    return read_published_config(tiny_published_config())

@@ -266,6 +266,20 @@ def test_published_config_reads_as_phi3(ckpt, ref) -> None:
         assert getattr(config, key) == getattr(raw, key)
 
 
+def test_published_config_refuses_other_embeddings(ckpt) -> None:
+    from tests.families.phi3v_checkpoint import tiny_published_config
+    from vlmx.models.phi3v_config import read_published_config
+
+    raw = tiny_published_config()
+    raw["embd_layer"]["hd_transform_order"] = "glb_sub"
+    with pytest.raises(ValueError, match="sub_glb"):
+        read_published_config(raw)
+    raw = tiny_published_config()
+    raw["img_processor"]["image_dim_out"] = 64
+    with pytest.raises(ValueError, match="image_dim_out"):
+        read_published_config(raw)
+
+
 def _ours(path: str) -> Phi3VForCausalLM:
     model = Phi3VForCausalLM(load_hf_config(path))
     model.load_weights(iterate_weights(path))

@@ -15,7 +15,8 @@ model.vision_embed_tokens.{glb_GN, sub_GN, img_projection.0.*, img_projection.2.
 config.json holds the published fields (flat Phi-3 fields, rope_scaling type "su",
 `embd_layer`, `img_processor`, auto_map) plus `vision_config` (the tiny tower's sizes) and
 `image_token_id` (the placeholder id of the small vocabulary); preprocessor_config.json the
-published image processor's (num_crops 4, num_img_tokens 144, OpenAI CLIP mean / std).
+published image processor's (num_crops 4, num_img_tokens 144, OpenAI CLIP mean / std); the
+`*_phi3_v.py` files auto_map names raise when imported (nothing may run them).
 `load_reference_modules` maps the names back onto the HF modules.
 """
 
@@ -64,6 +65,13 @@ VISION = dict(
     layer_norm_eps=1e-5,
 )
 EMBED = "model.vision_embed_tokens."
+# the published folder's own code, which vlmx must never import
+REMOTE_CODE = (
+    "configuration_phi3_v.py",
+    "modeling_phi3_v.py",
+    "image_processing_phi3_v.py",
+    "processing_phi3_v.py",
+)
 TOWER = EMBED + "img_processor."
 
 
@@ -200,6 +208,8 @@ def build_phi3v_checkpoint(folder, seed: int = 0) -> str:
         )
     )
     build_phi3v_tokenizer().save_pretrained(folder)
+    for name in REMOTE_CODE:  # what auto_map names: running any of it fails loudly
+        (folder / name).write_text(f"raise RuntimeError({name!r} + ' must never run')\n")
     return str(folder)
 
 

@@ -232,6 +232,10 @@ def test_prompt_tags_and_kwargs(ckpt, ref) -> None:
 
 
 def test_processor_errors(ckpt) -> None:
+    config = model_config(ckpt)
+    config.hf_config.image_token_id = IMAGE_TOKEN_ID - 1
+    with pytest.raises(ValueError, match="special image token"):
+        Phi3VProcessor(config, AutoTokenizer.from_pretrained(ckpt, config=config.hf_config), "cpu")
     processor = new_processor(ckpt)
     with pytest.raises(ValueError, match="in order"):
         processor.encode_prompt("<|image_2|><|image_1|>")

@@ -45,6 +45,7 @@ from vlmx.models.processor_settings import (
     reject_unknown_kwargs,
 )
 
+IMAGE_TOKEN = "<|image|>"
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -148,6 +149,12 @@ class Phi3VProcessor(Phi4MMProcessor):
             )
         self.settings = apply_kwargs(settings, self.engine_kwargs)
         self.image_token_id = int(getattr(self.hf_config, "image_token_id", IMAGE_TOKEN_ID))
+        found = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        if found != self.image_token_id:
+            raise ValueError(
+                f"the tokenizer's {IMAGE_TOKEN} (the published processor's special image token) "
+                f"is id {found}, but the model's image placeholder is {self.image_token_id}"
+            )
         self.use_normalization(settings.image_mean, settings.image_std, 1 / 255)
 
     def encode_prompt(self, text: str, add_special_tokens: bool = True) -> list[int]:

@@ -208,6 +208,11 @@ def build_phi3v_checkpoint(folder, seed: int = 0) -> str:
         )
     )
     build_phi3v_tokenizer().save_pretrained(folder)
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    # the published tokenizer_config.json's class and bos rule (tokenizer.json still decides)
+    tokenizer_config |= {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True}
+    tokenizer_config["add_eos_token"] = False
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
     for name in REMOTE_CODE:  # what auto_map names: running any of it fails loudly
         (folder / name).write_text(f"raise RuntimeError({name!r} + ' must never run')\n")
     return str(folder)

@@ -10,6 +10,7 @@ from tests.families.idefics3_checkpoint import build_checkpoint as build_idefics
 from tests.families.internvl_checkpoint import build_internvl_checkpoint
 from tests.families.llava_onevision_checkpoint import build_llava_onevision_checkpoint
 from tests.families.mllama_checkpoint import build_mllama_checkpoint
+from tests.families.phi3v_checkpoint import build_phi3v_checkpoint
 from tests.families.phi4mm_checkpoint import build_phi4mm_checkpoint
 from tests.families.pixtral_checkpoint import build_pixtral_checkpoint
 from tests.families.qwen3_vl_checkpoint import build_qwen3_vl_checkpoint
@@ -28,6 +29,7 @@ BUILDERS = {
     "aria": lambda path: build_aria_checkpoint(path),
     "mllama": lambda path: build_mllama_checkpoint(path),
     "phi4mm": lambda path: build_phi4mm_checkpoint(path),
+    "phi3v": lambda path: build_phi3v_checkpoint(path),
 }
 
 

@@ -12,6 +12,7 @@ from tests.families.gemma3_checkpoint import tiny_gemma3_config
 from tests.families.internvl_checkpoint import tiny_internvl_config
 from tests.families.llava_onevision_checkpoint import tiny_llava_onevision_config
 from tests.families.mllama_checkpoint import tiny_mllama_config
+from tests.families.phi3v_checkpoint import tiny_phi3v_config
 from tests.families.phi4mm_checkpoint import tiny_phi4mm_config
 from tests.families.qwen3_vl_checkpoint import tiny_qwen3_vl_config
 from vlmx.demo.configs import tiny_qwen_vl_config
@@ -33,6 +34,7 @@ CONFIGS = {
     "MllamaForConditionalGeneration": tiny_mllama_config,
     "Phi4MultimodalForCausalLM": tiny_phi4mm_config,
     "Phi4MMForCausalLM": tiny_phi4mm_config,  # the published layout: the same model
+    "Phi3VForCausalLM": tiny_phi3v_config,  # published layout only
 }
 # architecture -> embeddings of its largest image under the processor's defaults (tiny config)
 LARGEST = {
@@ -51,6 +53,7 @@ LARGEST = {
     "MllamaForConditionalGeneration": None,  # one <|image|> row per image, whatever its size
     "Phi4MultimodalForCausalLM": 96 * 97 + 1 + 16 * 17,  # 6 x 6 crops + the global view
     "Phi4MMForCausalLM": 96 * 97 + 1 + 16 * 17,
+    "Phi3VForCausalLM": 48 * 49 + 1 + 12 * 13,  # num_crops 16: 4 x 4 crops + the global view
 }
 
 
@@ -119,6 +122,9 @@ def test_profile_images_are_capped_by_the_budget_where_the_family_allows() -> No
     assert [f.num_embeds for f in phi4.profile_image_features(10000)] == [9585]
     assert [f.num_embeds for f in phi4.profile_image_features(5000)] == [grid_4x4]
     assert phi4.profile_image_features(10)[0].num_embeds == 16 * 17 + 1 + 16 * 17  # 1 crop
+    phi3v = _model("Phi3VForCausalLM")
+    assert [f.num_embeds for f in phi3v.profile_image_features(2000)] == [36 * 37 + 1 + 12 * 13]
+    assert phi3v.profile_image_features(10)[0].num_embeds == 12 * 13 + 1 + 12 * 13  # 1 crop
     gemma = _model("Gemma3ForConditionalGeneration")
     mm_tokens = gemma.mm_tokens
     assert [f.num_embeds for f in gemma.profile_image_features(1)] == [mm_tokens]

@@ -43,6 +43,7 @@ from transformers import (
 from tests.families import aria_checkpoint, idefics3_checkpoint
 from tests.families.gemma3_checkpoint import build_gemma3_checkpoint
 from tests.families.mllama_checkpoint import build_mllama_checkpoint
+from tests.families.phi3v_checkpoint import build_phi3v_checkpoint
 from tests.families.phi4mm_checkpoint import build_phi4mm_checkpoint
 from tests.hf_reference import HFReference, compare_with_reference
 from tests.hub_cache import add_snapshot, use_hub_cache
@@ -104,11 +105,7 @@ ROWS = {
         {"architectures": ["NVLM_D"], "model_type": "NVLM_D"},
         stub_tokenizer=True,
     ),
-    "phi3_v": Row(
-        "microsoft/Phi-3.5-vision-instruct",
-        _unsupported("Phi3VForCausalLM"),
-        {"architectures": ["Phi3VForCausalLM"], "model_type": "phi3_v"},
-    ),
+    "phi3_v": Row("microsoft/Phi-3.5-vision-instruct"),  # published layout, no code run
     "phi4_mm": Row("microsoft/Phi-4-multimodal-instruct"),  # published layout + vision-lora/
     # NOTE: fails on its arguments before looking for the checkpoint, so it needs no stub.
     "pixtral_hf": Row("mistral-community/pixtral-12b", r"tensor_parallel_size=2"),
@@ -144,6 +141,12 @@ ENGINE_KWARGS = {
     # ARIA_ATOL of the float32 reference
     "aria": {"tokenizer_mode": "slow", "trust_remote_code": True, "dtype": "bfloat16"},
     "mllama": {"max_model_len": 4096, "max_num_seqs": 16},
+    "phi3_v": {
+        "trust_remote_code": True,
+        "max_model_len": 4096,
+        "max_num_seqs": 2,
+        "mm_processor_kwargs": {"num_crops": 4},
+    },
     "phi4_mm": {
         "max_model_len": 10000,
         "max_num_seqs": 2,
@@ -157,6 +160,7 @@ ARIA_PROMPT = (
     f"{QUESTION}<|im_end|>\n<|im_start|>assistant\n"
 )
 MLLAMA_PROMPT = f"<|image|><|image|><|begin_of_text|>{QUESTION}"  # the example's
+PHI3V_PROMPT = f"<|user|>\n<|image_1|>\n<|image_2|>\n{QUESTION}<|end|>\n<|assistant|>\n"
 PHI4_PROMPT = f"<|user|><|image_1|><|image_2|>{QUESTION}<|end|><|assistant|>"
 IDEFICS3_PROMPT = (
     "<|begin_of_text|>User:Image-1: <image>\n\nImage-2: <image>\n\n"
@@ -211,6 +215,7 @@ def hub_snapshots(tmp_path_factory, qwen2_vl_hub_ckpt, qwen2_5_vl_hub_ckpt) -> d
         "aria": aria_checkpoint.build_checkpoint(build / "aria"),
         "mllama": build_mllama_checkpoint(build / "mllama"),
         "phi4_mm": build_phi4mm_checkpoint(build / "phi4_mm", "published"),
+        "phi3_v": build_phi3v_checkpoint(build / "phi3_v"),
     }
     for row, spec in ROWS.items():
         if spec.stub is not None:
@@ -288,6 +293,11 @@ def direct(hub_snapshots, tmp_path_factory):
                 # the same weights in transformers' layout (HF reads the published layout only
                 # with the checkpoint's code)
                 ref = Phi4Reference(build_phi4mm_checkpoint(tmp_path_factory.mktemp("phi4_hf")))
+            elif row == "phi3_v":
+                from tests.test_phi3v import Phi3VReference
+
+                ref = Phi3VReference(hub_snapshots[row])  # num_crops 4, as the example's
+                assert ref.num_crops == ENGINE_KWARGS[row]["mm_processor_kwargs"]["num_crops"]
             else:
                 ref = HFReference(hub_snapshots[row], model_cls=HF_CLASSES[row])
             if row == "idefics3":  # the example's mm_processor_kwargs, for the reference too
@@ -305,6 +315,8 @@ def generate_prompt(row: str) -> str:
         return ARIA_PROMPT
     if row == "mllama":
         return MLLAMA_PROMPT
+    if row == "phi3_v":  # the example's own prompt (the published template has no images)
+        return PHI3V_PROMPT
     if row == "phi4_mm":  # the example's own prompt (the published template has no images)
         return PHI4_PROMPT
     content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": QUESTION}]

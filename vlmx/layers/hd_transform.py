@@ -16,6 +16,10 @@ tokens: sub | glb_GN | glb -> img_projection_up -> GELU -> img_projection_down -
 
 `uh`, `uw` are the rows and columns of compressed features that hold image (the processor's
 mask, downsampled by taking every second patch row / column).
+
+Phi-3.5-vision lays its crops out the same way, but merges each 2x2 block by concatenation
+(`merge_2x2`: the separators and the MLP input are 4 * D wide) and keeps the whole grid
+(uh, uw = h*s, w*s).
 """
 
 from __future__ import annotations
@@ -67,3 +71,12 @@ class HDImageProjection(nn.Module):
     def project(self, tokens: torch.Tensor) -> torch.Tensor:
         """[n, D] -> [n, hidden] (HF: up, exact GELU, down)."""
         return self.img_projection_down(F.gelu(self.img_projection_up(tokens)))
+
+
+def merge_2x2(features: torch.Tensor, side: int) -> torch.Tensor:
+    """Phi-3-vision's compression: [N, side * side, D] -> [N, s, s, 4 * D], each 2x2 patch
+    block's features concatenated (row-major within the block) instead of averaged."""
+    n, _, dim = features.shape
+    s = side // 2
+    blocks = features.reshape(n, s, 2, s, 2, dim).permute(0, 1, 3, 2, 4, 5)  # [N, s, s, 2, 2, D]
+    return blocks.reshape(n, s, s, 4 * dim)

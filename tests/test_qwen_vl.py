@@ -232,3 +232,20 @@ def test_generate_matches_the_reference(folder, reference):
     first = {t: lp.logprob for t, lp in ab.outputs[0].logprobs[0].items()}
     second = {t: lp.logprob for t, lp in ba.outputs[0].logprobs[0].items()}
     assert set(first) != set(second) or max(abs(first[t] - second[t]) for t in first) > 1e-3
+
+
+def test_weight_loading_refuses_missing_and_unexpected_names(folder, reference):
+    from vlmx.models.qwen_vl import QwenVLForConditionalGeneration
+    from vlmx.models.qwen_vl_config import read_published_config
+
+    _, sd = reference
+    config = read_published_config(ckpt.published_config())
+    model = QwenVLForConditionalGeneration(config)
+    with pytest.raises(ValueError, match="the checkpoint is missing"):
+        model.load_weights((k, v) for k, v in sd.items() if "mlp.w2" not in k)
+    with pytest.raises(ValueError, match="unexpected"):
+        model.load_weights([*sd.items(), ("transformer.h.0.mlp.w3.weight", torch.zeros(1))])
+    with pytest.raises(ValueError, match="rotary_pct"):
+        read_published_config(ckpt.published_config() | {"rotary_pct": 0.5})
+    with pytest.raises(ValueError, match="lacks the published fields"):
+        read_published_config({"architectures": ["QWenLMHeadModel"], "model_type": "qwen"})

@@ -14,6 +14,8 @@ from tests.families.phi3v_checkpoint import build_phi3v_checkpoint
 from tests.families.phi4mm_checkpoint import build_phi4mm_checkpoint
 from tests.families.pixtral_checkpoint import build_pixtral_checkpoint
 from tests.families.qwen3_vl_checkpoint import build_qwen3_vl_checkpoint
+from tests.families.qwen_vl_checkpoint import CHATML_PARTS
+from tests.families.qwen_vl_checkpoint import build_checkpoint as build_qwen_vl_checkpoint
 from vlmx.cli import main
 from vlmx.demo.checkpoint import demo_images
 
@@ -30,6 +32,7 @@ BUILDERS = {
     "mllama": lambda path: build_mllama_checkpoint(path),
     "phi4mm": lambda path: build_phi4mm_checkpoint(path),
     "phi3v": lambda path: build_phi3v_checkpoint(path),
+    "qwen_vl": lambda path: build_qwen_vl_checkpoint(path, CHATML_PARTS),  # published layout
 }
 
 

@@ -7,7 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.families import aria_checkpoint, idefics3_checkpoint, pixtral_checkpoint
+from tests.families import (
+    aria_checkpoint,
+    idefics3_checkpoint,
+    pixtral_checkpoint,
+    qwen_vl_checkpoint,
+)
 from tests.families.gemma3_checkpoint import tiny_gemma3_config
 from tests.families.internvl_checkpoint import tiny_internvl_config
 from tests.families.llava_onevision_checkpoint import tiny_llava_onevision_config
@@ -35,6 +40,8 @@ CONFIGS = {
     "Phi4MultimodalForCausalLM": tiny_phi4mm_config,
     "Phi4MMForCausalLM": tiny_phi4mm_config,  # the published layout: the same model
     "Phi3VForCausalLM": tiny_phi3v_config,  # published layout only
+    "QWenLMHeadModel": qwen_vl_checkpoint.tiny_config,  # Qwen-VL, published layout
+    "QwenVLForConditionalGeneration": qwen_vl_checkpoint.tiny_config,
 }
 # architecture -> embeddings of its largest image under the processor's defaults (tiny config)
 LARGEST = {
@@ -54,6 +61,8 @@ LARGEST = {
     "Phi4MultimodalForCausalLM": 96 * 97 + 1 + 16 * 17,  # 6 x 6 crops + the global view
     "Phi4MMForCausalLM": 96 * 97 + 1 + 16 * 17,
     "Phi3VForCausalLM": 48 * 49 + 1 + 12 * 13,  # num_crops 16: 4 x 4 crops + the global view
+    "QWenLMHeadModel": 256,  # one size: 256 resampler queries
+    "QwenVLForConditionalGeneration": 256,
 }
 
 

@@ -172,7 +172,7 @@ def _last_split(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
     return parts[0], parts[1]
 
 
-def _vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+def vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """tiktoken ranks -> BPE vocab and merges that encode identically.
 
     tiktoken joins, at each step, the adjacent pair whose concatenation has the lowest rank. Inside
@@ -196,7 +196,7 @@ def _vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tup
 
 def _write_tokenizer_folder(folder: Path) -> None:
     """tokenizer.json + tokenizer_config.json in the layout of the published Qwen2-VL repos."""
-    vocab, merges = _vocab_and_merges(load_qwen_ranks())
+    vocab, merges = vocab_and_merges(load_qwen_ranks())
     backend = Tokenizer(BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
     backend.normalizer = normalizers.NFC()
     backend.pre_tokenizer = pre_tokenizers.Sequence(

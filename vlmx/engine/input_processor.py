@@ -18,6 +18,7 @@ from transformers import AutoTokenizer, GenerationConfig
 from vlmx.config import EngineConfig
 from vlmx.models.interface import Processor
 from vlmx.models.loader import text_config
+from vlmx.models.qwen_vl_config import is_published_tokenizer, load_published_tokenizer
 from vlmx.multimodal.inputs import ProcessedPrompt
 from vlmx.multimodal.loader import MediaLoader
 
@@ -40,6 +41,8 @@ def load_tokenizer(config: EngineConfig):
     # `load_hf_config`): the tokenizers of the supported families are transformers' own. The
     # config is the one vlmx read (a published layout transformers cannot read alone: Phi-4's).
     same_folder = mc.tokenizer_path == mc.model_path
+    if is_published_tokenizer(mc.tokenizer_path):  # Qwen-VL's QWenTokenizer: qwen.tiktoken
+        return load_published_tokenizer(mc.tokenizer_path)
     return AutoTokenizer.from_pretrained(
         mc.tokenizer_path,
         config=mc.hf_config if same_folder else None,

@@ -72,6 +72,12 @@ _MODELS: dict[str, tuple[str, str, str]] = {
     "Phi4MultimodalForCausalLM": ("phi4mm", "Phi4MMForCausalLM", "Phi4MMProcessor"),
     "Phi4MMForCausalLM": ("phi4mm", "Phi4MMForCausalLM", "Phi4MMProcessor"),  # published
     "Phi3VForCausalLM": ("phi3v", "Phi3VForCausalLM", "Phi3VProcessor"),  # published only
+    "QWenLMHeadModel": ("qwen_vl", "QwenVLForConditionalGeneration", "QwenVLProcessor"),
+    "QwenVLForConditionalGeneration": (  # vLLM's name (the example's hf_overrides)
+        "qwen_vl",
+        "QwenVLForConditionalGeneration",
+        "QwenVLProcessor",
+    ),
 }
 
 # config.json model_type that transformers reads only with the folder's own code -> (module in
@@ -79,6 +85,7 @@ _MODELS: dict[str, tuple[str, str, str]] = {
 _CONFIG_READERS: dict[str, tuple[str, str]] = {
     "phi4mm": ("phi4mm_config", "read_published_config"),
     "phi3_v": ("phi3v_config", "read_published_config"),
+    "qwen": ("qwen_vl_config", "read_published_config"),  # Qwen-VL(-Chat)
 }
 
 

@@ -9,12 +9,15 @@ import torch
 
 from tests.families import aria_checkpoint, idefics3_checkpoint, pixtral_checkpoint
 from tests.families.gemma3_checkpoint import tiny_gemma3_config
+from tests.families.h2ovl_checkpoint import IMAGE_SEQ_LENGTH as H2OVL_TILE_TOKENS
+from tests.families.h2ovl_checkpoint import published_config as h2ovl_published_config
 from tests.families.internvl_checkpoint import tiny_internvl_config
 from tests.families.llava_onevision_checkpoint import tiny_llava_onevision_config
 from tests.families.mllama_checkpoint import tiny_mllama_config
 from tests.families.phi4mm_checkpoint import tiny_phi4mm_config
 from tests.families.qwen3_vl_checkpoint import tiny_qwen3_vl_config
 from vlmx.demo.configs import tiny_qwen_vl_config
+from vlmx.models.h2ovl_config import read_published_config as read_h2ovl_config
 from vlmx.models.interface import Model
 from vlmx.models.registry import get_model_class, supported_architectures
 
@@ -33,6 +36,7 @@ CONFIGS = {
     "MllamaForConditionalGeneration": tiny_mllama_config,
     "Phi4MultimodalForCausalLM": tiny_phi4mm_config,
     "Phi4MMForCausalLM": tiny_phi4mm_config,  # the published layout: the same model
+    "H2OVLChatModel": lambda: read_h2ovl_config(h2ovl_published_config()),
 }
 # architecture -> embeddings of its largest image under the processor's defaults (tiny config)
 LARGEST = {
@@ -51,6 +55,7 @@ LARGEST = {
     "MllamaForConditionalGeneration": None,  # one <|image|> row per image, whatever its size
     "Phi4MultimodalForCausalLM": 96 * 97 + 1 + 16 * 17,  # 6 x 6 crops + the global view
     "Phi4MMForCausalLM": 96 * 97 + 1 + 16 * 17,
+    "H2OVLChatModel": 13 * H2OVL_TILE_TOKENS,  # MSAC: 2 grids of 6 tiles + the thumbnail
 }
 
 

@@ -26,8 +26,10 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from vlmx.models.base import profile_features
 from vlmx.models.h2ovl_processor import H2OVLProcessor  # noqa: F401
 from vlmx.models.internvl import InternVLForConditionalGeneration
+from vlmx.multimodal.inputs import MMFeature
 
 _LAYER_RENAMES = {
     "attn.proj": "attention.projection_layer",
@@ -87,6 +89,24 @@ class H2OVLChatModel(InternVLForConditionalGeneration):
                 "published Mississippi checkpoints have a 'llama' decoder"
             )
         super().__init__(hf_config)
+
+    def profile_image_features(self, num_embeds: int) -> list[MMFeature]:
+        """Images of the most tiles the config's settings make (MSAC: both passes' grids and
+        the thumbnail, 2 * max_dynamic_patch + 1), or of fewer when they would exceed
+        `num_embeds`."""
+        c = self.hf_config
+        most = c.max_dynamic_patch if c.dynamic_image_size else 1
+        largest = 2 * most + 1 if c.use_msac and most >= 3 else most + (most > 1)
+        num_tiles = min(largest, num_embeds // self.tokens_per_tile)
+        num_tiles = num_tiles if num_tiles >= 3 else 1  # a grid of 2+ tiles, or one tile
+        weight = self.multi_modal_projector.linear_1.weight
+        shape = (num_tiles, 3, self.tile_size, self.tile_size)
+
+        def data(_: int) -> dict[str, torch.Tensor]:
+            pixels = torch.randn(shape, device=weight.device, dtype=weight.dtype)
+            return {"pixel_values": pixels}
+
+        return profile_features(num_embeds, num_tiles * self.tokens_per_tile, data)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         super().load_weights(published_names(weights))

@@ -21,6 +21,7 @@ from transformers import InternVLForConditionalGeneration as HFInternVL
 
 from tests.families.h2ovl_checkpoint import IMAGE_SEQ_LENGTH, build_h2ovl_checkpoint
 from tests.family_helpers import (
+    assert_same_outputs,
     assert_swap_changes_logprobs,
     check_generate_and_chat,
     image_tensor,
@@ -229,7 +230,7 @@ def test_msac_adds_tiles_to_single_images(ckpt) -> None:
     assert single > processor.num_image_tokens(300, 400, {}, 2)
     assert single > processor.num_image_tokens(300, 400, {"use_msac": False}, 1)
     ids = processor.encode_prompt("<image>")
-    assert len(processor.process(ids, [image], {}).prompt_token_ids) == 1 + single + 2
+    assert len(processor.process(ids, [image], {}).prompt_token_ids) == len(ids) - 1 + single + 2
     with pytest.raises(ValueError, match="use_msac"):
         processor.process(ids, [image], {"use_msac": "yes"})
     with pytest.raises(ValueError, match="mm_processor_kwargs"):
@@ -284,3 +285,40 @@ def test_swapping_images_changes_logprobs(ckpt, ref) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=5)
     out = _generate(_llm(ckpt), [(prompt, [a, b]), (prompt, [b, a])], params)
     assert_swap_changes_logprobs(*out)
+
+
+def test_prefix_caching_and_chunked_prefill(ckpt, batch) -> None:
+    baseline = _generate(_llm(ckpt, enable_prefix_caching=False), batch)
+    llm = _llm(ckpt, enable_prefix_caching=True)
+    assert_same_outputs(_generate(llm, batch), baseline, 2e-3)
+    second = _generate(llm, batch)
+    assert_same_outputs(second, baseline, 2e-3)
+    assert all(o.num_cached_tokens > 0 for o in second)
+    chunked = _llm(ckpt, max_num_batched_tokens=32, max_num_seqs=2, enable_prefix_caching=False)
+    assert_same_outputs(_generate(chunked, batch), baseline, 2e-3)
+
+
+def test_cached_image_keeps_msac_apart(ckpt) -> None:
+    """An image seen alone (MSAC) and then beside another (no MSAC) is tiled each way: the
+    processor cache keys on the settings, use_msac included."""
+    processor = _processor(ckpt)
+    image, other = image_tensor(300, 400, 0), image_tensor(150, 330, 1)
+    alone = processor.process(processor.encode_prompt("<image>"), [image], {})
+    pair = processor.process(processor.encode_prompt("<image>\n<image>"), [image, other], {})
+    assert alone.mm_features[0].placeholder.length == processor.num_image_tokens(300, 400, {})
+    assert pair.mm_features[0].placeholder.length == processor.num_image_tokens(300, 400, {}, 2)
+    assert alone.mm_features[0].mm_hash != pair.mm_features[0].mm_hash
+
+
+def test_unsupported_published_configs_are_refused() -> None:
+    from tests.families.h2ovl_checkpoint import published_config
+    from vlmx.models.h2ovl_config import read_published_config
+
+    raw = published_config()
+    with pytest.raises(ValueError, match="ps_version"):
+        read_published_config({**raw, "ps_version": "v1"})
+    with pytest.raises(ValueError, match="llm_config"):
+        read_published_config({k: v for k, v in raw.items() if k != "llm_config"})
+    qwen = {**raw, "llm_config": {**raw["llm_config"], "model_type": "qwen2"}}
+    with pytest.raises(ValueError, match="'qwen2' llm_config is not supported"):
+        H2OVLChatModel(read_published_config(qwen))

@@ -35,7 +35,6 @@ from vlmx.models.internvl_processor import (
     apply_kwargs,
 )
 from vlmx.models.processing import Expansion, ImageProcessorBase, preprocess_in_groups
-from vlmx.models.processor_settings import positive_int
 
 IMAGE_TAG = "<image>"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -107,7 +106,7 @@ class H2OVLProcessor(ImageProcessorBase[torch.Tensor]):
     """
 
     shrink_images_hint = "mm_processor_kwargs={'max_dynamic_patch': ...}"
-    image_processor_name = "H2OVL image_process.py"
+    image_processor_name = None  # the settings are in config.json: no processor file to miss
     placeholder_token = IMAGE_TAG
     placeholder_hint = "write one '<image>' per image in the prompt; llm.chat does it for you"
     video_token = "<video>"
@@ -152,9 +151,6 @@ class H2OVLProcessor(ImageProcessorBase[torch.Tensor]):
         use_msac = kwargs.pop("use_msac", settings.use_msac)
         if not isinstance(use_msac, bool):
             raise ValueError(f"mm_processor_kwargs use_msac={use_msac!r} must be True or False")
-        for key in ("max_dynamic_patch", "min_dynamic_patch"):
-            if key in kwargs:
-                positive_int(kwargs[key], key)
         return H2OVLSettings(apply_kwargs(settings.tiles, kwargs), use_msac)
 
     def prompt_settings(self, mm_processor_kwargs: dict) -> H2OVLSettings:

@@ -6,6 +6,7 @@ import pytest
 
 from tests.families.aria_checkpoint import build_checkpoint as build_aria_checkpoint
 from tests.families.gemma3_checkpoint import build_gemma3_checkpoint
+from tests.families.h2ovl_checkpoint import build_h2ovl_checkpoint
 from tests.families.idefics3_checkpoint import build_checkpoint as build_idefics3_checkpoint
 from tests.families.internvl_checkpoint import build_internvl_checkpoint
 from tests.families.llava_onevision_checkpoint import build_llava_onevision_checkpoint
@@ -33,6 +34,7 @@ BUILDERS = {
     "phi4mm": lambda path: build_phi4mm_checkpoint(path),
     "phi3v": lambda path: build_phi3v_checkpoint(path),
     "qwen_vl": lambda path: build_qwen_vl_checkpoint(path, CHATML_PARTS),  # published layout
+    "h2ovl": lambda path: build_h2ovl_checkpoint(path),
 }
 
 

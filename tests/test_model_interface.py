@@ -14,6 +14,8 @@ from tests.families import (
     qwen_vl_checkpoint,
 )
 from tests.families.gemma3_checkpoint import tiny_gemma3_config
+from tests.families.h2ovl_checkpoint import IMAGE_SEQ_LENGTH as H2OVL_TILE_TOKENS
+from tests.families.h2ovl_checkpoint import published_config as h2ovl_published_config
 from tests.families.internvl_checkpoint import tiny_internvl_config
 from tests.families.llava_onevision_checkpoint import tiny_llava_onevision_config
 from tests.families.mllama_checkpoint import tiny_mllama_config
@@ -21,6 +23,7 @@ from tests.families.phi3v_checkpoint import tiny_phi3v_config
 from tests.families.phi4mm_checkpoint import tiny_phi4mm_config
 from tests.families.qwen3_vl_checkpoint import tiny_qwen3_vl_config
 from vlmx.demo.configs import tiny_qwen_vl_config
+from vlmx.models.h2ovl_config import read_published_config as read_h2ovl_config
 from vlmx.models.interface import Model
 from vlmx.models.registry import get_model_class, supported_architectures
 
@@ -42,6 +45,7 @@ CONFIGS = {
     "Phi3VForCausalLM": tiny_phi3v_config,  # published layout only
     "QWenLMHeadModel": qwen_vl_checkpoint.tiny_config,  # Qwen-VL, published layout
     "QwenVLForConditionalGeneration": qwen_vl_checkpoint.tiny_config,
+    "H2OVLChatModel": lambda: read_h2ovl_config(h2ovl_published_config()),
 }
 # architecture -> embeddings of its largest image under the processor's defaults (tiny config)
 LARGEST = {
@@ -63,6 +67,7 @@ LARGEST = {
     "Phi3VForCausalLM": 48 * 49 + 1 + 12 * 13,  # num_crops 16: 4 x 4 crops + the global view
     "QWenLMHeadModel": 256,  # one size: 256 resampler queries
     "QwenVLForConditionalGeneration": 256,
+    "H2OVLChatModel": 13 * H2OVL_TILE_TOKENS,  # MSAC: 2 grids of 6 tiles + the thumbnail
 }
 
 

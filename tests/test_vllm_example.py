@@ -33,6 +33,7 @@ from PIL import Image
 from transformers import (
     AriaForConditionalGeneration,
     AutoProcessor,
+    AutoTokenizer,
     Gemma3ForConditionalGeneration,
     Idefics3ForConditionalGeneration,
     MllamaForConditionalGeneration,
@@ -42,6 +43,7 @@ from transformers import (
 
 from tests.families import aria_checkpoint, idefics3_checkpoint
 from tests.families.gemma3_checkpoint import build_gemma3_checkpoint
+from tests.families.h2ovl_checkpoint import build_h2ovl_checkpoint
 from tests.families.mllama_checkpoint import build_mllama_checkpoint
 from tests.families.phi3v_checkpoint import build_phi3v_checkpoint
 from tests.families.phi4mm_checkpoint import build_phi4mm_checkpoint
@@ -86,12 +88,7 @@ ROWS = {
         _unsupported("DeepseekVLV2ForCausalLM"),
         {"architectures": ["DeepseekVLV2ForCausalLM"], "model_type": "deepseek_vl_v2"},
     ),
-    "h2ovl_chat": Row(
-        "h2oai/h2ovl-mississippi-800m",
-        _unsupported("H2OVLChatModel"),
-        {"architectures": ["H2OVLChatModel"], "model_type": "h2ovl_chat"},
-        stub_tokenizer=True,
-    ),
+    "h2ovl_chat": Row("h2oai/h2ovl-mississippi-800m"),  # published layout, no folder code
     "internvl_chat": Row(
         "OpenGVLab/InternVL2-2B",
         _unsupported("InternVLChatModel"),
@@ -150,6 +147,11 @@ ENGINE_KWARGS = {
         "max_model_len": 4096,
         "max_num_seqs": 2,
         "mm_processor_kwargs": {"num_crops": 4},
+    },
+    "h2ovl_chat": {
+        "trust_remote_code": True,  # the example's own: no code of the folder runs
+        "max_model_len": 8192,
+        "mm_processor_kwargs": {"max_dynamic_patch": 4},
     },
     "phi4_mm": {
         "max_model_len": 10000,
@@ -220,6 +222,7 @@ def hub_snapshots(tmp_path_factory, qwen2_vl_hub_ckpt, qwen2_5_vl_hub_ckpt) -> d
         "mllama": build_mllama_checkpoint(build / "mllama"),
         "phi4_mm": build_phi4mm_checkpoint(build / "phi4_mm", "published"),
         "phi3_v": build_phi3v_checkpoint(build / "phi3_v"),
+        "h2ovl_chat": build_h2ovl_checkpoint(build / "h2ovl_chat"),
     }
     for row, spec in ROWS.items():
         if spec.stub is not None:
@@ -302,6 +305,14 @@ def direct(hub_snapshots, tmp_path_factory):
 
                 ref = Phi3VReference(hub_snapshots[row])  # num_crops 4, as the example's
                 assert ref.num_crops == ENGINE_KWARGS[row]["mm_processor_kwargs"]["num_crops"]
+            elif row == "h2ovl_chat":
+                from tests.test_h2ovl import H2OVLReference
+
+                # the same weights as transformers' InternVL (the same seed, built again)
+                root = tmp_path_factory.mktemp("h2ovl_hf")
+                build_h2ovl_checkpoint(root / "published", reference_folder=root / "hf")
+                ref = H2OVLReference(hub_snapshots[row], str(root / "hf"))
+                ref.kwargs = ENGINE_KWARGS[row]["mm_processor_kwargs"]
             else:
                 ref = HFReference(hub_snapshots[row], model_cls=HF_CLASSES[row])
             if row == "idefics3":  # the example's mm_processor_kwargs, for the reference too
@@ -323,6 +334,11 @@ def generate_prompt(row: str) -> str:
         return PHI3V_PROMPT
     if row == "phi4_mm":  # the example's own prompt (the published template has no images)
         return PHI4_PROMPT
+    if row == "h2ovl_chat":  # the example's own prompt: its <image> lines in a string message
+        placeholders = "".join(f"Image-{i}: <image>\n\n" for i in (1, 2))
+        messages = [{"role": "user", "content": f"{placeholders}{QUESTION}"}]
+        tokenizer = AutoTokenizer.from_pretrained(ROWS[row].hub_id)  # from the hub cache
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": QUESTION}]
     messages = [{"role": "user", "content": content}]
     if row in ("qwen2_vl", "qwen2_5_vl"):

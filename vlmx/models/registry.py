@@ -78,6 +78,7 @@ _MODELS: dict[str, tuple[str, str, str]] = {
         "QwenVLForConditionalGeneration",
         "QwenVLProcessor",
     ),
+    "H2OVLChatModel": ("h2ovl", "H2OVLChatModel", "H2OVLProcessor"),  # published h2ovl_chat
 }
 
 # config.json model_type that transformers reads only with the folder's own code -> (module in
@@ -86,6 +87,7 @@ _CONFIG_READERS: dict[str, tuple[str, str]] = {
     "phi4mm": ("phi4mm_config", "read_published_config"),
     "phi3_v": ("phi3v_config", "read_published_config"),
     "qwen": ("qwen_vl_config", "read_published_config"),  # Qwen-VL(-Chat)
+    "h2ovl_chat": ("h2ovl_config", "read_published_config"),
 }
 
 

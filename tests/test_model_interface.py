@@ -9,6 +9,7 @@ import torch
 
 from tests.families import aria_checkpoint, idefics3_checkpoint, pixtral_checkpoint
 from tests.families.gemma3_checkpoint import tiny_gemma3_config
+from tests.families.internvl_chat_checkpoint import published_config as internvl_chat_config
 from tests.families.internvl_checkpoint import tiny_internvl_config
 from tests.families.llava_onevision_checkpoint import tiny_llava_onevision_config
 from tests.families.mllama_checkpoint import tiny_mllama_config
@@ -16,6 +17,7 @@ from tests.families.phi4mm_checkpoint import tiny_phi4mm_config
 from tests.families.qwen3_vl_checkpoint import tiny_qwen3_vl_config
 from vlmx.demo.configs import tiny_qwen_vl_config
 from vlmx.models.interface import Model
+from vlmx.models.internvl_chat_config import read_published_config as read_internvl_chat_config
 from vlmx.models.registry import get_model_class, supported_architectures
 
 CONFIGS = {
@@ -33,6 +35,7 @@ CONFIGS = {
     "MllamaForConditionalGeneration": tiny_mllama_config,
     "Phi4MultimodalForCausalLM": tiny_phi4mm_config,
     "Phi4MMForCausalLM": tiny_phi4mm_config,  # the published layout: the same model
+    "InternVLChatModel": lambda: read_internvl_chat_config(internvl_chat_config()),
 }
 # architecture -> embeddings of its largest image under the processor's defaults (tiny config)
 LARGEST = {
@@ -51,6 +54,7 @@ LARGEST = {
     "MllamaForConditionalGeneration": None,  # one <|image|> row per image, whatever its size
     "Phi4MultimodalForCausalLM": 96 * 97 + 1 + 16 * 17,  # 6 x 6 crops + the global view
     "Phi4MMForCausalLM": 96 * 97 + 1 + 16 * 17,
+    "InternVLChatModel": None,  # InternVL's model under the published names
 }
 
 

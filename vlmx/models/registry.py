@@ -71,12 +71,14 @@ _MODELS: dict[str, tuple[str, str, str]] = {
     ),
     "Phi4MultimodalForCausalLM": ("phi4mm", "Phi4MMForCausalLM", "Phi4MMProcessor"),
     "Phi4MMForCausalLM": ("phi4mm", "Phi4MMForCausalLM", "Phi4MMProcessor"),  # published
+    "InternVLChatModel": ("internvl_chat", "InternVLChatModel", "InternVLChatProcessor"),
 }
 
 # config.json model_type that transformers reads only with the folder's own code -> (module in
 # vlmx.models, function: the raw config dict -> a transformers config). Never runs that code.
 _CONFIG_READERS: dict[str, tuple[str, str]] = {
     "phi4mm": ("phi4mm_config", "read_published_config"),
+    "internvl_chat": ("internvl_chat_config", "read_published_config"),
 }
 
 

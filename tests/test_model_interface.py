@@ -16,6 +16,7 @@ from tests.families import (
 from tests.families.gemma3_checkpoint import tiny_gemma3_config
 from tests.families.h2ovl_checkpoint import IMAGE_SEQ_LENGTH as H2OVL_TILE_TOKENS
 from tests.families.h2ovl_checkpoint import published_config as h2ovl_published_config
+from tests.families.internvl_chat_checkpoint import published_config as internvl_chat_config
 from tests.families.internvl_checkpoint import tiny_internvl_config
 from tests.families.llava_onevision_checkpoint import tiny_llava_onevision_config
 from tests.families.mllama_checkpoint import tiny_mllama_config
@@ -25,6 +26,7 @@ from tests.families.qwen3_vl_checkpoint import tiny_qwen3_vl_config
 from vlmx.demo.configs import tiny_qwen_vl_config
 from vlmx.models.h2ovl_config import read_published_config as read_h2ovl_config
 from vlmx.models.interface import Model
+from vlmx.models.internvl_chat_config import read_published_config as read_internvl_chat_config
 from vlmx.models.registry import get_model_class, supported_architectures
 
 CONFIGS = {
@@ -46,6 +48,7 @@ CONFIGS = {
     "QWenLMHeadModel": qwen_vl_checkpoint.tiny_config,  # Qwen-VL, published layout
     "QwenVLForConditionalGeneration": qwen_vl_checkpoint.tiny_config,
     "H2OVLChatModel": lambda: read_h2ovl_config(h2ovl_published_config()),
+    "InternVLChatModel": lambda: read_internvl_chat_config(internvl_chat_config()),
 }
 # architecture -> embeddings of its largest image under the processor's defaults (tiny config)
 LARGEST = {
@@ -68,6 +71,7 @@ LARGEST = {
     "QWenLMHeadModel": 256,  # one size: 256 resampler queries
     "QwenVLForConditionalGeneration": 256,
     "H2OVLChatModel": 13 * H2OVL_TILE_TOKENS,  # MSAC: 2 grids of 6 tiles + the thumbnail
+    "InternVLChatModel": None,  # InternVL's model under the published names
 }
 
 

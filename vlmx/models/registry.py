@@ -79,6 +79,7 @@ _MODELS: dict[str, tuple[str, str, str]] = {
         "QwenVLProcessor",
     ),
     "H2OVLChatModel": ("h2ovl", "H2OVLChatModel", "H2OVLProcessor"),  # published h2ovl_chat
+    "InternVLChatModel": ("internvl_chat", "InternVLChatModel", "InternVLChatProcessor"),
 }
 
 # config.json model_type that transformers reads only with the folder's own code -> (module in
@@ -88,6 +89,7 @@ _CONFIG_READERS: dict[str, tuple[str, str]] = {
     "phi3_v": ("phi3v_config", "read_published_config"),
     "qwen": ("qwen_vl_config", "read_published_config"),  # Qwen-VL(-Chat)
     "h2ovl_chat": ("h2ovl_config", "read_published_config"),
+    "internvl_chat": ("internvl_chat_config", "read_published_config"),
 }
 
 

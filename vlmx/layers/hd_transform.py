@@ -36,6 +36,15 @@ def num_hd_tokens(useful_rows: int, useful_cols: int, side: int) -> int:
     return useful_rows * (useful_cols + 1) + 1 + s * (s + 1)
 
 
+# the published checkpoints' names of the HD projection's weights -> `HDImageProjection`'s
+PUBLISHED_HD_NAMES = (
+    ("glb_GN", "global_img_feature_extensor"),
+    ("sub_GN", "sub_img_feature_extensor"),
+    ("img_projection.0.", "img_projection_up."),
+    ("img_projection.2.", "img_projection_down."),
+)
+
+
 class HDImageProjection(nn.Module):
     """The separators and the projection MLP; parameter names as HF's (the published
     checkpoint's `glb_GN`, `sub_GN`, `img_projection.0`, `img_projection.2` map onto them)."""

@@ -27,6 +27,28 @@ from torch import nn
 from vlmx.layers.decoder import DecoderConfig, DecoderDims, DecoderModel
 from vlmx.layers.rotary import LongRopeEmbedding, RotaryEmbedding
 
+# the decoder's fields of a published Phi-3 / Phi-4 config.json (flat, as Phi3Config takes them)
+PHI3_TEXT_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "hidden_act",
+    "max_position_embeddings",
+    "original_max_position_embeddings",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "sliding_window",
+    "rope_theta",
+    "rope_scaling",
+    "partial_rotary_factor",
+)
+
 
 @dataclass(slots=True, frozen=True)
 class PhiRope:

@@ -36,7 +36,12 @@ import torch
 from transformers import PretrainedConfig
 
 from vlmx.layers.clip import CLIPVisionTower
-from vlmx.layers.hd_transform import HDImageProjection, merge_2x2, num_hd_tokens
+from vlmx.layers.hd_transform import (
+    PUBLISHED_HD_NAMES,
+    HDImageProjection,
+    merge_2x2,
+    num_hd_tokens,
+)
 from vlmx.layers.phi3 import Phi3DecoderModel, PhiRope, phi3_decoder_config, split_fused_weights
 from vlmx.models.base import VLMBase, profile_features
 from vlmx.models.phi3v_processor import Phi3VProcessor, Phi3VSettings  # noqa: F401
@@ -44,13 +49,7 @@ from vlmx.multimodal.inputs import MMFeature
 
 _IMAGE_EMBED = "model.vision_embed_tokens."
 # published name (below _IMAGE_EMBED) -> the name below `image_embed.` here
-_PUBLISHED_NAMES = (
-    ("glb_GN", "global_img_feature_extensor"),
-    ("sub_GN", "sub_img_feature_extensor"),
-    ("img_projection.0.", "img_projection_up."),
-    ("img_projection.2.", "img_projection_down."),
-    ("img_processor.vision_model.", "img_processor."),
-)
+_PUBLISHED_NAMES = (*PUBLISHED_HD_NAMES, ("img_processor.vision_model.", "img_processor."))
 
 
 class ImageEmbed(HDImageProjection):

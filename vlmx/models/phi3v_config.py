@@ -14,27 +14,9 @@ from __future__ import annotations
 
 from transformers import CLIPVisionConfig, Phi3Config
 
+from vlmx.layers.phi3 import PHI3_TEXT_FIELDS
+
 IMAGE_TOKEN_ID = 32044  # <|image|> in the published tokenizer (vLLM's placeholder)
-_TEXT_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "hidden_act",
-    "max_position_embeddings",
-    "original_max_position_embeddings",
-    "rms_norm_eps",
-    "tie_word_embeddings",
-    "bos_token_id",
-    "eos_token_id",
-    "pad_token_id",
-    "sliding_window",
-    "rope_theta",
-    "rope_scaling",
-    "partial_rotary_factor",
-)
 # openai/clip-vit-large-patch14-336, as the published image embedding builds it
 CLIP_L_336 = dict(
     hidden_size=1024,
@@ -77,7 +59,7 @@ def read_published_config(raw: dict) -> Phi3Config:
             f"{vision.hidden_size}"
         )
     config = Phi3Config(
-        **{k: raw[k] for k in _TEXT_FIELDS if k in raw}, architectures=raw["architectures"]
+        **{k: raw[k] for k in PHI3_TEXT_FIELDS if k in raw}, architectures=raw["architectures"]
     )
     config.vision_config = vision
     config.feature_layer = int(processor.get("layer_idx", -2))

@@ -35,7 +35,7 @@ from collections.abc import Iterable
 import torch
 from transformers import PretrainedConfig
 
-from vlmx.layers.hd_transform import HDImageProjection, num_hd_tokens
+from vlmx.layers.hd_transform import PUBLISHED_HD_NAMES, HDImageProjection, num_hd_tokens
 from vlmx.layers.phi3 import Phi3DecoderModel, PhiRope, phi3_decoder_config, split_fused_weights
 from vlmx.layers.siglip_navit import NaViTSiglipTower
 from vlmx.models.base import VLMBase, profile_features
@@ -44,12 +44,7 @@ from vlmx.multimodal.inputs import MMFeature
 
 _IMAGE_EMBED = "model.embed_tokens_extend.image_embed."
 # published name (below _IMAGE_EMBED) -> transformers' name
-_PUBLISHED_NAMES = (
-    ("glb_GN", "global_img_feature_extensor"),
-    ("sub_GN", "sub_img_feature_extensor"),
-    ("img_projection.0.", "img_projection_up."),
-    ("img_projection.2.", "img_projection_down."),
-)
+_PUBLISHED_NAMES = PUBLISHED_HD_NAMES
 
 
 class ImageEmbed(HDImageProjection):

@@ -13,26 +13,8 @@ from __future__ import annotations
 
 from transformers import Phi4MultimodalConfig, Phi4MultimodalVisionConfig
 
-_TEXT_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "hidden_act",
-    "max_position_embeddings",
-    "original_max_position_embeddings",
-    "rms_norm_eps",
-    "tie_word_embeddings",
-    "bos_token_id",
-    "eos_token_id",
-    "pad_token_id",
-    "sliding_window",
-    "rope_theta",
-    "rope_scaling",
-    "partial_rotary_factor",
-)
+from vlmx.layers.phi3 import PHI3_TEXT_FIELDS
+
 IMAGE_TOKEN_ID = 200010  # <|endoftext10|>, the published processor's image placeholder
 
 
@@ -55,7 +37,7 @@ def read_published_config(raw: dict) -> Phi4MultimodalConfig:
         "feature_layer": feature_layer,
         **(raw.get("vision_config") or {}),
     }
-    text = {k: raw[k] for k in _TEXT_FIELDS if k in raw}
+    text = {k: raw[k] for k in PHI3_TEXT_FIELDS if k in raw}
     config = Phi4MultimodalConfig(
         **text,
         vision_config=Phi4MultimodalVisionConfig(**vision),

@@ -43,8 +43,6 @@ from vlmx.models.phi4mm_processor import HDSettings, Phi4MMProcessor  # noqa: F4
 from vlmx.multimodal.inputs import MMFeature
 
 _IMAGE_EMBED = "model.embed_tokens_extend.image_embed."
-# published name (below _IMAGE_EMBED) -> transformers' name
-_PUBLISHED_NAMES = PUBLISHED_HD_NAMES
 
 
 class ImageEmbed(HDImageProjection):
@@ -154,7 +152,7 @@ class Phi4MMForCausalLM(VLMBase):
             return None
         if name.startswith(_IMAGE_EMBED):
             rest = name[len(_IMAGE_EMBED) :]
-            for published, ours in _PUBLISHED_NAMES:
+            for published, ours in PUBLISHED_HD_NAMES:  # below _IMAGE_EMBED
                 if rest.startswith(published):
                     rest = ours + rest[len(published) :]
                     break
